@@ -1,0 +1,172 @@
+//! Command-line definition. Flags that rip.toml or `RIP_*` can also set are `Option` with no
+//! clap default, so that `config` can tell "not given" from "given the default value".
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rip",
+    version,
+    about = "An HTTP server that is its own process manager"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve HTTP on a TCP port through a supervised pool of worker processes.
+    Serve(Box<ServeArgs>),
+    /// Serve the app on a Unix socket (started by `rip serve`, not by hand).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Default, Clone, Args)]
+pub struct ServeArgs {
+    /// Config file [default: ./rip.toml when present]
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1]
+    #[arg(long, value_name = "ADDR")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one [default: 3000]
+    #[arg(short, long)]
+    pub port: Option<u16>,
+    /// Number of worker processes [default: CPU count]
+    #[arg(short, long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Recycle a worker after it was sent N requests; 0 = never [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_requests: Option<u64>,
+    /// How requests are spread over workers: least-pending or round-robin [default: least-pending]
+    #[arg(long, value_name = "STRATEGY")]
+    pub balance: Option<String>,
+    /// Time in-flight requests get to finish at shutdown, e.g. 30s [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub graceful_timeout: Option<String>,
+    /// A worker that has not answered a request in this time is killed; 504 [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+    /// Longest wait for a ready worker before 503 [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    pub queue_timeout: Option<String>,
+    /// Time a client gets to send request headers, and longest idle keep-alive [default: 15s]
+    #[arg(long, value_name = "DURATION")]
+    pub header_timeout: Option<String>,
+    /// Longest a worker may take to answer its first health probe [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    pub start_timeout: Option<String>,
+    /// Largest request body accepted, e.g. 10m; 0 = unlimited [default: 0]
+    #[arg(long, value_name = "SIZE")]
+    pub max_body: Option<String>,
+    /// Most client connections open at once [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Serve static files from DIR instead of the demo app
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Threads per worker process [default: 1]
+    #[arg(long, value_name = "N")]
+    pub worker_threads: Option<usize>,
+    /// Directory for the workers' sockets [default: $XDG_RUNTIME_DIR/rip or /tmp/rip-$UID]
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Log format: text or json [default: text]
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Unix socket to listen on.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Slot of this worker in the pool.
+    #[arg(long, value_name = "N")]
+    pub id: usize,
+    /// How many workers held this slot before this one.
+    #[arg(long, default_value_t = 0)]
+    pub generation: u64,
+    /// Pid of the `rip serve` that started this worker; the worker exits if it is gone.
+    #[arg(long)]
+    pub parent: Option<i32>,
+    /// Serve static files from DIR.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Runtime threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Time in-flight requests get to finish after SIGTERM, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub graceful_ms: u64,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    pub log_format: String,
+}
+
+impl Cli {
+    /// Parses the process arguments. Help and version are printed in full; any other error is
+    /// one `rip: ...` line on stderr and exit code 2, as for every other bad input.
+    pub fn parse_args() -> Result<Cli, ExitCode> {
+        Self::try_parse_from_iter(std::env::args_os())
+    }
+
+    pub fn try_parse_from_iter<I, T>(args: I) -> Result<Cli, ExitCode>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::error::ErrorKind;
+        match Cli::try_parse_from(args) {
+            Ok(cli) => Ok(cli),
+            Err(err) => match err.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = err.print();
+                    Err(ExitCode::from(if err.use_stderr() { 2 } else { 0 }))
+                }
+                _ => {
+                    eprintln!("rip: {}", one_line(&err.to_string()));
+                    Err(ExitCode::from(2))
+                }
+            },
+        }
+    }
+}
+
+/// Reduces clap's multi-line message to its first line, without the `error: ` prefix.
+fn one_line(message: &str) -> String {
+    let first = message
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    first.trim_start_matches("error: ").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let msg = "error: unexpected argument '--nope' found\n\n  tip: ...\n\nUsage: rip serve\n";
+        assert_eq!(one_line(msg), "unexpected argument '--nope' found");
+    }
+
+    #[test]
+    fn serve_flags_are_unset_unless_given() {
+        let cli = Cli::try_parse_from(["rip", "serve", "-p", "0"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(args.port, Some(0));
+        assert_eq!(args.workers, None);
+        assert_eq!(args.max_requests, None);
+    }
+}

@@ -1,0 +1,71 @@
+//! The set of HTTP connections one listener has accepted, in the front-end and in workers.
+//! The owner stops them together: each finishes the request it is serving and closes, and
+//! the owner waits for that up to a deadline.
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper::rt::{Read, Write};
+use hyper::server::conn::http1::UpgradeableConnection;
+use hyper::service::HttpService;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+#[derive(Debug, Clone)]
+pub struct Connections {
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Connections {
+    pub fn new(stop: CancellationToken) -> Connections {
+        Connections {
+            tracker: TaskTracker::new(),
+            stop,
+        }
+    }
+
+    /// Serves `conn` in a task of its own; `guard` is dropped when the connection ends.
+    pub fn spawn<I, S, B, G>(&self, conn: UpgradeableConnection<I, S>, guard: G)
+    where
+        I: Read + Write + Unpin + Send + 'static,
+        S: HttpService<Incoming, ResBody = B> + Send + 'static,
+        S::Future: Send,
+        S::Error: Into<Box<dyn StdError + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+        G: Send + 'static,
+    {
+        let stop = self.stop.clone();
+        self.tracker.spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                result = conn.as_mut() => result,
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "connection ended with an error");
+            }
+            drop(guard);
+        });
+    }
+
+    /// Waits up to `grace` for every connection to finish; returns how many are still open.
+    pub async fn drain(self, grace: Duration) -> usize {
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            return self.tracker.len();
+        }
+        0
+    }
+}

@@ -1,0 +1,76 @@
+//! The public listener: accepts client connections and serves each with hyper's HTTP/1 server
+//! through the proxy. Invariant: at most `max_connections` client connections are open; past
+//! that, new ones wait in the kernel's accept queue instead of exhausting file descriptors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::connections::Connections;
+use crate::proxy::Proxy;
+
+/// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// Largest request head (request line plus headers) read from a client; beyond it, 431.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields in one request; beyond it, 431.
+const MAX_HEADERS: usize = 100;
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Accepts connections until `stop` is cancelled, then gives open ones up to `grace` to
+/// finish. Returns how many were still open when the grace ran out.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    limits: Limits,
+    stop: CancellationToken,
+    grace: Duration,
+) -> usize {
+    let connections = Connections::new(stop.clone());
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // hyper runs this timer whenever it waits for a request head, so it also closes idle
+        // keep-alive connections and connections that never send a byte.
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = stop.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), proxy.service(peer))
+            .with_upgrades();
+        connections.spawn(conn, permit);
+    }
+    drop(listener);
+    connections.drain(grace).await
+}

@@ -1,0 +1,215 @@
+//! One worker as the proxy sees it: its socket, its counters and its pool of keep-alive
+//! connections. Invariant: a connection goes back to the idle pool only after its response
+//! body ended, so an idle connection is always free for the next request.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+
+use super::body::RequestBody;
+use crate::discovery::WorkerId;
+
+/// Idle connections kept per worker; beyond this a finished connection is closed. Enough for
+/// the front-end's concurrency to reuse connections, small enough to bound file descriptors.
+const MAX_IDLE_PER_WORKER: usize = 512;
+
+pub type Sender = SendRequest<RequestBody>;
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub id: WorkerId,
+    socket: PathBuf,
+    in_flight: AtomicUsize,
+    sent: AtomicU64,
+    exhausted: AtomicBool,
+    /// Left the rotation; kept alive only by requests still in flight.
+    leaving: AtomicBool,
+    /// Refused a connection: the process is gone even if the supervisor has not said so yet.
+    unreachable: AtomicBool,
+    hung_reported: AtomicBool,
+    idle: Mutex<Vec<Sender>>,
+    drained: Notify,
+}
+
+impl Endpoint {
+    pub fn new(id: WorkerId, socket: PathBuf) -> Endpoint {
+        Endpoint {
+            id,
+            socket,
+            in_flight: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+            exhausted: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
+            hung_reported: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+            drained: Notify::new(),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_exhausted(&self) -> bool {
+        self.exhausted.load(Ordering::Relaxed)
+    }
+
+    pub fn is_usable(&self) -> bool {
+        !self.leaving.load(Ordering::Relaxed) && !self.unreachable.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request towards `max_requests`; true exactly once, when the budget is reached.
+    pub fn count_request(&self, max_requests: u64) -> bool {
+        let sent = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        max_requests > 0 && sent >= max_requests && !self.exhausted.swap(true, Ordering::Relaxed)
+    }
+
+    /// True the first time only, so one hung worker is reported once.
+    pub fn mark_hung(&self) -> bool {
+        !self.hung_reported.swap(true, Ordering::Relaxed)
+    }
+
+    pub fn mark_unreachable(&self) {
+        self.unreachable.store(true, Ordering::Relaxed);
+    }
+
+    /// Takes the worker out of the rotation and closes its idle connections.
+    pub fn leave(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.drained.notify_waiters();
+    }
+
+    /// Registers a request in flight until the returned lease is dropped.
+    pub fn lease(self: &Arc<Self>) -> Lease {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Lease(self.clone())
+    }
+
+    /// Waits until no request is in flight.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A connection ready for a request: an idle one if any is still open, else a new one.
+    pub async fn connection(&self) -> io::Result<Sender> {
+        while let Some(mut sender) = self.pop_idle() {
+            // An idle sender may need one poll to notice its previous response ended; a closed
+            // one fails at once.
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        self.connect().await
+    }
+
+    fn pop_idle(&self) -> Option<Sender> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    async fn connect(&self) -> io::Result<Sender> {
+        let stream = UnixStream::connect(&self.socket).await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            // Ends when the worker closes the connection or the last sender is dropped; the
+            // request that was on it, if any, sees the error.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    /// Returns a connection whose response body ended.
+    pub fn give_back(&self, sender: Sender) {
+        if sender.is_closed() || self.leaving.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < MAX_IDLE_PER_WORKER {
+            idle.push(sender);
+        }
+    }
+}
+
+/// One request in flight on a worker.
+#[derive(Debug)]
+pub struct Lease(Arc<Endpoint>);
+
+impl Lease {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.0.leaving.load(Ordering::Relaxed)
+        {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> Arc<Endpoint> {
+        Arc::new(Endpoint::new(
+            WorkerId {
+                slot: 0,
+                generation: 0,
+            },
+            "/nonexistent".into(),
+        ))
+    }
+
+    #[test]
+    fn exhaustion_is_reported_once() {
+        let e = endpoint();
+        let reports: Vec<bool> = (0..5).map(|_| e.count_request(3)).collect();
+        assert_eq!(reports, [false, false, true, false, false]);
+        assert!(e.is_exhausted());
+        let unlimited = endpoint();
+        assert!((0..100).all(|_| !unlimited.count_request(0)));
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_every_lease() {
+        let e = endpoint();
+        let a = e.lease();
+        let b = e.lease();
+        e.leave();
+        let waiter = tokio::spawn({
+            let e = e.clone();
+            async move { e.drained().await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!e.is_usable());
+    }
+}

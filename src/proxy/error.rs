@@ -1,0 +1,84 @@
+//! Why a request could not be served, and the one place that maps that to an HTTP answer.
+
+use std::time::Duration;
+
+use http::{header, HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+
+#[derive(Debug)]
+pub enum ProxyError {
+    /// No worker became ready before the queue deadline.
+    NoWorker,
+    /// The worker did not send response headers within `--timeout`.
+    Timeout(Duration),
+    /// The request reached a worker but no response came back, and it was not safe to retry.
+    Upstream,
+    /// The request body is larger than `--max-body`.
+    BodyTooLarge,
+}
+
+/// Seconds a client is asked to wait after a 503; a worker restart takes well under this.
+const RETRY_AFTER_SECS: &str = "1";
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoWorker => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream => StatusCode::BAD_GATEWAY,
+            ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        }
+    }
+
+    fn message(&self) -> &'static str {
+        match self {
+            ProxyError::NoWorker => "no worker is available, try again shortly\n",
+            ProxyError::Timeout(_) => "the worker did not answer in time\n",
+            ProxyError::Upstream => "the worker failed to answer\n",
+            ProxyError::BodyTooLarge => "request body too large\n",
+        }
+    }
+
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let mut response = Response::new(ResponseBody::full(self.message()));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if matches!(self, ProxyError::NoWorker) {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        if matches!(self, ProxyError::BodyTooLarge) {
+            // The rest of the body was not read; the connection cannot carry another request.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_maps_to_its_status() {
+        let table = [
+            (ProxyError::NoWorker, 503),
+            (ProxyError::Timeout(Duration::from_secs(1)), 504),
+            (ProxyError::Upstream, 502),
+            (ProxyError::BodyTooLarge, 413),
+        ];
+        for (err, status) in table {
+            let no_worker = matches!(err, ProxyError::NoWorker);
+            let resp = err.into_response();
+            assert_eq!(resp.status().as_u16(), status);
+            assert_eq!(resp.headers().contains_key("retry-after"), no_worker);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Header rewriting on the proxy path. Invariant: hop-by-hop headers (RFC 9110 §7.6.1) never
+//! cross the proxy, `X-Forwarded-For`/`-Proto` are ours (a client cannot forge them), and the
+//! `Host` the client sent reaches the worker.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, StatusCode, Uri, Version};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers meaningful only for one connection, in either direction.
+fn hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+    ]
+}
+
+/// True when the request asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, including any the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+}
+
+/// Rewrites a client request for a worker. Returns whether it is a protocol upgrade, in which
+/// case the `Upgrade` handshake headers are kept end to end.
+pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) -> bool {
+    let upgrade = is_upgrade(&parts.headers);
+    let upgrade_value = if upgrade {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(value) = upgrade_value {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, value);
+    }
+
+    // An absolute-form target names the host; RFC 9112 §3.2.2 says it wins over Host.
+    if let Some(authority) = parts.uri.authority() {
+        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let origin_form = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::try_from(origin_form).unwrap_or_else(|_| Uri::from_static("/"));
+    }
+
+    parts.headers.insert(&X_FORWARDED_FOR, ip_header(peer));
+    parts
+        .headers
+        .insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // The hop to a worker is always keep-alive HTTP/1.1, whatever the client spoke.
+    parts.version = Version::HTTP_11;
+    upgrade
+}
+
+/// Rewrites a worker's response for the client. A 101 keeps its handshake headers.
+pub fn prepare_response(status: StatusCode, headers: &mut HeaderMap) {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return;
+    }
+    strip_hop_by_hop(headers);
+}
+
+fn ip_header(ip: IpAddr) -> HeaderValue {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Request;
+
+    fn parts(req: Request<()>) -> request::Parts {
+        req.into_parts().0
+    }
+
+    const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3));
+
+    #[test]
+    fn hop_by_hop_headers_are_removed_and_forwarding_headers_replaced() {
+        let mut p = parts(
+            Request::get("/x?y=1")
+                .header("host", "example.test")
+                .header("connection", "keep-alive, X-Secret")
+                .header("keep-alive", "timeout=5")
+                .header("x-secret", "1")
+                .header("te", "trailers")
+                .header("proxy-authorization", "Basic abc")
+                .header("x-forwarded-for", "6.6.6.6")
+                .header("x-forwarded-proto", "https")
+                .header("accept", "*/*")
+                .body(())
+                .unwrap(),
+        );
+        assert!(!prepare_request(&mut p, PEER));
+        let h = &p.headers;
+        for gone in [
+            "connection",
+            "keep-alive",
+            "x-secret",
+            "te",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded");
+        }
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["host"], "example.test");
+        assert_eq!(h["accept"], "*/*");
+        assert_eq!(p.uri, "/x?y=1");
+    }
+
+    #[test]
+    fn upgrade_handshake_is_kept() {
+        let mut p = parts(
+            Request::get("/ws")
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-key", "k")
+                .body(())
+                .unwrap(),
+        );
+        assert!(prepare_request(&mut p, PEER));
+        assert_eq!(p.headers["connection"], "upgrade");
+        assert_eq!(p.headers["upgrade"], "websocket");
+        assert_eq!(p.headers["sec-websocket-key"], "k");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_with_its_host() {
+        let mut p = parts(
+            Request::get("http://example.test:8080/a/b?c")
+                .header("host", "other")
+                .body(())
+                .unwrap(),
+        );
+        prepare_request(&mut p, PEER);
+        assert_eq!(p.uri, "/a/b?c");
+        assert_eq!(p.headers["host"], "example.test:8080");
+    }
+
+    #[test]
+    fn mapped_ipv6_peers_are_shown_as_ipv4() {
+        let mut p = parts(Request::get("/").body(()).unwrap());
+        prepare_request(&mut p, "::ffff:127.0.0.1".parse().unwrap());
+        assert_eq!(p.headers["x-forwarded-for"], "127.0.0.1");
+    }
+
+    #[test]
+    fn response_hop_by_hop_headers_are_removed_except_on_101() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("close"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        let mut kept = h.clone();
+        prepare_response(StatusCode::OK, &mut h);
+        assert!(!h.contains_key("connection") && !h.contains_key("transfer-encoding"));
+        assert!(h.contains_key("content-type"));
+        prepare_response(StatusCode::SWITCHING_PROTOCOLS, &mut kept);
+        assert!(kept.contains_key("connection"));
+    }
+}

@@ -1,0 +1,341 @@
+//! The request path: every client request is rewritten, given to a worker chosen by the
+//! balancer over a pooled keep-alive connection, retried on another worker when that is safe,
+//! and answered with the worker's streamed response or one mapped error.
+//!
+//! Retry rule: a request the worker never received (connect refused, connection not ready)
+//! is retried whatever its method, since nothing was done. Once written, only an idempotent
+//! request with no body is replayed; a POST the worker may have acted on never is. Nothing is
+//! retried once response headers came back.
+
+mod balance;
+mod body;
+mod endpoint;
+mod error;
+mod headers;
+mod pool;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{header, HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+pub use balance::Balance;
+pub use body::{RequestBody, ResponseBody};
+pub use endpoint::Endpoint;
+pub use error::ProxyError;
+pub use pool::Pool;
+
+use crate::discovery::{ChangeReceiver, Report, ReportSender, WorkerId};
+use endpoint::Lease;
+
+/// Attempts per request, the first included. Each retry goes to a different worker when one
+/// is available; with every worker dying at once, the queue deadline bounds the wait.
+const MAX_ATTEMPTS: usize = 4;
+
+/// What the proxy needs from the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub balance: Balance,
+    pub max_requests: u64,
+    pub timeout: Duration,
+    pub queue_timeout: Duration,
+    /// 0 means unlimited.
+    pub max_body: u64,
+}
+
+/// Cheap to clone; all clones share the pool.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pool: Pool,
+    settings: Settings,
+    reports: ReportSender,
+}
+
+impl Proxy {
+    pub fn new(settings: Settings, reports: ReportSender) -> Proxy {
+        Proxy {
+            shared: Arc::new(Shared {
+                pool: Pool::new(settings.balance),
+                settings,
+                reports,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.shared.pool
+    }
+
+    /// Applies the supervisor's discovery messages until it hangs up.
+    pub async fn follow(&self, mut changes: ChangeReceiver) {
+        while let Some(change) = changes.recv().await {
+            self.shared.pool.apply(change);
+        }
+    }
+
+    /// The tower service for one client connection.
+    pub fn service(&self, peer: SocketAddr) -> ProxyService {
+        ProxyService {
+            proxy: self.clone(),
+            peer: peer.ip(),
+        }
+    }
+
+    /// Serves one client request through a worker.
+    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<ResponseBody> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        match self.forward(req, peer).await {
+            Ok(response) => response,
+            Err(err) => {
+                if !matches!(err, ProxyError::BodyTooLarge) {
+                    warn!(%method, path, status = err.status().as_u16(), error = ?err, "request failed");
+                }
+                err.into_response()
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: IpAddr,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let settings = &self.shared.settings;
+        let (mut parts, body) = req.into_parts();
+        let max_body = if settings.max_body == 0 {
+            u64::MAX
+        } else {
+            settings.max_body
+        };
+        if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
+            return Err(ProxyError::BodyTooLarge);
+        }
+        let upgrade = headers::prepare_request(&mut parts, peer);
+        let mut client_upgrade = None;
+        let replay = Replay::capture(&parts, &body, upgrade);
+        let mut req = Request::from_parts(
+            parts,
+            RequestBody::Client {
+                body,
+                remaining: max_body,
+            },
+        );
+        if upgrade {
+            client_upgrade = Some(hyper::upgrade::on(&mut req));
+        }
+
+        let deadline = Instant::now() + settings.queue_timeout;
+        let mut avoid: Option<WorkerId> = None;
+        for attempt in 1..=MAX_ATTEMPTS {
+            let Some(endpoint) = self.shared.pool.pick_until(avoid, deadline).await else {
+                return Err(ProxyError::NoWorker);
+            };
+            avoid = Some(endpoint.id);
+            let lease = endpoint.lease();
+            if endpoint.count_request(settings.max_requests) {
+                let _ = self.shared.reports.send(Report::Exhausted(endpoint.id));
+            }
+            let mut sender = match endpoint.connection().await {
+                Ok(sender) => sender,
+                Err(e) => {
+                    // The socket refuses connections: the worker is gone. Stop choosing it
+                    // until the supervisor replaces it; the request was never sent.
+                    endpoint.mark_unreachable();
+                    self.shared.pool.touch();
+                    warn!(worker = %endpoint.id, attempt, error = %e, "worker unreachable, request retried");
+                    continue;
+                }
+            };
+            let started = Instant::now();
+            let sent = tokio::time::timeout(settings.timeout, sender.try_send_request(req)).await;
+            match sent {
+                Ok(Ok(response)) => {
+                    return Ok(self.respond(response, lease, sender, client_upgrade))
+                }
+                Err(_elapsed) => {
+                    return Err(self.timed_out(&endpoint, &replay_or(&replay), started))
+                }
+                Ok(Err(mut err)) => {
+                    if let Some(unsent) = err.take_message() {
+                        debug!(worker = %endpoint.id, attempt, "connection not ready, request retried");
+                        req = unsent;
+                        continue;
+                    }
+                    let err = err.into_error();
+                    if caused_by::<body::BodyTooLarge>(&err) {
+                        return Err(ProxyError::BodyTooLarge);
+                    }
+                    match &replay {
+                        Some(replay) if attempt < MAX_ATTEMPTS => {
+                            warn!(worker = %endpoint.id, attempt, error = %err, "worker failed before responding, request retried");
+                            req = replay.rebuild();
+                        }
+                        _ => {
+                            warn!(worker = %endpoint.id, error = %err, "worker failed before responding");
+                            return Err(ProxyError::Upstream);
+                        }
+                    }
+                }
+            }
+        }
+        Err(ProxyError::Upstream)
+    }
+
+    fn respond(
+        &self,
+        response: Response<Incoming>,
+        lease: Lease,
+        sender: endpoint::Sender,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ResponseBody> {
+        let (mut parts, body) = response.into_parts();
+        headers::prepare_response(parts.status, &mut parts.headers);
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = client_upgrade {
+                let mut upstream = Response::from_parts(parts, body);
+                let upstream_upgrade = hyper::upgrade::on(&mut upstream);
+                upgrade::tunnel(client, upstream_upgrade, lease);
+                drop(sender);
+                let (parts, _) = upstream.into_parts();
+                return Response::from_parts(parts, ResponseBody::empty());
+            }
+        }
+        Response::from_parts(parts, ResponseBody::upstream(body, lease, sender))
+    }
+
+    fn timed_out(
+        &self,
+        endpoint: &Endpoint,
+        request: &(Method, String),
+        started: Instant,
+    ) -> ProxyError {
+        let elapsed = started.elapsed();
+        warn!(
+            worker = %endpoint.id,
+            method = %request.0,
+            path = request.1,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request timed out, worker will be replaced"
+        );
+        if endpoint.mark_hung() {
+            let _ = self.shared.reports.send(Report::Hung(endpoint.id));
+        }
+        ProxyError::Timeout(elapsed)
+    }
+}
+
+fn replay_or(replay: &Option<Replay>) -> (Method, String) {
+    match replay {
+        Some(r) => (r.method.clone(), r.uri.path().to_owned()),
+        None => (Method::default(), String::from("(streamed request)")),
+    }
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if e.is::<E>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// What it takes to send a request again: only kept for idempotent requests without a body.
+#[derive(Debug)]
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn capture(parts: &http::request::Parts, body: &Incoming, upgrade: bool) -> Option<Replay> {
+        use http_body::Body;
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        (idempotent && body.is_end_stream() && !upgrade).then(|| Replay {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts.headers.clone(),
+        })
+    }
+
+    fn rebuild(&self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::Empty);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// The proxy as a tower service for one client connection.
+#[derive(Debug, Clone)]
+pub struct ProxyService {
+    proxy: Proxy,
+    peer: IpAddr,
+}
+
+impl tower::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
+    }
+}
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let peer = self.peer;
+        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
+    }
+}

@@ -1,0 +1,137 @@
+//! `rip worker`: serves the app on a Unix socket until the supervisor says stop (SIGTERM),
+//! then finishes in-flight requests and exits. Invariant: a worker never outlives the
+//! `rip serve` that started it: the kernel kills it when the parent dies, and it checks at
+//! start that the parent is still the one that spawned it.
+
+mod service;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use nix::sys::signal::Signal;
+use nix::sys::stat::{umask, Mode};
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::cli::WorkerArgs;
+use crate::connections::Connections;
+use crate::AppFactory;
+
+/// What a worker's app may know about the worker serving it.
+#[derive(Debug, Clone)]
+pub struct WorkerContext {
+    /// The worker's slot in the pool (0-based).
+    pub id: usize,
+    /// How many workers held this slot before this one.
+    pub generation: u64,
+    /// Static file root, when `rip serve --root` was given.
+    pub root: Option<PathBuf>,
+    served: Arc<AtomicU64>,
+}
+
+impl WorkerContext {
+    pub fn new(id: usize, generation: u64, root: Option<PathBuf>) -> WorkerContext {
+        WorkerContext {
+            id,
+            generation,
+            root,
+            served: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Requests this worker has served so far, health probes excluded.
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+pub fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
+    crate::logging::init(
+        args.log_format
+            .parse()
+            .unwrap_or(crate::config::LogFormat::Text),
+    );
+    die_with_parent(args.parent)?;
+    // Sockets this process creates are for its own user only.
+    umask(Mode::from_bits_truncate(0o077));
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+    }
+    .context("starting the worker runtime")?;
+    runtime.block_on(serve(args, app))
+}
+
+fn die_with_parent(parent: Option<i32>) -> Result<()> {
+    let Some(parent) = parent else { return Ok(()) };
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
+    // The parent may have died before the line above took effect.
+    if nix::unistd::getppid().as_raw() != parent {
+        bail!("parent process {parent} is gone");
+    }
+    Ok(())
+}
+
+async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
+    let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
+    let router = app(&ctx);
+    let service = service::WorkerService::new(router, ctx.served.clone());
+
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = UnixListener::bind(&args.socket)
+        .with_context(|| format!("binding {}", args.socket.display()))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let stop = CancellationToken::new();
+    let connections = Connections::new(stop.clone());
+    // No header timeout here: the only client is our own front-end, whose pooled keep-alive
+    // connections must not be closed under it while idle.
+    let mut builder = http1::Builder::new();
+    builder.keep_alive(true);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+                        .with_upgrades();
+                    connections.spawn(conn, ());
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = terminate.recv() => break,
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(&args.socket);
+    stop.cancel();
+    let open = connections
+        .drain(Duration::from_millis(args.graceful_ms))
+        .await;
+    if open > 0 {
+        warn!(
+            worker = args.id,
+            open, "graceful timeout elapsed with requests in flight"
+        );
+    }
+    info!(worker = args.id, served = ctx.served(), "worker drained");
+    Ok(())
+}

@@ -1,0 +1,65 @@
+//! What wraps every app in a worker: `GET /healthz` answered by rip itself (the supervisor's
+//! readiness probe must not depend on the app's routes), a served-requests counter, and panic
+//! isolation so that a panicking handler costs one 500, not the worker.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::Router;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tower::Layer;
+use tower::Service;
+use tower_http::catch_panic::{CatchPanic, CatchPanicLayer, DefaultResponseForPanic};
+
+#[derive(Clone)]
+pub struct WorkerService {
+    app: CatchPanic<Router, DefaultResponseForPanic>,
+    served: Arc<AtomicU64>,
+}
+
+impl WorkerService {
+    pub fn new(router: Router, served: Arc<AtomicU64>) -> WorkerService {
+        WorkerService {
+            app: CatchPanicLayer::new().layer(router),
+            served,
+        }
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+impl Service<Request<Incoming>> for WorkerService {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> BoxFuture {
+        if req.method() == Method::GET && req.uri().path() == "/healthz" {
+            return Box::pin(async { Ok(health()) });
+        }
+        self.served.fetch_add(1, Ordering::Relaxed);
+        let future = self.app.call(req);
+        Box::pin(async move {
+            match future.await {
+                Ok(response) => Ok(response.map(Body::new)),
+                Err(never) => match never {},
+            }
+        })
+    }
+}
+
+fn health() -> Response<Body> {
+    let mut response = Response::new(Body::from("ok"));
+    *response.status_mut() = StatusCode::OK;
+    response
+}

@@ -1,0 +1,1 @@
+//! Starting rip for a test, and talking HTTP to it.

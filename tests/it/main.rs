@@ -1,0 +1,6 @@
+//! Integration tests: each drives the real `rip` binary over real sockets through
+//! [`harness::Rip`], which picks port 0, waits for `/healthz`, and kills on drop.
+
+mod harness;
+
+mod serve;

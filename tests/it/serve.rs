@@ -1,0 +1,1 @@
+//! rip serve end to end: spread, replacement, recycling, shutdown, streaming, bad config.

@@ -4,3 +4,5 @@
 mod harness;
 
 mod serve;
+mod example;
+mod static_files;

@@ -1,0 +1,1 @@
+//! The library example (examples/json_api.rs) served through rip workers.

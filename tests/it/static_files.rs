@@ -1,0 +1,1 @@
+//! Static files with --root: served, and never a file outside the root.

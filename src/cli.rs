@@ -7,11 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "rip",
-    version,
-    about = "An HTTP server that is its own process manager"
-)]
+#[command(name = "rip", version, about = "An HTTP server that is its own process manager")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -67,6 +63,9 @@ pub struct ServeArgs {
     /// Most client connections open at once [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Requests in flight per worker before new ones wait (up to --queue-timeout); 0 = no limit [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_in_flight: Option<usize>,
     /// Serve static files from DIR instead of the demo app
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
@@ -142,10 +141,7 @@ impl Cli {
 
 /// Reduces clap's multi-line message to its first line, without the `error: ` prefix.
 fn one_line(message: &str) -> String {
-    let first = message
-        .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid arguments");
+    let first = message.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
     first.trim_start_matches("error: ").trim().to_string()
 }
 
@@ -162,9 +158,7 @@ mod tests {
     #[test]
     fn serve_flags_are_unset_unless_given() {
         let cli = Cli::try_parse_from(["rip", "serve", "-p", "0"]).unwrap();
-        let Command::Serve(args) = cli.command else {
-            panic!("not serve")
-        };
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
         assert_eq!(args.port, Some(0));
         assert_eq!(args.workers, None);
         assert_eq!(args.max_requests, None);

@@ -30,6 +30,8 @@ pub struct Config {
     /// 0 means unlimited.
     pub max_body: u64,
     pub max_connections: usize,
+    /// Requests in flight per worker before new ones wait; 0 = no limit.
+    pub max_in_flight: usize,
     pub root: Option<PathBuf>,
     pub worker_threads: usize,
     pub runtime_dir: Option<PathBuf>,
@@ -79,6 +81,7 @@ impl Default for Config {
             start_timeout: Duration::from_secs(30),
             max_body: 0,
             max_connections: 10_000,
+            max_in_flight: 0,
             root: None,
             worker_threads: 1,
             runtime_dir: None,
@@ -103,6 +106,7 @@ const KEYS: &[&str] = &[
     "start_timeout",
     "max_body",
     "max_connections",
+    "max_in_flight",
     "root",
     "worker_threads",
     "runtime_dir",
@@ -169,9 +173,7 @@ fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
         "port" => config.port = raw.parse().map_err(|_| anyhow!("expected a port number"))?,
         "workers" => config.workers = parse_count(raw)?,
         "max_requests" => {
-            config.max_requests = raw
-                .parse()
-                .map_err(|_| anyhow!("expected a whole number"))?
+            config.max_requests = raw.parse().map_err(|_| anyhow!("expected a whole number"))?
         }
         "balance" => config.balance = raw.parse()?,
         "graceful_timeout" => config.graceful_timeout = parse_duration(raw)?,
@@ -181,6 +183,9 @@ fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
         "start_timeout" => config.start_timeout = parse_positive_duration(raw)?,
         "max_body" => config.max_body = parse_size(raw)?,
         "max_connections" => config.max_connections = parse_count(raw)?,
+        "max_in_flight" => {
+            config.max_in_flight = raw.parse().map_err(|_| anyhow!("expected a whole number"))?
+        }
         "root" => config.root = Some(PathBuf::from(raw)),
         "worker_threads" => config.worker_threads = parse_count(raw)?,
         "runtime_dir" => config.runtime_dir = Some(PathBuf::from(raw)),
@@ -192,10 +197,7 @@ fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
 
 fn validate(config: &Config) -> Result<()> {
     if config.workers > 1024 {
-        bail!(
-            "invalid value '{}' for workers: at most 1024",
-            config.workers
-        );
+        bail!("invalid value '{}' for workers: at most 1024", config.workers);
     }
     Ok(())
 }
@@ -218,24 +220,17 @@ fn flag_layer(args: &ServeArgs) -> Layer {
     put("header_timeout", args.header_timeout.clone());
     put("start_timeout", args.start_timeout.clone());
     put("max_body", args.max_body.clone());
-    put(
-        "max_connections",
-        args.max_connections.map(|v| v.to_string()),
-    );
+    put("max_connections", args.max_connections.map(|v| v.to_string()));
+    put("max_in_flight", args.max_in_flight.map(|v| v.to_string()));
     put("root", args.root.as_ref().map(|p| p.display().to_string()));
     put("worker_threads", args.worker_threads.map(|v| v.to_string()));
-    put(
-        "runtime_dir",
-        args.runtime_dir.as_ref().map(|p| p.display().to_string()),
-    );
+    put("runtime_dir", args.runtime_dir.as_ref().map(|p| p.display().to_string()));
     put("log_format", args.log_format.clone());
     layer
 }
 
 fn env_layer(env: &impl Fn(&str) -> Option<String>) -> Layer {
-    KEYS.iter()
-        .filter_map(|key| env(&format!("RIP_{}", key.to_uppercase())).map(|v| (*key, v)))
-        .collect()
+    KEYS.iter().filter_map(|key| env(&format!("RIP_{}", key.to_uppercase())).map(|v| (*key, v))).collect()
 }
 
 /// `--config`, else `RIP_CONFIG`, else ./rip.toml if it exists. A named file must exist.
@@ -251,15 +246,14 @@ fn file_to_read(args: &ServeArgs, env: &impl Fn(&str) -> Option<String>) -> Opti
 }
 
 fn file_layer(path: &Path) -> Result<Layer> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading config {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
     parse_file(&text).with_context(|| format!("reading config {}", path.display()))
 }
 
 fn parse_file(text: &str) -> Result<Layer> {
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        anyhow!("{}", e.message().lines().next().unwrap_or("invalid TOML"))
-    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| anyhow!("{}", e.message().lines().next().unwrap_or("invalid TOML")))?;
     let mut layer = Layer::new();
     for (name, value) in table {
         let Some(key) = KEYS.iter().find(|k| **k == name) else {
@@ -270,10 +264,9 @@ fn parse_file(text: &str) -> Result<Layer> {
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
-            other => bail!(
-                "invalid value for {name}: expected a string or a number, got {}",
-                other.type_str()
-            ),
+            other => {
+                bail!("invalid value for {name}: expected a string or a number, got {}", other.type_str())
+            }
         };
         layer.insert(*key, raw);
     }
@@ -284,10 +277,7 @@ fn parse_host(raw: &str) -> Result<IpAddr> {
     if raw == "localhost" {
         return Ok(IpAddr::from([127, 0, 0, 1]));
     }
-    raw.trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse()
-        .map_err(|_| anyhow!("expected an IP address"))
+    raw.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| anyhow!("expected an IP address"))
 }
 
 fn parse_count(raw: &str) -> Result<usize> {
@@ -301,13 +291,9 @@ fn parse_count(raw: &str) -> Result<usize> {
 /// Parses `30s`, `500ms`, `2m`, `1h`, or a bare number of seconds (`1.5`).
 pub fn parse_duration(raw: &str) -> Result<Duration> {
     let raw = raw.trim();
-    let split = raw
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(raw.len());
+    let split = raw.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(raw.len());
     let (number, unit) = raw.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| anyhow!("expected a duration such as 30s or 500ms"))?;
+    let value: f64 = number.parse().map_err(|_| anyhow!("expected a duration such as 30s or 500ms"))?;
     let seconds = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1000.0,
@@ -333,13 +319,9 @@ fn parse_positive_duration(raw: &str) -> Result<Duration> {
 pub fn parse_size(raw: &str) -> Result<u64> {
     let lower = raw.trim().to_ascii_lowercase();
     let unitless = lower.trim_end_matches("ib").trim_end_matches('b');
-    let split = unitless
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(unitless.len());
+    let split = unitless.find(|c: char| !c.is_ascii_digit()).unwrap_or(unitless.len());
     let (number, unit) = unitless.split_at(split);
-    let value: u64 = number
-        .parse()
-        .map_err(|_| anyhow!("expected a size such as 10m or 512k"))?;
+    let value: u64 = number.parse().map_err(|_| anyhow!("expected a size such as 10m or 512k"))?;
     let multiplier: u64 = match unit {
         "" => 1,
         "k" => 1 << 10,
@@ -347,9 +329,7 @@ pub fn parse_size(raw: &str) -> Result<u64> {
         "g" => 1 << 30,
         _ => bail!("expected a size such as 10m or 512k"),
     };
-    value
-        .checked_mul(multiplier)
-        .ok_or_else(|| anyhow!("size out of range"))
+    value.checked_mul(multiplier).ok_or_else(|| anyhow!("size out of range"))
 }
 
 #[cfg(test)]
@@ -364,10 +344,7 @@ mod tests {
         let dir = tempdir::Dir::new();
         let path = dir.0.join("rip.toml");
         std::fs::write(&path, text).unwrap();
-        let args = ServeArgs {
-            config: Some(path),
-            ..Default::default()
-        };
+        let args = ServeArgs { config: Some(path), ..Default::default() };
         (dir, args)
     }
 
@@ -404,18 +381,12 @@ mod tests {
             (None, None, None, Config::default().workers),
         ];
         for (flag, env, file, expected) in table {
-            let (_dir, mut args) =
-                with_file(&file.map(|f| format!("workers = {f}")).unwrap_or_default());
+            let (_dir, mut args) = with_file(&file.map(|f| format!("workers = {f}")).unwrap_or_default());
             args.workers = *flag;
             let env_value = env.map(str::to_string);
-            let config = resolve(&args, |k| {
-                (k == "RIP_WORKERS").then(|| env_value.clone()).flatten()
-            })
-            .unwrap();
-            assert_eq!(
-                config.workers, *expected,
-                "flag={flag:?} env={env:?} file={file:?}"
-            );
+            let config =
+                resolve(&args, |k| (k == "RIP_WORKERS").then(|| env_value.clone()).flatten()).unwrap();
+            assert_eq!(config.workers, *expected, "flag={flag:?} env={env:?} file={file:?}");
         }
     }
 
@@ -428,11 +399,7 @@ mod tests {
         let example = include_str!("../rip.toml.example");
         let uncommented: String = example
             .lines()
-            .map(|l| {
-                l.strip_prefix("# ")
-                    .filter(|l| l.contains(" = "))
-                    .unwrap_or(l)
-            })
+            .map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = ")).unwrap_or(l))
             .map(|l| format!("{l}\n"))
             .collect();
         let layer = parse_file(&uncommented).unwrap();
@@ -466,43 +433,26 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_origin() {
-        let args = ServeArgs {
-            workers: Some(0),
-            ..Default::default()
-        };
+        let args = ServeArgs { workers: Some(0), ..Default::default() };
         let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
-        assert!(
-            err.contains("--workers") && err.contains("at least 1"),
-            "{err}"
-        );
+        assert!(err.contains("--workers") && err.contains("at least 1"), "{err}");
 
         let err = format!(
             "{:#}",
-            resolve(&ServeArgs::default(), |k| (k == "RIP_TIMEOUT")
-                .then(|| "soon".into()))
-            .unwrap_err()
+            resolve(&ServeArgs::default(), |k| (k == "RIP_TIMEOUT").then(|| "soon".into())).unwrap_err()
         );
         assert!(err.contains("RIP_TIMEOUT"), "{err}");
 
         let (_dir, args) = with_file("balance = \"random\"");
         let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
-        assert!(
-            err.contains("balance in") && err.contains("rip.toml"),
-            "{err}"
-        );
+        assert!(err.contains("balance in") && err.contains("rip.toml"), "{err}");
     }
 
     #[test]
     fn missing_named_file_is_an_error() {
-        let args = ServeArgs {
-            config: Some("/nonexistent/rip.toml".into()),
-            ..Default::default()
-        };
+        let args = ServeArgs { config: Some("/nonexistent/rip.toml".into()), ..Default::default() };
         let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
-        assert!(
-            err.starts_with("reading config /nonexistent/rip.toml"),
-            "{err}"
-        );
+        assert!(err.starts_with("reading config /nonexistent/rip.toml"), "{err}");
     }
 
     #[test]

@@ -22,10 +22,7 @@ pub struct Connections {
 
 impl Connections {
     pub fn new(stop: CancellationToken) -> Connections {
-        Connections {
-            tracker: TaskTracker::new(),
-            stop,
-        }
+        Connections { tracker: TaskTracker::new(), stop }
     }
 
     /// Serves `conn` in a task of its own; `guard` is dropped when the connection ends.
@@ -60,10 +57,7 @@ impl Connections {
     /// Waits up to `grace` for every connection to finish; returns how many are still open.
     pub async fn drain(self, grace: Duration) -> usize {
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
             return self.tracker.len();
         }
         0

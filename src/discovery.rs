@@ -28,10 +28,7 @@ pub enum Change {
     Ready { id: WorkerId, socket: PathBuf },
     /// Stop sending the worker requests. When `drained` is given, it is completed once the
     /// worker has no request in flight (every response body ended), so it may then be stopped.
-    Leave {
-        id: WorkerId,
-        drained: Option<oneshot::Sender<()>>,
-    },
+    Leave { id: WorkerId, drained: Option<oneshot::Sender<()>> },
 }
 
 /// Proxy to supervisor.

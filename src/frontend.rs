@@ -66,9 +66,7 @@ pub async fn serve(
             () = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), proxy.service(peer))
-            .with_upgrades();
+        let conn = builder.serve_connection(TokioIo::new(stream), proxy.service(peer)).with_upgrades();
         connections.spawn(conn, permit);
     }
     drop(listener);

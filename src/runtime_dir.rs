@@ -88,9 +88,7 @@ pub fn ensure_private(dir: &Path) -> Result<()> {
                 .with_context(|| format!("creating runtime directory {}", dir.display()))?;
             return Ok(());
         }
-        Err(e) => {
-            return Err(e).with_context(|| format!("creating runtime directory {}", dir.display()))
-        }
+        Err(e) => return Err(e).with_context(|| format!("creating runtime directory {}", dir.display())),
     }
     let meta = fs::symlink_metadata(dir)
         .with_context(|| format!("inspecting runtime directory {}", dir.display()))?;
@@ -102,11 +100,7 @@ pub fn ensure_private(dir: &Path) -> Result<()> {
         bail!("refusing runtime directory {shown}: it is not a directory");
     }
     if meta.uid() != geteuid().as_raw() {
-        bail!(
-            "refusing runtime directory {shown}: owned by uid {}, not {}",
-            meta.uid(),
-            geteuid()
-        );
+        bail!("refusing runtime directory {shown}: owned by uid {}, not {}", meta.uid(), geteuid());
     }
     if meta.mode() & 0o077 != 0 {
         bail!(
@@ -123,17 +117,10 @@ fn remove_stale_instances(base: &Path) {
         return;
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        let dead = matches!(
-            kill(Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        );
+        let dead = matches!(kill(Pid::from_raw(pid), None), Err(nix::errno::Errno::ESRCH));
         if dead {
             let _ = fs::remove_dir_all(entry.path());
         }
@@ -159,10 +146,7 @@ mod tests {
             let dir = RuntimeDir::create(Some(&base)).unwrap();
             let mode = fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o700);
-            assert_eq!(
-                fs::metadata(&base).unwrap().permissions().mode() & 0o777,
-                0o700
-            );
+            assert_eq!(fs::metadata(&base).unwrap().permissions().mode() & 0o777, 0o700);
             dir.path().to_path_buf()
         };
         assert!(!path.exists());

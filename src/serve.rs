@@ -28,18 +28,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
     crate::logging::init(config.log_format);
     let root = config.root.as_deref().map(check_root).transpose()?;
     let exe = std::env::current_exe().context("locating the rip executable")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(serve(config, exe, root))
 }
 
 /// The root must be a readable directory; workers would otherwise answer 404 to everything.
 fn check_root(root: &Path) -> Result<PathBuf> {
-    let real = root
-        .canonicalize()
-        .with_context(|| format!("reading root {}", root.display()))?;
+    let real = root.canonicalize().with_context(|| format!("reading root {}", root.display()))?;
     if !real.is_dir() {
         bail!("reading root {}: not a directory", root.display());
     }
@@ -49,9 +45,7 @@ fn check_root(root: &Path) -> Result<PathBuf> {
 
 async fn serve(config: Config, exe: PathBuf, root: Option<PathBuf>) -> Result<()> {
     let addr = SocketAddr::new(config.host, config.port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     let dir = RuntimeDir::create(config.runtime_dir.as_deref())?;
     let mut intents = signals::listen()?;
@@ -65,6 +59,8 @@ async fn serve(config: Config, exe: PathBuf, root: Option<PathBuf>) -> Result<()
             timeout: config.timeout,
             queue_timeout: config.queue_timeout,
             max_body: config.max_body,
+            body_timeout: config.header_timeout,
+            max_in_flight: config.max_in_flight,
         },
         reports_tx,
     );
@@ -103,24 +99,14 @@ async fn serve(config: Config, exe: PathBuf, root: Option<PathBuf>) -> Result<()
     );
 
     let stop = CancellationToken::new();
-    let limits = Limits {
-        header_timeout: config.header_timeout,
-        max_connections: config.max_connections,
-    };
-    let frontend = tokio::spawn(frontend::serve(
-        listener,
-        proxy,
-        limits,
-        stop.clone(),
-        config.graceful_timeout,
-    ));
+    let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
+    let frontend =
+        tokio::spawn(frontend::serve(listener, proxy, limits, stop.clone(), config.graceful_timeout));
 
     let reason = wait_for_shutdown(&mut intents, &supervisor).await;
     info!(signal = reason, "shutting down");
     shutdown(stop, frontend, &mut intents, supervisor).await;
-    supervisor_task
-        .await
-        .context("waiting for the supervisor")?;
+    supervisor_task.await.context("waiting for the supervisor")?;
     info!("rip stopped");
     Ok(())
 }

@@ -23,8 +23,7 @@ pub fn listen() -> Result<mpsc::UnboundedReceiver<Intent>> {
         (SignalKind::hangup(), Intent::Reload),
     ];
     for (kind, intent) in table {
-        let mut stream =
-            signal(kind).with_context(|| format!("installing a handler for {intent:?}"))?;
+        let mut stream = signal(kind).with_context(|| format!("installing a handler for {intent:?}"))?;
         let tx = tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {

@@ -38,11 +38,7 @@ pub fn demo(ctx: &WorkerContext) -> Router {
 }
 
 async fn hello(State(ctx): State<WorkerContext>) -> String {
-    format!(
-        "Hello from rip worker {} (pid {})",
-        ctx.id,
-        std::process::id()
-    )
+    format!("Hello from rip worker {} (pid {})", ctx.id, std::process::id())
 }
 
 async fn whoami(State(ctx): State<WorkerContext>) -> Json<Value> {
@@ -102,10 +98,7 @@ mod tests {
     async fn hello_names_the_worker_and_pid() {
         let (status, body) = call(app(), Request::get("/").body(Body::empty()).unwrap()).await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(
-            body,
-            format!("Hello from rip worker 3 (pid {})", std::process::id())
-        );
+        assert_eq!(body, format!("Hello from rip worker 3 (pid {})", std::process::id()));
     }
 
     #[tokio::test]
@@ -119,11 +112,7 @@ mod tests {
 
     #[tokio::test]
     async fn headers_are_reported_and_repeats_joined() {
-        let req = Request::get("/headers")
-            .header("x-a", "1")
-            .header("x-a", "2")
-            .body(Body::empty())
-            .unwrap();
+        let req = Request::get("/headers").header("x-a", "1").header("x-a", "2").body(Body::empty()).unwrap();
         let (_, body) = call(app(), req).await;
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["x-a"], "1, 2");
@@ -137,14 +126,9 @@ mod tests {
 
     #[tokio::test]
     async fn sleep_rejects_a_bad_duration() {
-        let (status, _) = call(
-            app(),
-            Request::get("/sleep/soon").body(Body::empty()).unwrap(),
-        )
-        .await;
+        let (status, _) = call(app(), Request::get("/sleep/soon").body(Body::empty()).unwrap()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        let (status, body) =
-            call(app(), Request::get("/sleep/1").body(Body::empty()).unwrap()).await;
+        let (status, body) = call(app(), Request::get("/sleep/1").body(Body::empty()).unwrap()).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "slept 1 ms"));
     }
 }

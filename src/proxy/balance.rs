@@ -91,29 +91,18 @@ pub fn choose(
 mod tests {
     use super::*;
 
-    fn choose(
-        balance: Balance,
-        cs: &[Candidate],
-        start: usize,
-        avoid: Option<usize>,
-    ) -> Option<usize> {
+    fn choose(balance: Balance, cs: &[Candidate], start: usize, avoid: Option<usize>) -> Option<usize> {
         super::choose(balance, cs.len(), |i| cs[i], start, avoid)
     }
 
     fn c(in_flight: usize) -> Candidate {
-        Candidate {
-            in_flight,
-            exhausted: false,
-            unusable: false,
-        }
+        Candidate { in_flight, exhausted: false, unusable: false }
     }
 
     #[test]
     fn round_robin_rotates_with_start() {
         let cs = [c(5), c(0), c(9)];
-        let picks: Vec<_> = (0..6)
-            .map(|s| choose(Balance::RoundRobin, &cs, s, None).unwrap())
-            .collect();
+        let picks: Vec<_> = (0..6).map(|s| choose(Balance::RoundRobin, &cs, s, None).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
     }
 
@@ -128,32 +117,21 @@ mod tests {
     #[test]
     fn least_pending_ties_rotate() {
         let cs = [c(0), c(0), c(0)];
-        let picks: Vec<_> = (0..3)
-            .map(|s| choose(Balance::LeastPending, &cs, s, None).unwrap())
-            .collect();
+        let picks: Vec<_> = (0..3).map(|s| choose(Balance::LeastPending, &cs, s, None).unwrap()).collect();
         assert_eq!(picks, [0, 1, 2]);
     }
 
     #[test]
     fn unusable_workers_are_never_chosen() {
-        let dead = Candidate {
-            unusable: true,
-            ..c(0)
-        };
+        let dead = Candidate { unusable: true, ..c(0) };
         assert_eq!(choose(Balance::RoundRobin, &[dead, dead], 0, None), None);
-        assert_eq!(
-            choose(Balance::LeastPending, &[dead, c(50)], 0, None),
-            Some(1)
-        );
+        assert_eq!(choose(Balance::LeastPending, &[dead, c(50)], 0, None), Some(1));
         assert_eq!(choose(Balance::RoundRobin, &[], 0, None), None);
     }
 
     #[test]
     fn exhausted_workers_are_a_fallback_only() {
-        let tired = Candidate {
-            exhausted: true,
-            ..c(0)
-        };
+        let tired = Candidate { exhausted: true, ..c(0) };
         for balance in [Balance::RoundRobin, Balance::LeastPending] {
             assert_eq!(choose(balance, &[tired, c(10)], 0, None), Some(1));
             assert_eq!(choose(balance, &[tired, tired], 1, None), Some(1));
@@ -170,14 +148,8 @@ mod tests {
 
     #[test]
     fn strategy_names_parse() {
-        assert_eq!(
-            "round-robin".parse::<Balance>().unwrap(),
-            Balance::RoundRobin
-        );
-        assert_eq!(
-            "least-pending".parse::<Balance>().unwrap(),
-            Balance::LeastPending
-        );
+        assert_eq!("round-robin".parse::<Balance>().unwrap(), Balance::RoundRobin);
+        assert_eq!("least-pending".parse::<Balance>().unwrap(), Balance::LeastPending);
         assert!("random".parse::<Balance>().is_err());
     }
 }

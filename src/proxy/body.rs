@@ -2,37 +2,96 @@
 //! Invariant: a worker connection returns to its pool, and its request stops counting as in
 //! flight, exactly when the response body has been read to its end (or dropped).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 use super::endpoint::{Lease, Sender};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A request body on its way to a worker.
-#[derive(Debug)]
-pub enum RequestBody {
-    /// The client's body, cut off with an error past `remaining` bytes (`--max-body`).
-    Client { body: Incoming, remaining: u64 },
-    /// No body: a replayed request.
-    Empty,
+/// Why the client's request body could not be passed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyError {
+    /// More than `--max-body` bytes.
+    TooLarge,
+    /// The client sent nothing for `--header-timeout` in the middle of its body.
+    Timeout,
+    /// The client's framing was invalid (a bad chunk) or its connection broke.
+    Client,
 }
 
-/// A request body exceeded `--max-body` while streaming.
-#[derive(Debug)]
-pub struct BodyTooLarge;
-
-impl std::fmt::Display for BodyTooLarge {
+impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("request body exceeds the configured maximum")
+        f.write_str(match self {
+            BodyError::TooLarge => "request body exceeds the configured maximum",
+            BodyError::Timeout => "client stopped sending its request body",
+            BodyError::Client => "invalid or interrupted request body",
+        })
     }
 }
 
-impl std::error::Error for BodyTooLarge {}
+impl std::error::Error for BodyError {}
+
+/// A request body on its way to a worker.
+#[derive(Debug)]
+pub struct RequestBody(Kind);
+
+#[derive(Debug)]
+enum Kind {
+    Client(Box<ClientBody>),
+    /// No body: a replayed request, or a client request without one.
+    Empty,
+}
+
+#[derive(Debug)]
+struct ClientBody {
+    body: Incoming,
+    /// Bytes still allowed by `--max-body`.
+    remaining: u64,
+    /// Longest pause between two pieces of the body.
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    /// Fired when the whole body was read, so the worker's answer may be timed from then.
+    finished: Option<oneshot::Sender<()>>,
+}
+
+impl RequestBody {
+    /// Wraps a client body. The receiver completes when the body has been read to its end
+    /// (or failed); `None` when there is no body at all.
+    pub fn client(body: Incoming, max: u64, idle: Duration) -> (RequestBody, Option<oneshot::Receiver<()>>) {
+        if body.is_end_stream() {
+            return (RequestBody(Kind::Empty), None);
+        }
+        let (tx, rx) = oneshot::channel();
+        let client = ClientBody {
+            body,
+            remaining: max,
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            finished: Some(tx),
+        };
+        (RequestBody(Kind::Client(Box::new(client))), Some(rx))
+    }
+
+    pub fn empty() -> RequestBody {
+        RequestBody(Kind::Empty)
+    }
+}
+
+impl ClientBody {
+    fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.finished.take();
+        Poll::Ready(Some(Err(Box::new(error))))
+    }
+}
 
 impl Body for RequestBody {
     type Data = Bytes;
@@ -42,37 +101,53 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            RequestBody::Client { body, remaining } => match Pin::new(body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Some(data) = frame.data_ref() {
-                        let len = data.len() as u64;
-                        if len > *remaining {
-                            return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
-                        }
-                        *remaining -= len;
+        let client = match &mut self.get_mut().0 {
+            Kind::Empty => return Poll::Ready(None),
+            Kind::Client(client) => client,
+        };
+        match Pin::new(&mut client.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > client.remaining {
+                        return client.fail(BodyError::TooLarge);
                     }
-                    Poll::Ready(Some(Ok(frame)))
+                    client.remaining -= len;
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                Poll::Ready(None) => Poll::Ready(None),
+                let deadline = Instant::now() + client.idle;
+                client.idle_timer.as_mut().reset(deadline);
+                if client.body.is_end_stream() {
+                    if let Some(tx) = client.finished.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(_))) => client.fail(BodyError::Client),
+            Poll::Ready(None) => {
+                if let Some(tx) = client.finished.take() {
+                    let _ = tx.send(());
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => match client.idle_timer.as_mut().poll(cx) {
+                Poll::Ready(()) => client.fail(BodyError::Timeout),
                 Poll::Pending => Poll::Pending,
             },
-            RequestBody::Empty => Poll::Ready(None),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Client { body, .. } => body.is_end_stream(),
-            RequestBody::Empty => true,
+        match &self.0 {
+            Kind::Client(client) => client.body.is_end_stream(),
+            Kind::Empty => true,
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Client { body, .. } => body.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
+        match &self.0 {
+            Kind::Client(client) => client.body.size_hint(),
+            Kind::Empty => SizeHint::with_exact(0),
         }
     }
 }
@@ -83,20 +158,14 @@ pub struct ResponseBody(Inner);
 
 #[derive(Debug)]
 enum Inner {
-    Upstream {
-        body: Incoming,
-        done: Option<(Lease, Sender)>,
-    },
+    Upstream { body: Incoming, done: Option<(Lease, Sender)> },
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
     /// A worker's response body; `lease` and `sender` are released when it ends.
     pub fn upstream(body: Incoming, lease: Lease, sender: Sender) -> ResponseBody {
-        let mut this = ResponseBody(Inner::Upstream {
-            body,
-            done: Some((lease, sender)),
-        });
+        let mut this = ResponseBody(Inner::Upstream { body, done: Some((lease, sender)) });
         this.release_if_ended();
         this
     }
@@ -159,9 +228,7 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
-            Inner::Full(bytes) => {
-                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
-            }
+            Inner::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream { body, .. } => body.size_hint(),
         }
     }

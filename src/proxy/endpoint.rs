@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
 use super::body::RequestBody;
+use super::pool::Capacity;
 use crate::discovery::WorkerId;
 
 /// Idle connections kept per worker; beyond this a finished connection is closed. Enough for
@@ -35,10 +36,11 @@ pub struct Endpoint {
     hung_reported: AtomicBool,
     idle: Mutex<Vec<Sender>>,
     drained: Notify,
+    capacity: Arc<Capacity>,
 }
 
 impl Endpoint {
-    pub fn new(id: WorkerId, socket: PathBuf) -> Endpoint {
+    pub fn new(id: WorkerId, socket: PathBuf, capacity: Arc<Capacity>) -> Endpoint {
         Endpoint {
             id,
             socket,
@@ -50,6 +52,7 @@ impl Endpoint {
             hung_reported: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             drained: Notify::new(),
+            capacity,
         }
     }
 
@@ -124,10 +127,8 @@ impl Endpoint {
 
     async fn connect(&self) -> io::Result<Sender> {
         let stream = UnixStream::connect(&self.socket).await?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
+        let (sender, conn) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
         tokio::spawn(async move {
             // Ends when the worker closes the connection or the last sender is dropped; the
             // request that was on it, if any, sees the error.
@@ -160,11 +161,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1
-            && self.0.leaving.load(Ordering::Relaxed)
-        {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.leaving.load(Ordering::Relaxed) {
             self.0.drained.notify_waiters();
         }
+        self.0.capacity.released();
     }
 }
 
@@ -173,13 +173,8 @@ mod tests {
     use super::*;
 
     fn endpoint() -> Arc<Endpoint> {
-        Arc::new(Endpoint::new(
-            WorkerId {
-                slot: 0,
-                generation: 0,
-            },
-            "/nonexistent".into(),
-        ))
+        let pool = crate::proxy::Pool::new(crate::proxy::Balance::RoundRobin, 0);
+        Arc::new(Endpoint::new(WorkerId { slot: 0, generation: 0 }, "/nonexistent".into(), pool.capacity()))
     }
 
     #[test]
@@ -206,10 +201,7 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         drop(b);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
         assert!(!e.is_usable());
     }
 }

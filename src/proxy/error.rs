@@ -16,6 +16,10 @@ pub enum ProxyError {
     Upstream,
     /// The request body is larger than `--max-body`.
     BodyTooLarge,
+    /// The client stalled in the middle of its request body.
+    BodyTimeout,
+    /// The client's request body was malformed (bad chunk framing) or cut off.
+    BadBody,
 }
 
 /// Seconds a client is asked to wait after a 503; a worker restart takes well under this.
@@ -28,6 +32,8 @@ impl ProxyError {
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Upstream => StatusCode::BAD_GATEWAY,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::BadBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -37,6 +43,8 @@ impl ProxyError {
             ProxyError::Timeout(_) => "the worker did not answer in time\n",
             ProxyError::Upstream => "the worker failed to answer\n",
             ProxyError::BodyTooLarge => "request body too large\n",
+            ProxyError::BodyTimeout => "timed out reading the request body\n",
+            ProxyError::BadBody => "invalid request body\n",
         }
     }
 
@@ -44,17 +52,11 @@ impl ProxyError {
         let mut response = Response::new(ResponseBody::full(self.message()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         if matches!(self, ProxyError::NoWorker) {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_static(RETRY_AFTER_SECS),
-            );
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
-        if matches!(self, ProxyError::BodyTooLarge) {
+        if matches!(self, ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::BadBody) {
             // The rest of the body was not read; the connection cannot carry another request.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -73,12 +75,18 @@ mod tests {
             (ProxyError::Timeout(Duration::from_secs(1)), 504),
             (ProxyError::Upstream, 502),
             (ProxyError::BodyTooLarge, 413),
+            (ProxyError::BodyTimeout, 408),
+            (ProxyError::BadBody, 400),
         ];
         for (err, status) in table {
             let no_worker = matches!(err, ProxyError::NoWorker);
             let resp = err.into_response();
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers().contains_key("retry-after"), no_worker);
+            assert_eq!(
+                resp.headers().contains_key("connection"),
+                status == 413 || status == 408 || status == 400
+            );
         }
     }
 }

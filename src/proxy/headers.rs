@@ -64,16 +64,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// case the `Upgrade` handshake headers are kept end to end.
 pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) -> bool {
     let upgrade = is_upgrade(&parts.headers);
-    let upgrade_value = if upgrade {
-        parts.headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    };
+    let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     strip_hop_by_hop(&mut parts.headers);
     if let Some(value) = upgrade_value {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, value);
     }
 
@@ -89,9 +83,7 @@ pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) -> bool {
     }
 
     parts.headers.insert(&X_FORWARDED_FOR, ip_header(peer));
-    parts
-        .headers
-        .insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    parts.headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     // The hop to a worker is always keep-alive HTTP/1.1, whatever the client spoke.
     parts.version = Version::HTTP_11;
     upgrade
@@ -142,13 +134,7 @@ mod tests {
         );
         assert!(!prepare_request(&mut p, PEER));
         let h = &p.headers;
-        for gone in [
-            "connection",
-            "keep-alive",
-            "x-secret",
-            "te",
-            "proxy-authorization",
-        ] {
+        for gone in ["connection", "keep-alive", "x-secret", "te", "proxy-authorization"] {
             assert!(!h.contains_key(gone), "{gone} was forwarded");
         }
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
@@ -177,12 +163,8 @@ mod tests {
 
     #[test]
     fn absolute_form_becomes_origin_form_with_its_host() {
-        let mut p = parts(
-            Request::get("http://example.test:8080/a/b?c")
-                .header("host", "other")
-                .body(())
-                .unwrap(),
-        );
+        let mut p =
+            parts(Request::get("http://example.test:8080/a/b?c").header("host", "other").body(()).unwrap());
         prepare_request(&mut p, PEER);
         assert_eq!(p.uri, "/a/b?c");
         assert_eq!(p.headers["host"], "example.test:8080");

@@ -50,6 +50,10 @@ pub struct Settings {
     pub queue_timeout: Duration,
     /// 0 means unlimited.
     pub max_body: u64,
+    /// Longest pause allowed in the middle of a client's request body.
+    pub body_timeout: Duration,
+    /// Requests in flight per worker before it counts as full; 0 = no limit.
+    pub max_in_flight: usize,
 }
 
 /// Cheap to clone; all clones share the pool.
@@ -69,7 +73,7 @@ impl Proxy {
     pub fn new(settings: Settings, reports: ReportSender) -> Proxy {
         Proxy {
             shared: Arc::new(Shared {
-                pool: Pool::new(settings.balance),
+                pool: Pool::new(settings.balance, settings.max_in_flight),
                 settings,
                 reports,
             }),
@@ -89,55 +93,46 @@ impl Proxy {
 
     /// The tower service for one client connection.
     pub fn service(&self, peer: SocketAddr) -> ProxyService {
-        ProxyService {
-            proxy: self.clone(),
-            peer: peer.ip(),
-        }
+        ProxyService { proxy: self.clone(), peer: peer.ip() }
     }
 
     /// Serves one client request through a worker.
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<ResponseBody> {
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        match self.forward(req, peer).await {
+        let (mut parts, body) = req.into_parts();
+        match self.forward(&mut parts, body, peer).await {
             Ok(response) => response,
             Err(err) => {
-                if !matches!(err, ProxyError::BodyTooLarge) {
-                    warn!(%method, path, status = err.status().as_u16(), error = ?err, "request failed");
+                if !matches!(err, ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::BadBody) {
+                    warn!(method = %parts.method, path = parts.uri.path(), status = err.status().as_u16(), error = ?err, "request failed");
                 }
                 err.into_response()
             }
         }
     }
 
+    /// Sends the request to workers until one answers or it is not safe to try again.
+    /// `parts` is left as sent (minus what the request moved), for the caller's log line.
     async fn forward(
         &self,
-        req: Request<Incoming>,
+        parts: &mut http::request::Parts,
+        body: Incoming,
         peer: IpAddr,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let settings = &self.shared.settings;
-        let (mut parts, body) = req.into_parts();
-        let max_body = if settings.max_body == 0 {
-            u64::MAX
-        } else {
-            settings.max_body
-        };
+        let max_body = if settings.max_body == 0 { u64::MAX } else { settings.max_body };
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
             return Err(ProxyError::BodyTooLarge);
         }
-        let upgrade = headers::prepare_request(&mut parts, peer);
-        let mut client_upgrade = None;
-        let replay = Replay::capture(&parts, &body, upgrade);
-        let mut req = Request::from_parts(
-            parts,
-            RequestBody::Client {
-                body,
-                remaining: max_body,
-            },
-        );
-        if upgrade {
-            client_upgrade = Some(hyper::upgrade::on(&mut req));
-        }
+        let upgrade = headers::prepare_request(parts, peer);
+        let replay = Replay::capture(parts, &body, upgrade);
+        let (body, mut body_sent) = RequestBody::client(body, max_body, settings.body_timeout);
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = std::mem::take(&mut parts.headers);
+        *req.extensions_mut() = std::mem::take(&mut parts.extensions);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         let deadline = Instant::now() + settings.queue_timeout;
         let mut avoid: Option<WorkerId> = None;
@@ -162,23 +157,34 @@ impl Proxy {
                 }
             };
             let started = Instant::now();
-            let sent = tokio::time::timeout(settings.timeout, sender.try_send_request(req)).await;
+            // The worker is timed from the end of the request body: a client that uploads
+            // slowly is the client's problem (the body idle timeout), not a hung worker.
+            let answer_deadline = async {
+                if let Some(rx) = body_sent.as_mut() {
+                    let _ = rx.await;
+                    body_sent = None;
+                }
+                tokio::time::sleep(settings.timeout).await;
+            };
+            let sent = tokio::select! {
+                sent = sender.try_send_request(req) => sent,
+                () = answer_deadline => return Err(self.timed_out(&endpoint, parts, started)),
+            };
             match sent {
-                Ok(Ok(response)) => {
-                    return Ok(self.respond(response, lease, sender, client_upgrade))
-                }
-                Err(_elapsed) => {
-                    return Err(self.timed_out(&endpoint, &replay_or(&replay), started))
-                }
-                Ok(Err(mut err)) => {
+                Ok(response) => return Ok(self.respond(response, lease, sender, client_upgrade)),
+                Err(mut err) => {
                     if let Some(unsent) = err.take_message() {
                         debug!(worker = %endpoint.id, attempt, "connection not ready, request retried");
                         req = unsent;
                         continue;
                     }
                     let err = err.into_error();
-                    if caused_by::<body::BodyTooLarge>(&err) {
-                        return Err(ProxyError::BodyTooLarge);
+                    if let Some(body_error) = cause::<body::BodyError>(&err) {
+                        return Err(match body_error {
+                            body::BodyError::TooLarge => ProxyError::BodyTooLarge,
+                            body::BodyError::Timeout => ProxyError::BodyTimeout,
+                            body::BodyError::Client => ProxyError::BadBody,
+                        });
                     }
                     match &replay {
                         Some(replay) if attempt < MAX_ATTEMPTS => {
@@ -218,17 +224,12 @@ impl Proxy {
         Response::from_parts(parts, ResponseBody::upstream(body, lease, sender))
     }
 
-    fn timed_out(
-        &self,
-        endpoint: &Endpoint,
-        request: &(Method, String),
-        started: Instant,
-    ) -> ProxyError {
+    fn timed_out(&self, endpoint: &Endpoint, request: &http::request::Parts, started: Instant) -> ProxyError {
         let elapsed = started.elapsed();
         warn!(
             worker = %endpoint.id,
-            method = %request.0,
-            path = request.1,
+            method = %request.method,
+            path = request.uri.path(),
             elapsed_ms = elapsed.as_millis() as u64,
             "request timed out, worker will be replaced"
         );
@@ -239,31 +240,20 @@ impl Proxy {
     }
 }
 
-fn replay_or(replay: &Option<Replay>) -> (Method, String) {
-    match replay {
-        Some(r) => (r.method.clone(), r.uri.path().to_owned()),
-        None => (Method::default(), String::from("(streamed request)")),
-    }
-}
-
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = cause {
-        if e.is::<E>() {
-            return true;
+/// The first error of type `E` in `err`'s chain of causes.
+fn cause<E: std::error::Error + Copy + 'static>(err: &(dyn std::error::Error + 'static)) -> Option<E> {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(*found);
         }
-        cause = e.source();
+        next = e.source();
     }
-    false
+    None
 }
 
 /// What it takes to send a request again: only kept for idempotent requests without a body.
@@ -280,12 +270,7 @@ impl Replay {
         use http_body::Body;
         let idempotent = matches!(
             parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::PUT
-                | Method::DELETE
-                | Method::TRACE
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
         );
         (idempotent && body.is_end_stream() && !upgrade).then(|| Replay {
             method: parts.method.clone(),
@@ -296,7 +281,7 @@ impl Replay {
     }
 
     fn rebuild(&self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::Empty);
+        let mut req = Request::new(RequestBody::empty());
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;

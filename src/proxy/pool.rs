@@ -16,27 +16,64 @@ use crate::discovery::{Change, WorkerId};
 #[derive(Debug)]
 pub struct Pool {
     endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
-    /// Bumped on every change, so requests waiting for a worker wake up.
-    version: watch::Sender<u64>,
+    capacity: Arc<Capacity>,
     next: AtomicUsize,
     balance: Balance,
+    /// Requests in flight per worker before it counts as full; 0 = no limit.
+    max_in_flight: usize,
+}
+
+/// Wakes requests waiting for a worker: on every change of the rotation, and when a request
+/// ends while someone waits (only then, so the common path costs one atomic load).
+#[derive(Debug)]
+pub struct Capacity {
+    version: watch::Sender<u64>,
+    waiting: AtomicUsize,
+}
+
+impl Capacity {
+    pub fn touch(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub fn released(&self) {
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.touch();
+        }
+    }
+}
+
+/// Counts a request as waiting while alive.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
-    pub fn new(balance: Balance) -> Pool {
+    pub fn new(balance: Balance, max_in_flight: usize) -> Pool {
         Pool {
             endpoints: RwLock::new(Arc::from(Vec::new())),
-            version: watch::Sender::new(0),
+            capacity: Arc::new(Capacity { version: watch::Sender::new(0), waiting: AtomicUsize::new(0) }),
             next: AtomicUsize::new(0),
             balance,
+            max_in_flight,
         }
     }
 
+    pub fn capacity(&self) -> Arc<Capacity> {
+        self.capacity.clone()
+    }
+
+    /// Requests now waiting for a worker.
+    pub fn waiting(&self) -> usize {
+        self.capacity.waiting.load(Ordering::Relaxed)
+    }
+
     pub fn snapshot(&self) -> Arc<[Arc<Endpoint>]> {
-        self.endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The worker for the next request, if any is usable now.
@@ -44,24 +81,24 @@ impl Pool {
         let endpoints = self.snapshot();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let avoid = avoid.and_then(|id| endpoints.iter().position(|e| e.id == id));
+        let cap = self.max_in_flight;
         let candidate = |i: usize| {
             let e: &Endpoint = &endpoints[i];
-            Candidate {
-                in_flight: e.in_flight(),
-                exhausted: e.is_exhausted(),
-                unusable: !e.is_usable(),
-            }
+            let in_flight = e.in_flight();
+            let full = cap > 0 && in_flight >= cap;
+            Candidate { in_flight, exhausted: e.is_exhausted(), unusable: full || !e.is_usable() }
         };
         choose(self.balance, endpoints.len(), candidate, start, avoid).map(|i| endpoints[i].clone())
     }
 
     /// Like [`pick`](Self::pick), waiting until `deadline` for a worker to become usable.
-    pub async fn pick_until(
-        &self,
-        avoid: Option<WorkerId>,
-        deadline: Instant,
-    ) -> Option<Arc<Endpoint>> {
-        let mut changes = self.version.subscribe();
+    pub async fn pick_until(&self, avoid: Option<WorkerId>, deadline: Instant) -> Option<Arc<Endpoint>> {
+        if let Some(endpoint) = self.pick(avoid) {
+            return Some(endpoint);
+        }
+        let mut changes = self.capacity.version.subscribe();
+        self.capacity.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.capacity.waiting);
         loop {
             changes.mark_unchanged();
             if let Some(endpoint) = self.pick(avoid) {
@@ -76,7 +113,7 @@ impl Pool {
 
     /// Wakes requests waiting for a worker, e.g. after one was found unreachable.
     pub fn touch(&self) {
-        self.version.send_modify(|v| *v += 1);
+        self.capacity.touch();
     }
 
     /// Applies one discovery message.
@@ -84,7 +121,7 @@ impl Pool {
         match change {
             Change::Ready { id, socket } => {
                 debug!(worker = %id, "worker joined the rotation");
-                let endpoint = Arc::new(Endpoint::new(id, socket));
+                let endpoint = Arc::new(Endpoint::new(id, socket, self.capacity.clone()));
                 self.update(|list| {
                     list.retain(|e| e.id != id);
                     list.push(endpoint);
@@ -133,91 +170,75 @@ mod tests {
     use tokio::sync::oneshot;
 
     fn id(slot: usize) -> WorkerId {
-        WorkerId {
-            slot,
-            generation: 0,
-        }
+        WorkerId { slot, generation: 0 }
     }
 
     fn ready(pool: &Pool, slot: usize) {
-        pool.apply(Change::Ready {
-            id: id(slot),
-            socket: format!("/nonexistent/{slot}").into(),
-        });
+        pool.apply(Change::Ready { id: id(slot), socket: format!("/nonexistent/{slot}").into() });
     }
 
     #[tokio::test]
     async fn leave_waits_for_in_flight_requests() {
-        let pool = Pool::new(Balance::RoundRobin);
+        let pool = Pool::new(Balance::RoundRobin, 0);
         ready(&pool, 0);
         ready(&pool, 1);
-        let endpoint = pool
-            .snapshot()
-            .iter()
-            .find(|e| e.id == id(0))
-            .unwrap()
-            .clone();
+        let endpoint = pool.snapshot().iter().find(|e| e.id == id(0)).unwrap().clone();
         let lease = endpoint.lease();
         let (tx, mut rx) = oneshot::channel();
-        pool.apply(Change::Leave {
-            id: id(0),
-            drained: Some(tx),
-        });
+        pool.apply(Change::Leave { id: id(0), drained: Some(tx) });
         for _ in 0..10 {
-            assert_eq!(
-                pool.pick(None).unwrap().id,
-                id(1),
-                "a leaving worker was picked"
-            );
+            assert_eq!(pool.pick(None).unwrap().id, id(1), "a leaving worker was picked");
         }
         tokio::task::yield_now().await;
-        assert!(
-            rx.try_recv().is_err(),
-            "drained before the request finished"
-        );
+        assert!(rx.try_recv().is_err(), "drained before the request finished");
         drop(lease);
-        tokio::time::timeout(Duration::from_secs(5), rx)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx).await.unwrap().unwrap();
     }
 
     #[tokio::test]
     async fn waiting_requests_wake_when_a_worker_joins() {
-        let pool = Arc::new(Pool::new(Balance::LeastPending));
+        let pool = Arc::new(Pool::new(Balance::LeastPending, 0));
         let waiter = tokio::spawn({
             let pool = pool.clone();
-            async move {
-                pool.pick_until(None, Instant::now() + Duration::from_secs(10))
-                    .await
-            }
+            async move { pool.pick_until(None, Instant::now() + Duration::from_secs(10)).await }
         });
         tokio::task::yield_now().await;
         ready(&pool, 3);
-        let picked = tokio::time::timeout(Duration::from_secs(5), waiter)
-            .await
-            .unwrap()
-            .unwrap();
+        let picked = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
         assert_eq!(picked.unwrap().id, id(3));
     }
 
     #[tokio::test]
     async fn waiting_gives_up_at_the_deadline() {
-        let pool = Pool::new(Balance::RoundRobin);
-        let picked = pool
-            .pick_until(None, Instant::now() + Duration::from_millis(20))
-            .await;
+        let pool = Pool::new(Balance::RoundRobin, 0);
+        let picked = pool.pick_until(None, Instant::now() + Duration::from_millis(20)).await;
         assert!(picked.is_none());
     }
 
     #[tokio::test]
-    async fn leave_of_an_unknown_worker_reports_drained_at_once() {
-        let pool = Pool::new(Balance::RoundRobin);
-        let (tx, rx) = oneshot::channel();
-        pool.apply(Change::Leave {
-            id: id(9),
-            drained: Some(tx),
+    async fn a_full_worker_is_skipped_and_waiters_wake_when_it_frees_up() {
+        let pool = Arc::new(Pool::new(Balance::LeastPending, 1));
+        ready(&pool, 0);
+        let lease = pool.pick(None).unwrap().lease();
+        assert!(pool.pick(None).is_none(), "a full worker was picked");
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.pick_until(None, Instant::now() + Duration::from_secs(10)).await }
         });
+        while pool.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(lease);
+        let picked = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert_eq!(picked.unwrap().id, id(0));
+        assert_eq!(pool.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn leave_of_an_unknown_worker_reports_drained_at_once() {
+        let pool = Pool::new(Balance::RoundRobin, 0);
+        let (tx, rx) = oneshot::channel();
+        pool.apply(Change::Leave { id: id(9), drained: Some(tx) });
         rx.await.unwrap();
     }
 }

@@ -27,10 +27,7 @@ mod tests {
     #[test]
     fn delays_double_up_to_the_ceiling() {
         let ms: Vec<u128> = (0..10).map(|f| delay(f).as_millis()).collect();
-        assert_eq!(
-            ms,
-            [0, 100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
-        );
+        assert_eq!(ms, [0, 100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
         assert_eq!(delay(u32::MAX), CEILING);
     }
 }

@@ -101,35 +101,17 @@ pub fn start(
         announced_ready: false,
     };
     let task = tokio::spawn(supervisor.run(commands, events, reports));
-    (
-        SupervisorHandle {
-            commands: commands_tx,
-            ready,
-        },
-        task,
-    )
+    (SupervisorHandle { commands: commands_tx, ready }, task)
 }
 
 /// Things that happened to workers, reported by the tasks watching them.
 #[derive(Debug)]
 enum Event {
-    Exited {
-        id: WorkerId,
-        status: std::io::Result<ExitStatus>,
-    },
-    Probed {
-        id: WorkerId,
-        result: Result<(), String>,
-    },
-    Drained {
-        id: WorkerId,
-    },
-    Respawn {
-        slot: usize,
-    },
-    KillTimer {
-        id: WorkerId,
-    },
+    Exited { id: WorkerId, status: std::io::Result<ExitStatus> },
+    Probed { id: WorkerId, result: Result<(), String> },
+    Drained { id: WorkerId },
+    Respawn { slot: usize },
+    KillTimer { id: WorkerId },
 }
 
 #[derive(Debug, Default)]
@@ -216,10 +198,7 @@ impl Supervisor {
 
     fn spawn(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
-        let id = WorkerId {
-            slot,
-            generation: s.next_generation,
-        };
+        let id = WorkerId { slot, generation: s.next_generation };
         s.next_generation += 1;
         let socket = match self.dir.socket_path(slot, id.generation) {
             Ok(path) => path,
@@ -267,14 +246,7 @@ impl Supervisor {
 
         self.workers.insert(
             id,
-            Worker {
-                pid,
-                state: State::Starting,
-                started: Instant::now(),
-                ready_at: None,
-                tail,
-                cancel,
-            },
+            Worker { pid, state: State::Starting, started: Instant::now(), ready_at: None, tail, cancel },
         );
     }
 
@@ -321,10 +293,7 @@ impl Supervisor {
         worker.ready_at = Some(Instant::now());
         let startup_ms = worker.started.elapsed().as_millis() as u64;
         info!(worker = %id, pid = worker.pid.as_raw(), startup_ms, "worker ready");
-        let socket = self
-            .dir
-            .socket_path(id.slot, id.generation)
-            .expect("checked at spawn");
+        let socket = self.dir.socket_path(id.slot, id.generation).expect("checked at spawn");
         let _ = self.changes.send(Change::Ready { id, socket });
 
         let slot = &mut self.slots[id.slot];
@@ -345,11 +314,7 @@ impl Supervisor {
             return;
         };
         worker.cancel.cancel();
-        let _ = std::fs::remove_file(
-            self.dir
-                .socket_path(id.slot, id.generation)
-                .unwrap_or_default(),
-        );
+        let _ = std::fs::remove_file(self.dir.socket_path(id.slot, id.generation).unwrap_or_default());
         let status = match status {
             Ok(s) => process::describe(s),
             Err(e) => format!("unknown ({e})"),
@@ -368,9 +333,7 @@ impl Supervisor {
             return;
         }
 
-        let healthy = worker
-            .ready_at
-            .is_some_and(|t| t.elapsed() >= backoff::HEALTHY_UPTIME);
+        let healthy = worker.ready_at.is_some_and(|t| t.elapsed() >= backoff::HEALTHY_UPTIME);
         let slot = &mut self.slots[id.slot];
         if slot.current == Some(id) {
             slot.current = slot.next.take();
@@ -456,12 +419,7 @@ impl Supervisor {
             return;
         }
         s.respawn_scheduled = true;
-        warn!(
-            slot,
-            failures = s.failures,
-            delay_ms = delay.as_millis() as u64,
-            "worker restart backed off"
-        );
+        warn!(slot, failures = s.failures, delay_ms = delay.as_millis() as u64, "worker restart backed off");
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -476,10 +434,7 @@ impl Supervisor {
         };
         worker.state = State::Draining;
         let (tx, rx) = oneshot::channel();
-        let _ = self.changes.send(Change::Leave {
-            id,
-            drained: Some(tx),
-        });
+        let _ = self.changes.send(Change::Leave { id, drained: Some(tx) });
         let events = self.events_tx.clone();
         let grace = self.settings.grace;
         tokio::spawn(async move {
@@ -508,11 +463,7 @@ impl Supervisor {
     }
 
     fn publish_ready(&mut self) {
-        let ready = self
-            .workers
-            .values()
-            .filter(|w| w.state == State::Ready)
-            .count();
+        let ready = self.workers.values().filter(|w| w.state == State::Ready).count();
         self.ready_tx.send_replace(ready);
         if !self.announced_ready && ready >= self.settings.workers {
             self.announced_ready = true;
@@ -530,10 +481,7 @@ impl Supervisor {
         self.stopping = true;
         let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
         for id in &ids {
-            let _ = self.changes.send(Change::Leave {
-                id: *id,
-                drained: None,
-            });
+            let _ = self.changes.send(Change::Leave { id: *id, drained: None });
         }
         for (id, worker) in &mut self.workers {
             worker.cancel.cancel();
@@ -555,11 +503,7 @@ impl Supervisor {
         self.await_exits(events, Instant::now() + KILL_WAIT).await;
     }
 
-    async fn await_exits(
-        &mut self,
-        events: &mut mpsc::UnboundedReceiver<Event>,
-        deadline: Instant,
-    ) {
+    async fn await_exits(&mut self, events: &mut mpsc::UnboundedReceiver<Event>, deadline: Instant) {
         while !self.workers.is_empty() {
             match tokio::time::timeout_at(deadline, events.recv()).await {
                 Ok(Some(Event::Exited { id, status })) => self.on_exited(id, status),

@@ -21,11 +21,7 @@ const REQUEST: &[u8] =
     b"GET /healthz HTTP/1.1\r\nHost: rip\r\nUser-Agent: rip-probe\r\nConnection: close\r\n\r\n";
 
 /// Probes until the worker answers 200, `within` has passed, or `cancel` fires.
-pub async fn wait_ready(
-    socket: &Path,
-    within: Duration,
-    cancel: &CancellationToken,
-) -> Result<(), String> {
+pub async fn wait_ready(socket: &Path, within: Duration, cancel: &CancellationToken) -> Result<(), String> {
     let deadline = Instant::now() + within;
     let mut pause = FIRST_PAUSE;
     loop {
@@ -34,10 +30,7 @@ pub async fn wait_ready(
             Err(e) => e,
         };
         if Instant::now() + pause >= deadline {
-            return Err(format!(
-                "not ready after {} ms: {last_error}",
-                within.as_millis()
-            ));
+            return Err(format!("not ready after {} ms: {last_error}", within.as_millis()));
         }
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
@@ -50,25 +43,15 @@ pub async fn wait_ready(
 /// One probe.
 pub async fn check(socket: &Path) -> Result<(), String> {
     let attempt = async {
-        let mut stream = UnixStream::connect(socket)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut stream = UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
         stream.write_all(REQUEST).await.map_err(|e| e.to_string())?;
         let mut head = [0u8; 12];
-        stream
-            .read_exact(&mut head)
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.read_exact(&mut head).await.map_err(|e| e.to_string())?;
         if head.starts_with(b"HTTP/1.1 200") {
             Ok(())
         } else {
-            Err(format!(
-                "health check answered {:?}",
-                String::from_utf8_lossy(&head)
-            ))
+            Err(format!("health check answered {:?}", String::from_utf8_lossy(&head)))
         }
     };
-    tokio::time::timeout(PROBE_TIMEOUT, attempt)
-        .await
-        .map_err(|_| "health check timed out".to_string())?
+    tokio::time::timeout(PROBE_TIMEOUT, attempt).await.map_err(|_| "health check timed out".to_string())?
 }

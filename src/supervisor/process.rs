@@ -44,11 +44,7 @@ impl Tail {
     /// The kept lines joined with ` | `, for one log field.
     pub fn joined(&self) -> String {
         let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        lines
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join(" | ")
+        lines.iter().map(String::as_str).collect::<Vec<_>>().join(" | ")
     }
 }
 
@@ -88,10 +84,7 @@ pub fn spawn(spec: &Spec, id: WorkerId, socket: &Path) -> io::Result<(Child, Tai
             while let Ok(Some(line)) = lines.next_line().await {
                 // One short write per line to our own stderr: lines from several workers and
                 // the parent never interleave mid-line.
-                let _ = std::io::Write::write_all(
-                    &mut std::io::stderr(),
-                    format!("{line}\n").as_bytes(),
-                );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
                 tail.push(line);
             }
         });

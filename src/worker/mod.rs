@@ -39,12 +39,7 @@ pub struct WorkerContext {
 
 impl WorkerContext {
     pub fn new(id: usize, generation: u64, root: Option<PathBuf>) -> WorkerContext {
-        WorkerContext {
-            id,
-            generation,
-            root,
-            served: Arc::new(AtomicU64::new(0)),
-        }
+        WorkerContext { id, generation, root, served: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Requests this worker has served so far, health probes excluded.
@@ -54,23 +49,14 @@ impl WorkerContext {
 }
 
 pub fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
-    crate::logging::init(
-        args.log_format
-            .parse()
-            .unwrap_or(crate::config::LogFormat::Text),
-    );
+    crate::logging::init(args.log_format.parse().unwrap_or(crate::config::LogFormat::Text));
     die_with_parent(args.parent)?;
     // Sockets this process creates are for its own user only.
     umask(Mode::from_bits_truncate(0o077));
     let runtime = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
-            .enable_all()
-            .build()
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
     }
     .context("starting the worker runtime")?;
     runtime.block_on(serve(args, app))
@@ -92,10 +78,9 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let service = service::WorkerService::new(router, ctx.served.clone());
 
     let _ = std::fs::remove_file(&args.socket);
-    let listener = UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let listener =
+        UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
+    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let stop = CancellationToken::new();
     let connections = Connections::new(stop.clone());
@@ -123,14 +108,9 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     drop(listener);
     let _ = std::fs::remove_file(&args.socket);
     stop.cancel();
-    let open = connections
-        .drain(Duration::from_millis(args.graceful_ms))
-        .await;
+    let open = connections.drain(Duration::from_millis(args.graceful_ms)).await;
     if open > 0 {
-        warn!(
-            worker = args.id,
-            open, "graceful timeout elapsed with requests in flight"
-        );
+        warn!(worker = args.id, open, "graceful timeout elapsed with requests in flight");
     }
     info!(worker = args.id, served = ctx.served(), "worker drained");
     Ok(())

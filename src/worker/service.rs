@@ -25,10 +25,7 @@ pub struct WorkerService {
 
 impl WorkerService {
     pub fn new(router: Router, served: Arc<AtomicU64>) -> WorkerService {
-        WorkerService {
-            app: CatchPanicLayer::new().layer(router),
-            served,
-        }
+        WorkerService { app: CatchPanicLayer::new().layer(router), served }
     }
 }
 

@@ -3,6 +3,6 @@
 
 mod harness;
 
-mod serve;
 mod example;
+mod serve;
 mod static_files;

@@ -1,77 +1,765 @@
 //! Static files from a root directory. Invariant: no request can read a file outside the
-//! root, whether by `..`, encoded separators, or a symbolic link that points out of it.
+//! root, whether by `..`, encoded separators, or a symbolic link that points out of it,
+//! because the kernel resolves every path relative to a descriptor of the root and refuses
+//! to leave it, and what is served is exactly the file that was resolved.
+//!
+//! Why not tower-http's `ServeDir` plus a `canonicalize()` check: the check and `ServeDir`
+//! decode the request path separately and resolve it separately, so a link swapped in
+//! between the check and the open (by anyone who can write under the root) is followed
+//! out, and any difference between the two decoders is a hole. Here the path is decoded
+//! once ([`decode`]), resolved once with `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`
+//! to an `O_PATH` descriptor, and that descriptor's file is handed to tower-http's
+//! `ServeFile` through `/proc/self/fd/N`, which reopens that inode itself, not a path. So
+//! `ServeFile` still does the HTTP: HEAD, Content-Length, Last-Modified, If-Modified-Since,
+//! ranges.
+//!
+//! Kernels without `openat2` (before 5.6, or behind a seccomp filter that hides it) get a
+//! walk that opens one component at a time with `O_NOFOLLOW` and follows no links at all.
 
-use std::path::{Component, Path, PathBuf};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::Request;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstat, Mode, SFlag};
 use tower::ServiceExt;
-use tower_http::services::ServeDir;
+use tower_http::services::ServeFile;
+use tracing::{debug, error, warn};
 
-/// A router serving files under `root` (index.html for directories).
+/// How many times a lookup is retried when the kernel reports that a concurrent rename
+/// made `RESOLVE_BENEATH` unable to vouch for the result (EAGAIN); more means an attack
+/// or a storm of renames, and a 404 is the right answer to either.
+const RESOLVE_ATTEMPTS: usize = 3;
+
+/// A router serving files under `root` (index.html for directories) to GET and HEAD.
 pub fn static_files(root: &Path) -> Router {
-    let root: Arc<Path> = match root.canonicalize() {
-        Ok(p) => Arc::from(p),
-        Err(_) => Arc::from(root),
-    };
-    let serve_dir = ServeDir::new(root.as_ref()).append_index_html_on_directories(true);
-    Router::new().fallback(move |req: Request| {
-        let root = root.clone();
-        let serve_dir = serve_dir.clone();
-        async move {
-            if !contained(&root, req.uri().path()) {
-                return StatusCode::NOT_FOUND.into_response();
-            }
-            match serve_dir.oneshot(req).await {
-                Ok(resp) => resp.map(Body::new),
-                Err(never) => match never {},
-            }
+    match Root::open(root) {
+        Ok(root) => {
+            let root = Arc::new(root);
+            Router::new().fallback(move |req: Request| serve(root.clone(), req))
         }
-    })
-}
-
-/// True when the file a request path names resolves (links followed) inside `root`.
-fn contained(root: &Path, uri_path: &str) -> bool {
-    let Some(relative) = decode(uri_path) else {
-        return false;
-    };
-    let mut path = root.to_path_buf();
-    for component in relative.components() {
-        match component {
-            Component::Normal(part) => path.push(part),
-            Component::CurDir | Component::RootDir => {}
-            Component::ParentDir | Component::Prefix(_) => return false,
+        Err(e) => {
+            // `rip serve` checked the root at startup, so this is a root removed since.
+            error!(root = %root.display(), error = %e, "static root unavailable");
+            Router::new().fallback(|| async { StatusCode::INTERNAL_SERVER_ERROR })
         }
-    }
-    match path.canonicalize() {
-        Ok(real) => real.starts_with(root),
-        // Missing files are ServeDir's to answer (404); nothing outside can be read.
-        Err(_) => true,
     }
 }
 
-/// Percent-decodes a request path; refuses NUL and backslashes.
-fn decode(uri_path: &str) -> Option<PathBuf> {
-    let bytes = uri_path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
+async fn serve(root: Arc<Root>, req: Request) -> Response {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET, HEAD")],
+        )
+            .into_response();
+    }
+    let segments = match decode(req.uri().path()) {
+        Ok(segments) => segments,
+        Err(refusal) => {
+            debug!(path = req.uri().path(), ?refusal, "static path refused");
+            return refusal.status().into_response();
+        }
+    };
+    let wants_dir = req.uri().path().ends_with('/');
+    // Lookups are syscalls that may wait on a slow disk; keep them off the worker's thread.
+    let found = tokio::task::spawn_blocking(move || root.find(&segments, wants_dir)).await;
+    match found {
+        Ok(Ok(Found::File { fd, name })) => serve_file(fd, &name, req).await,
+        Ok(Ok(Found::Directory)) => redirect_to_directory(req.uri()),
+        Ok(Err(errno)) if is_not_found(errno) => {
+            debug!(path = req.uri().path(), %errno, "static file not found");
+            StatusCode::NOT_FOUND.into_response()
+        }
+        Ok(Err(errno)) => {
+            warn!(path = req.uri().path(), %errno, "static file lookup failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Err(e) => {
+            warn!(path = req.uri().path(), error = %e, "static file lookup task failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// Serves the file behind `fd`. `/proc/self/fd/N` is a magic link to the open file itself,
+/// so whatever happens to the name meanwhile, `ServeFile` opens the inode we resolved.
+async fn serve_file(fd: OwnedFd, name: &OsStr, req: Request) -> Response {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let mut response = match ServeFile::new(path).oneshot(req).await {
+        Ok(response) => response.map(Body::new),
+        Err(never) => match never {},
+    };
+    // Only now may the descriptor close: ServeFile has opened (or stat'ed, for HEAD) it.
+    drop(fd);
+    if response.status().is_success() {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type(name)),
+        );
+    }
+    response
+}
+
+/// A directory asked for without its trailing slash: send the client to the slashed URL,
+/// so that the index page's relative links resolve inside the directory.
+fn redirect_to_directory(uri: &Uri) -> Response {
+    // Leading slashes collapse to one: `//host/dir` must not become a link to another host.
+    let mut location = format!("/{}/", uri.path().trim_start_matches('/'));
+    if let Some(query) = uri.query() {
+        location.push('?');
+        location.push_str(query);
+    }
+    match HeaderValue::try_from(location) {
+        Ok(location) => (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(header::LOCATION, location)],
+        )
+            .into_response(),
+        Err(_) => StatusCode::BAD_REQUEST.into_response(),
+    }
+}
+
+/// Why a request path names no file we would serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Not a path at all: a broken percent escape, a NUL, no leading slash.
+    Malformed,
+    /// A well-formed path that tries to leave its directory: `..`, an encoded slash, a
+    /// backslash. There is no such file, so the answer is the same as for a missing one.
+    Escape,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::Malformed => StatusCode::BAD_REQUEST,
+            Refusal::Escape => StatusCode::NOT_FOUND,
+        }
+    }
+}
+
+/// Turns a request path into file-name segments, percent-decoding each segment exactly once
+/// (so `%252e` is the name `%2e`, never `.`). Empty and `.` segments are dropped; `..`, and
+/// any segment whose decoded bytes hold `/`, `\` or NUL, are refused rather than resolved.
+fn decode(uri_path: &str) -> Result<Vec<OsString>, Refusal> {
+    let Some(rest) = uri_path.strip_prefix('/') else {
+        return Err(Refusal::Malformed);
+    };
+    let mut segments = Vec::new();
+    for raw in rest.split('/') {
+        let name = percent_decode(raw.as_bytes()).ok_or(Refusal::Malformed)?;
+        if name.contains(&0) {
+            return Err(Refusal::Malformed);
+        }
+        if name.contains(&b'/') || name.contains(&b'\\') || name == b".." {
+            return Err(Refusal::Escape);
+        }
+        if name.is_empty() || name == b"." {
+            continue;
+        }
+        segments.push(OsString::from_vec(name));
+    }
+    Ok(segments)
+}
+
+fn percent_decode(raw: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut bytes = raw.iter();
+    while let Some(&b) = bytes.next() {
+        if b == b'%' {
+            let hi = hex_digit(*bytes.next()?)?;
+            let lo = hex_digit(*bytes.next()?)?;
+            out.push(hi << 4 | lo);
         } else {
-            out.push(bytes[i]);
-            i += 1;
+            out.push(b);
         }
     }
-    if out.contains(&0) || out.contains(&b'\\') {
-        return None;
+    Some(out)
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
     }
-    let text = String::from_utf8(out).ok()?;
-    Some(PathBuf::from(text.trim_start_matches('/')))
+}
+
+/// The errors that mean "no file of that name under the root": missing, a path through a
+/// file, a way out of the root (EXDEV from RESOLVE_BENEATH, ELOOP for links refused or
+/// looping), unreadable, or absurdly long.
+fn is_not_found(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::ENOENT
+            | Errno::ENOTDIR
+            | Errno::EXDEV
+            | Errno::ELOOP
+            | Errno::EACCES
+            | Errno::EPERM
+            | Errno::ENAMETOOLONG
+            | Errno::EAGAIN
+    )
+}
+
+/// What a request path resolved to.
+#[derive(Debug)]
+enum Found {
+    /// A regular file to serve, and the name its Content-Type comes from.
+    File { fd: OwnedFd, name: OsString },
+    /// A directory asked for without a trailing slash.
+    Directory,
+}
+
+/// How names are resolved under the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    /// `openat2(RESOLVE_BENEATH)`: links are followed as long as they stay inside.
+    Beneath,
+    /// One component at a time with `O_NOFOLLOW`: links are never followed.
+    NoLinks,
+}
+
+/// The root directory, held open: renaming or replacing the root's path after start does
+/// not move what is served.
+#[derive(Debug)]
+struct Root {
+    dir: OwnedFd,
+    resolution: Resolution,
+}
+
+impl Root {
+    fn open(path: &Path) -> std::io::Result<Root> {
+        let dir: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(OFlag::O_DIRECTORY.bits())
+            .open(path)?
+            .into();
+        let resolution = match open_beneath(dir.as_fd(), OsStr::new(".")) {
+            Err(Errno::ENOSYS) | Err(Errno::EPERM) => {
+                warn!(
+                    root = %path.display(),
+                    "openat2 is unavailable; symbolic links under the root will not be followed"
+                );
+                Resolution::NoLinks
+            }
+            _ => Resolution::Beneath,
+        };
+        Ok(Root { dir, resolution })
+    }
+
+    /// Resolves `segments` under the root to a regular file, the directory's index.html
+    /// when `wants_dir`, or a redirect for a directory named without its slash.
+    fn find(&self, segments: &[OsString], wants_dir: bool) -> nix::Result<Found> {
+        let fd = self.resolve(self.dir.as_fd(), segments)?;
+        let kind = file_kind(&fd)?;
+        if kind == SFlag::S_IFDIR {
+            if !wants_dir {
+                return Ok(Found::Directory);
+            }
+            let name = OsString::from("index.html");
+            let index = self.resolve(fd.as_fd(), std::slice::from_ref(&name))?;
+            return match file_kind(&index)? {
+                SFlag::S_IFREG => Ok(Found::File { fd: index, name }),
+                _ => Err(Errno::ENOENT),
+            };
+        }
+        // A file named with a trailing slash, a FIFO, a device or a socket is no page.
+        if kind != SFlag::S_IFREG || wants_dir {
+            return Err(Errno::ENOENT);
+        }
+        let name = segments.last().cloned().unwrap_or_default();
+        Ok(Found::File { fd, name })
+    }
+
+    fn resolve(&self, dir: BorrowedFd<'_>, segments: &[OsString]) -> nix::Result<OwnedFd> {
+        match self.resolution {
+            Resolution::Beneath => {
+                let mut path = OsString::from(".");
+                for segment in segments {
+                    path.push("/");
+                    path.push(segment);
+                }
+                let mut attempt = 1;
+                loop {
+                    match open_beneath(dir, &path) {
+                        Err(Errno::EAGAIN) if attempt < RESOLVE_ATTEMPTS => attempt += 1,
+                        result => return result,
+                    }
+                }
+            }
+            Resolution::NoLinks => open_without_links(dir, segments),
+        }
+    }
+}
+
+/// Opens `path` relative to `dir` as an `O_PATH` descriptor, which reads nothing and so
+/// cannot block on a FIFO or wake a device, without ever leaving `dir`.
+fn open_beneath(dir: BorrowedFd<'_>, path: &OsStr) -> nix::Result<OwnedFd> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    owned(openat2(dir.as_raw_fd(), path, how))
+}
+
+/// Opens `segments` one at a time under `dir`, refusing every symbolic link. The segments
+/// hold no `/` and no `..` ([`decode`] saw to that), so this cannot leave `dir`.
+fn open_without_links(dir: BorrowedFd<'_>, segments: &[OsString]) -> nix::Result<OwnedFd> {
+    let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut current = owned(openat(Some(dir.as_raw_fd()), ".", flags, Mode::empty()))?;
+    for segment in segments {
+        let next = owned(openat(
+            Some(current.as_raw_fd()),
+            segment.as_os_str(),
+            flags,
+            Mode::empty(),
+        ))?;
+        if file_kind(&next)? == SFlag::S_IFLNK {
+            return Err(Errno::ELOOP);
+        }
+        current = next;
+    }
+    Ok(current)
+}
+
+fn owned(fd: nix::Result<RawFd>) -> nix::Result<OwnedFd> {
+    // SAFETY: the descriptor was just returned by openat/openat2 and nothing else owns it.
+    fd.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn file_kind(fd: &OwnedFd) -> nix::Result<SFlag> {
+    let stat = fstat(fd.as_raw_fd())?;
+    Ok(SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT)
+}
+
+/// The Content-Type for a file name, by extension; unknown kinds are octet streams, which
+/// browsers download rather than render. Text is declared UTF-8.
+fn content_type(name: &OsStr) -> &'static str {
+    let extension = Path::new(name)
+        .extension()
+        .map(|e| e.as_bytes().to_ascii_lowercase())
+        .unwrap_or_default();
+    match extension.as_slice() {
+        b"html" | b"htm" => "text/html; charset=utf-8",
+        b"css" => "text/css; charset=utf-8",
+        b"js" | b"mjs" => "text/javascript; charset=utf-8",
+        b"txt" | b"text" | b"log" => "text/plain; charset=utf-8",
+        b"md" | b"markdown" => "text/markdown; charset=utf-8",
+        b"csv" => "text/csv; charset=utf-8",
+        b"xml" => "text/xml; charset=utf-8",
+        b"json" | b"map" => "application/json",
+        b"webmanifest" => "application/manifest+json",
+        b"wasm" => "application/wasm",
+        b"pdf" => "application/pdf",
+        b"zip" => "application/zip",
+        b"gz" => "application/gzip",
+        b"tar" => "application/x-tar",
+        b"svg" => "image/svg+xml",
+        b"png" => "image/png",
+        b"jpg" | b"jpeg" => "image/jpeg",
+        b"gif" => "image/gif",
+        b"webp" => "image/webp",
+        b"avif" => "image/avif",
+        b"ico" => "image/x-icon",
+        b"bmp" => "image/bmp",
+        b"woff" => "font/woff",
+        b"woff2" => "font/woff2",
+        b"ttf" => "font/ttf",
+        b"otf" => "font/otf",
+        b"mp3" => "audio/mpeg",
+        b"ogg" | b"oga" => "audio/ogg",
+        b"wav" => "audio/wav",
+        b"mp4" => "video/mp4",
+        b"webm" => "video/webm",
+        _ => "application/octet-stream",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::{HeaderMap, Request};
+    use http_body_util::BodyExt;
+    use std::os::unix::fs::symlink;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SECRET: &str = "TOP-SECRET-MARKER";
+
+    /// A scratch directory: `root/` to serve and `outside/secret.txt` beside it, with links
+    /// that stay inside and links that try to leave. Removed on drop.
+    struct Tree {
+        base: PathBuf,
+    }
+
+    impl Tree {
+        fn new() -> Tree {
+            static NEXT: AtomicUsize = AtomicUsize::new(0);
+            let base = std::env::temp_dir().join(format!(
+                "rip-static-unit-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&base);
+            let root = base.join("root");
+            std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+            std::fs::create_dir_all(base.join("outside")).unwrap();
+            std::fs::write(base.join("outside/secret.txt"), SECRET).unwrap();
+            std::fs::write(root.join("hello.txt"), "hello world").unwrap();
+            std::fs::write(root.join("sub/index.html"), "<h1>sub</h1>").unwrap();
+            std::fs::write(root.join("sub/deeper/file.txt"), "deep").unwrap();
+            symlink("hello.txt", root.join("inner-link")).unwrap();
+            symlink("sub", root.join("inner-dir-link")).unwrap();
+            symlink("../hello.txt", root.join("sub/up-but-inside")).unwrap();
+            symlink("../outside/secret.txt", root.join("file-link")).unwrap();
+            symlink(base.join("outside/secret.txt"), root.join("abs-link")).unwrap();
+            symlink(root.join("hello.txt"), root.join("abs-inside-link")).unwrap();
+            symlink("../outside", root.join("link-out")).unwrap();
+            symlink("../../../outside/secret.txt", root.join("sub/deeper/up-link")).unwrap();
+            symlink("/proc/self/root/etc/hostname", root.join("proc-link")).unwrap();
+            nix::unistd::mkfifo(&root.join("fifo"), Mode::S_IRWXU).unwrap();
+            Tree { base }
+        }
+
+        fn root(&self) -> PathBuf {
+            self.base.join("root")
+        }
+    }
+
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.base);
+        }
+    }
+
+    fn segments(path: &str) -> Vec<OsString> {
+        decode(path).unwrap()
+    }
+
+    fn names(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn decode_keeps_plain_names_and_drops_empty_and_dot_segments() {
+        let cases: &[(&str, &[&str])] = &[
+            ("/", &[]),
+            ("/a/b.txt", &["a", "b.txt"]),
+            ("//a//./b/", &["a", "b"]),
+            ("/caf%C3%A9", &["café"]),
+            ("/with%20space", &["with space"]),
+            // Decoded once: the double-encoded dots are the literal name `%2e%2e`.
+            ("/%252e%252e/secret", &["%2e%2e", "secret"]),
+            ("/...", &["..."]),
+            ("/.hidden", &[".hidden"]),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(decode(path), Ok(names(expected)), "{path}");
+        }
+        assert_eq!(
+            decode("/%ff"),
+            Ok(vec![OsString::from_vec(vec![0xff])]),
+            "names are bytes, not necessarily UTF-8"
+        );
+    }
+
+    #[test]
+    fn decode_refuses_every_way_out() {
+        let escapes = [
+            "/../secret",
+            "/a/../../secret",
+            "/%2e%2e/secret",
+            "/%2E%2E/secret",
+            "/.%2e/secret",
+            "/%2e./secret",
+            "/sub/..%2f..%2fsecret",
+            "/a%2Fb",
+            "/a%2fb",
+            "/a\\b",
+            "/..\\secret",
+            "/a%5cb",
+            "/a%5C..%5Csecret",
+        ];
+        for path in escapes {
+            assert_eq!(decode(path), Err(Refusal::Escape), "{path}");
+        }
+    }
+
+    #[test]
+    fn decode_refuses_malformed_paths() {
+        let malformed = ["/a%00b", "/%00", "/a%zz", "/a%2", "/a%", "/a%g0", "relative", ""];
+        for path in malformed {
+            assert_eq!(decode(path), Err(Refusal::Malformed), "{path:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_map_to_404_and_400() {
+        assert_eq!(Refusal::Escape.status(), StatusCode::NOT_FOUND);
+        assert_eq!(Refusal::Malformed.status(), StatusCode::BAD_REQUEST);
+    }
+
+    fn root_with(tree: &Tree, resolution: Resolution) -> Root {
+        let mut root = Root::open(&tree.root()).unwrap();
+        root.resolution = resolution;
+        root
+    }
+
+    fn read_found(found: nix::Result<Found>) -> String {
+        match found {
+            Ok(Found::File { fd, .. }) => {
+                std::fs::read_to_string(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap()
+            }
+            other => panic!("expected a file, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn beneath_follows_links_that_stay_inside() {
+        let tree = Tree::new();
+        let root = root_with(&tree, Resolution::Beneath);
+        let find = |path: &str| root.find(&segments(path), path.ends_with('/'));
+        assert_eq!(read_found(find("/hello.txt")), "hello world");
+        assert_eq!(read_found(find("/inner-link")), "hello world");
+        assert_eq!(read_found(find("/sub/up-but-inside")), "hello world");
+        assert_eq!(read_found(find("/inner-dir-link/")), "<h1>sub</h1>");
+        assert_eq!(read_found(find("/inner-dir-link/deeper/file.txt")), "deep");
+    }
+
+    #[test]
+    fn beneath_refuses_links_that_leave() {
+        let tree = Tree::new();
+        let root = root_with(&tree, Resolution::Beneath);
+        for path in [
+            "/file-link",
+            "/abs-link",
+            "/link-out/secret.txt",
+            "/link-out/",
+            "/sub/deeper/up-link",
+            "/inner-dir-link/deeper/up-link",
+            "/proc-link",
+        ] {
+            let found = root.find(&segments(path), path.ends_with('/'));
+            match found {
+                Err(errno) => assert!(is_not_found(errno), "{path}: {errno}"),
+                Ok(found) => panic!("{path} resolved to {found:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn absolute_links_are_refused_even_when_they_point_inside() {
+        let tree = Tree::new();
+        let root = root_with(&tree, Resolution::Beneath);
+        assert_eq!(
+            root.find(&segments("/abs-inside-link"), false).unwrap_err(),
+            Errno::EXDEV
+        );
+    }
+
+    #[test]
+    fn without_openat2_no_link_is_followed_and_plain_files_still_are_served() {
+        let tree = Tree::new();
+        let root = root_with(&tree, Resolution::NoLinks);
+        let find = |path: &str| root.find(&segments(path), path.ends_with('/'));
+        assert_eq!(read_found(find("/hello.txt")), "hello world");
+        assert_eq!(read_found(find("/sub/")), "<h1>sub</h1>");
+        assert_eq!(read_found(find("/sub/deeper/file.txt")), "deep");
+        for path in [
+            "/inner-link",
+            "/inner-dir-link/",
+            "/file-link",
+            "/abs-link",
+            "/link-out/secret.txt",
+            "/sub/deeper/up-link",
+        ] {
+            assert_eq!(find(path).unwrap_err(), Errno::ELOOP, "{path}");
+        }
+    }
+
+    #[test]
+    fn directories_redirect_without_slash_and_odd_files_are_not_found() {
+        let tree = Tree::new();
+        for resolution in [Resolution::Beneath, Resolution::NoLinks] {
+            let root = root_with(&tree, resolution);
+            let find = |path: &str| root.find(&segments(path), path.ends_with('/'));
+            assert!(matches!(find("/sub"), Ok(Found::Directory)));
+            assert!(matches!(find("/sub/deeper/"), Err(Errno::ENOENT)), "no index");
+            assert!(matches!(find("/hello.txt/"), Err(Errno::ENOENT)));
+            assert!(matches!(find("/fifo"), Err(Errno::ENOENT)), "fifo is no page");
+            assert!(matches!(find("/missing"), Err(Errno::ENOENT)));
+        }
+    }
+
+    #[test]
+    fn content_type_follows_the_extension() {
+        let cases = [
+            ("index.html", "text/html; charset=utf-8"),
+            ("A.HTM", "text/html; charset=utf-8"),
+            ("app.js", "text/javascript; charset=utf-8"),
+            ("style.css", "text/css; charset=utf-8"),
+            ("data.json", "application/json"),
+            ("logo.svg", "image/svg+xml"),
+            ("photo.JPG", "image/jpeg"),
+            ("font.woff2", "font/woff2"),
+            ("module.wasm", "application/wasm"),
+            ("README", "application/octet-stream"),
+            (".bashrc", "application/octet-stream"),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(content_type(OsStr::new(name)), expected, "{name}");
+        }
+    }
+
+    async fn call(router: &Router, req: Request<Body>) -> (StatusCode, HeaderMap, String) {
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn serves_files_with_the_headers_a_browser_expects() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+
+        let (status, headers, body) = call(&app, get("/hello.txt")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "hello world"));
+        assert_eq!(headers[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(headers[header::CONTENT_LENGTH], "11");
+        let modified = headers[header::LAST_MODIFIED].clone();
+
+        let req = Request::get("/hello.txt")
+            .header(header::IF_MODIFIED_SINCE, modified)
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, body) = call(&app, req).await;
+        assert_eq!((status, body.as_str()), (StatusCode::NOT_MODIFIED, ""));
+
+        let req = Request::get("/hello.txt")
+            .header(header::RANGE, "bytes=6-10")
+            .body(Body::empty())
+            .unwrap();
+        let (status, headers, body) = call(&app, req).await;
+        assert_eq!((status, body.as_str()), (StatusCode::PARTIAL_CONTENT, "world"));
+        assert_eq!(headers[header::CONTENT_RANGE], "bytes 6-10/11");
+
+        let req = Request::head("/hello.txt").body(Body::empty()).unwrap();
+        let (status, headers, body) = call(&app, req).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+        assert_eq!(headers[header::CONTENT_LENGTH], "11");
+    }
+
+    #[tokio::test]
+    async fn directories_get_their_index_after_a_slash_redirect() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+        let (status, headers, _) = call(&app, get("/sub?x=1")).await;
+        assert_eq!(status, StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(headers[header::LOCATION], "/sub/?x=1");
+        let (status, headers, body) = call(&app, get("/sub/")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "<h1>sub</h1>"));
+        assert_eq!(headers[header::CONTENT_TYPE], "text/html; charset=utf-8");
+    }
+
+    #[tokio::test]
+    async fn a_redirect_never_points_at_another_host() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+        let (status, headers, _) = call(&app, get("//sub")).await;
+        assert_eq!(status, StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(headers[header::LOCATION], "/sub/");
+    }
+
+    #[tokio::test]
+    async fn only_get_and_head_are_allowed() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+        let req = Request::post("/hello.txt").body(Body::from("x")).unwrap();
+        let (status, headers, _) = call(&app, req).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers[header::ALLOW], "GET, HEAD");
+    }
+
+    #[tokio::test]
+    async fn nothing_outside_the_root_is_ever_served() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+        let attempts = [
+            ("/../outside/secret.txt", StatusCode::NOT_FOUND),
+            ("/%2e%2e/outside/secret.txt", StatusCode::NOT_FOUND),
+            ("/sub/..%2f..%2foutside%2fsecret.txt", StatusCode::NOT_FOUND),
+            ("/%252e%252e/outside/secret.txt", StatusCode::NOT_FOUND),
+            ("/file-link", StatusCode::NOT_FOUND),
+            ("/abs-link", StatusCode::NOT_FOUND),
+            ("/link-out/secret.txt", StatusCode::NOT_FOUND),
+            ("/sub/deeper/up-link", StatusCode::NOT_FOUND),
+            ("/hello.txt%00.html", StatusCode::BAD_REQUEST),
+            ("/missing", StatusCode::NOT_FOUND),
+        ];
+        for (path, expected) in attempts {
+            let (status, _, body) = call(&app, get(path)).await;
+            assert_eq!(status, expected, "{path}");
+            assert!(!body.contains(SECRET), "{path} leaked the secret");
+        }
+    }
+
+    /// The race a check-then-open design loses: a link flipped between a target inside and
+    /// one outside while requests arrive. Each flip is an atomic rename, so every lookup
+    /// sees one link or the other, and the outside one must never be served.
+    #[tokio::test]
+    async fn a_link_swapped_during_requests_never_leads_out() {
+        let tree = Tree::new();
+        let root = tree.root();
+        symlink("hello.txt", root.join("racy")).unwrap();
+        let app = static_files(&root);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = std::thread::spawn({
+            let (root, stop) = (root.clone(), stop.clone());
+            move || {
+                let targets = ["hello.txt", "../outside/secret.txt"];
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let staged = root.join(".racy-next");
+                    let _ = std::fs::remove_file(&staged);
+                    symlink(targets[i % 2], &staged).unwrap();
+                    std::fs::rename(&staged, root.join("racy")).unwrap();
+                }
+            }
+        });
+        let mut served = 0;
+        for _ in 0..400 {
+            let (status, _, body) = call(&app, get("/racy")).await;
+            assert!(!body.contains(SECRET), "the swapped link leaked the secret");
+            if status == StatusCode::OK {
+                assert_eq!(body, "hello world");
+                served += 1;
+            } else {
+                assert_eq!(status, StatusCode::NOT_FOUND);
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert!(served > 0, "the inside target was never served");
+    }
 }

@@ -20,6 +20,8 @@ pub enum ProxyError {
     BodyTimeout,
     /// The client's request body was malformed (bad chunk framing) or cut off.
     BadBody,
+    /// The request's framing or target is ambiguous; it is never forwarded.
+    BadRequest(&'static str),
 }
 
 /// Seconds a client is asked to wait after a 503; a worker restart takes well under this.
@@ -33,7 +35,7 @@ impl ProxyError {
             ProxyError::Upstream => StatusCode::BAD_GATEWAY,
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::BadBody => StatusCode::BAD_REQUEST,
+            ProxyError::BadBody | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -45,7 +47,19 @@ impl ProxyError {
             ProxyError::BodyTooLarge => "request body too large\n",
             ProxyError::BodyTimeout => "timed out reading the request body\n",
             ProxyError::BadBody => "invalid request body\n",
+            ProxyError::BadRequest(_) => "bad request\n",
         }
+    }
+
+    /// The client's errors: logged at debug level only, and the connection is closed after.
+    pub fn is_client_error(&self) -> bool {
+        self.status().is_client_error()
+    }
+
+    /// The rest of the request was not read, or cannot be trusted: the connection cannot
+    /// carry another request.
+    fn closes_connection(&self) -> bool {
+        self.is_client_error()
     }
 
     pub fn into_response(self) -> Response<ResponseBody> {
@@ -56,7 +70,7 @@ impl ProxyError {
         if matches!(self, ProxyError::NoWorker) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
         }
-        if matches!(self, ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::BadBody) {
+        if self.closes_connection() {
             // The rest of the body was not read; the connection cannot carry another request.
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -77,6 +91,7 @@ mod tests {
             (ProxyError::BodyTooLarge, 413),
             (ProxyError::BodyTimeout, 408),
             (ProxyError::BadBody, 400),
+            (ProxyError::BadRequest("x"), 400),
         ];
         for (err, status) in table {
             let no_worker = matches!(err, ProxyError::NoWorker);

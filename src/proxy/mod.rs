@@ -102,7 +102,9 @@ impl Proxy {
         match self.forward(&mut parts, body, peer).await {
             Ok(response) => response,
             Err(err) => {
-                if !matches!(err, ProxyError::BodyTooLarge | ProxyError::BodyTimeout | ProxyError::BadBody) {
+                if err.is_client_error() {
+                    debug!(method = %parts.method, path = parts.uri.path(), error = ?err, "request refused");
+                } else {
                     warn!(method = %parts.method, path = parts.uri.path(), status = err.status().as_u16(), error = ?err, "request failed");
                 }
                 err.into_response()
@@ -119,6 +121,7 @@ impl Proxy {
         peer: IpAddr,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let settings = &self.shared.settings;
+        headers::check_request(parts).map_err(ProxyError::BadRequest)?;
         let max_body = if settings.max_body == 0 { u64::MAX } else { settings.max_body };
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
             return Err(ProxyError::BodyTooLarge);

@@ -6,3 +6,4 @@ mod harness;
 mod example;
 mod serve;
 mod static_files;
+mod framing;

@@ -49,7 +49,7 @@ pub fn static_files(root: &Path) -> Router {
         }
         Err(e) => {
             // `rip serve` checked the root at startup, so this is a root removed since.
-            error!(root = %root.display(), error = %e, "static root unavailable");
+            error!(root = %root.display(), error = %e, "static root open failed");
             Router::new().fallback(|| async { StatusCode::INTERNAL_SERVER_ERROR })
         }
     }
@@ -57,11 +57,7 @@ pub fn static_files(root: &Path) -> Router {
 
 async fn serve(root: Arc<Root>, req: Request) -> Response {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return (
-            StatusCode::METHOD_NOT_ALLOWED,
-            [(header::ALLOW, "GET, HEAD")],
-        )
-            .into_response();
+        return (StatusCode::METHOD_NOT_ALLOWED, [(header::ALLOW, "GET, HEAD")]).into_response();
     }
     let segments = match decode(req.uri().path()) {
         Ok(segments) => segments,
@@ -102,10 +98,7 @@ async fn serve_file(fd: OwnedFd, name: &OsStr, req: Request) -> Response {
     // Only now may the descriptor close: ServeFile has opened (or stat'ed, for HEAD) it.
     drop(fd);
     if response.status().is_success() {
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(content_type(name)),
-        );
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(name)));
     }
     response
 }
@@ -120,11 +113,7 @@ fn redirect_to_directory(uri: &Uri) -> Response {
         location.push_str(query);
     }
     match HeaderValue::try_from(location) {
-        Ok(location) => (
-            StatusCode::TEMPORARY_REDIRECT,
-            [(header::LOCATION, location)],
-        )
-            .into_response(),
+        Ok(location) => (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location)]).into_response(),
         Err(_) => StatusCode::BAD_REQUEST.into_response(),
     }
 }
@@ -241,11 +230,8 @@ struct Root {
 
 impl Root {
     fn open(path: &Path) -> std::io::Result<Root> {
-        let dir: OwnedFd = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(OFlag::O_DIRECTORY.bits())
-            .open(path)?
-            .into();
+        let dir: OwnedFd =
+            std::fs::OpenOptions::new().read(true).custom_flags(OFlag::O_DIRECTORY.bits()).open(path)?.into();
         let resolution = match open_beneath(dir.as_fd(), OsStr::new(".")) {
             Err(Errno::ENOSYS) | Err(Errno::EPERM) => {
                 warn!(
@@ -256,6 +242,9 @@ impl Root {
             }
             _ => Resolution::Beneath,
         };
+        if !Path::new("/proc/self/fd").is_dir() {
+            error!(root = %path.display(), "/proc is not mounted; every static file will be a 404");
+        }
         Ok(Root { dir, resolution })
     }
 
@@ -319,12 +308,7 @@ fn open_without_links(dir: BorrowedFd<'_>, segments: &[OsString]) -> nix::Result
     let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let mut current = owned(openat(Some(dir.as_raw_fd()), ".", flags, Mode::empty()))?;
     for segment in segments {
-        let next = owned(openat(
-            Some(current.as_raw_fd()),
-            segment.as_os_str(),
-            flags,
-            Mode::empty(),
-        ))?;
+        let next = owned(openat(Some(current.as_raw_fd()), segment.as_os_str(), flags, Mode::empty()))?;
         if file_kind(&next)? == SFlag::S_IFLNK {
             return Err(Errno::ELOOP);
         }
@@ -346,10 +330,8 @@ fn file_kind(fd: &OwnedFd) -> nix::Result<SFlag> {
 /// The Content-Type for a file name, by extension; unknown kinds are octet streams, which
 /// browsers download rather than render. Text is declared UTF-8.
 fn content_type(name: &OsStr) -> &'static str {
-    let extension = Path::new(name)
-        .extension()
-        .map(|e| e.as_bytes().to_ascii_lowercase())
-        .unwrap_or_default();
+    let extension =
+        Path::new(name).extension().map(|e| e.as_bytes().to_ascii_lowercase()).unwrap_or_default();
     match extension.as_slice() {
         b"html" | b"htm" => "text/html; charset=utf-8",
         b"css" => "text/css; charset=utf-8",
@@ -562,10 +544,7 @@ mod tests {
     fn absolute_links_are_refused_even_when_they_point_inside() {
         let tree = Tree::new();
         let root = root_with(&tree, Resolution::Beneath);
-        assert_eq!(
-            root.find(&segments("/abs-inside-link"), false).unwrap_err(),
-            Errno::EXDEV
-        );
+        assert_eq!(root.find(&segments("/abs-inside-link"), false).unwrap_err(), Errno::EXDEV);
     }
 
     #[test]
@@ -626,11 +605,7 @@ mod tests {
         let resp = router.clone().oneshot(req).await.unwrap();
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
+        (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
     }
 
     fn get(path: &str) -> Request<Body> {
@@ -655,10 +630,7 @@ mod tests {
         let (status, _, body) = call(&app, req).await;
         assert_eq!((status, body.as_str()), (StatusCode::NOT_MODIFIED, ""));
 
-        let req = Request::get("/hello.txt")
-            .header(header::RANGE, "bytes=6-10")
-            .body(Body::empty())
-            .unwrap();
+        let req = Request::get("/hello.txt").header(header::RANGE, "bytes=6-10").body(Body::empty()).unwrap();
         let (status, headers, body) = call(&app, req).await;
         assert_eq!((status, body.as_str()), (StatusCode::PARTIAL_CONTENT, "world"));
         assert_eq!(headers[header::CONTENT_RANGE], "bytes 6-10/11");
@@ -742,8 +714,11 @@ mod tests {
                     i += 1;
                     let staged = root.join(".racy-next");
                     let _ = std::fs::remove_file(&staged);
-                    symlink(targets[i % 2], &staged).unwrap();
-                    std::fs::rename(&staged, root.join("racy")).unwrap();
+                    let swapped = symlink(targets[i % 2], &staged)
+                        .and_then(|()| std::fs::rename(&staged, root.join("racy")));
+                    if swapped.is_err() {
+                        break; // the tree is gone: the test failed and dropped it
+                    }
                 }
             }
         });

@@ -1,1 +1,185 @@
 //! Static files with --root: served, and never a file outside the root.
+//!
+//! Requests are written by hand on a `TcpStream`, so the request target reaches rip exactly
+//! as an attacker would send it; an HTTP client would normalise `..` and escapes away.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::symlink;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::harness::Rip;
+
+/// What the file outside the root holds; no response may ever contain it.
+const SECRET: &str = "OUTSIDE-THE-ROOT-7f3a9c";
+
+/// Starts `rip serve --root <dir>/www --workers 1` over this tree, in the test's own dir,
+/// and returns that dir too:
+///
+/// ```text
+/// outside/secret.txt, outside/index.html      SECRET
+/// www/hello.txt                               "hello from the root"
+/// www/sub/index.html, www/sub/deeper/page.txt
+/// www/inner-link -> hello.txt                 stays inside: served
+/// www/inner-dir-link -> sub                   stays inside: served
+/// www/file-link -> ../outside/secret.txt      leaves: refused
+/// www/abs-link -> <dir>/outside/secret.txt    leaves: refused
+/// www/link-out -> ../outside                  leaves: refused
+/// www/sub/deeper/up-link -> ../../../outside/secret.txt
+/// ```
+fn start() -> (Rip, PathBuf) {
+    let builder = Rip::builder();
+    let dir = builder.dir().to_path_buf();
+    let outside = dir.join("outside");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(www.join("sub/deeper")).unwrap();
+    std::fs::write(outside.join("secret.txt"), SECRET).unwrap();
+    std::fs::write(outside.join("index.html"), SECRET).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from the root").unwrap();
+    std::fs::write(www.join("sub/index.html"), "<h1>sub index</h1>").unwrap();
+    std::fs::write(www.join("sub/deeper/page.txt"), "deeper page").unwrap();
+    symlink("hello.txt", www.join("inner-link")).unwrap();
+    symlink("sub", www.join("inner-dir-link")).unwrap();
+    symlink("../outside/secret.txt", www.join("file-link")).unwrap();
+    symlink(outside.join("secret.txt"), www.join("abs-link")).unwrap();
+    symlink("../outside", www.join("link-out")).unwrap();
+    symlink("../../../outside/secret.txt", www.join("sub/deeper/up-link")).unwrap();
+    let rip = builder.arg("--root").arg(&www).args(&["--workers", "1"]).start();
+    (rip, dir)
+}
+
+/// A response as read off the wire.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+/// Sends `<method> <target> HTTP/1.1` byte for byte, with `Connection: close`, and reads the
+/// whole answer.
+fn send(addr: SocketAddr, method: &str, target: &str) -> Raw {
+    let mut stream = TcpStream::connect(addr).expect("connecting to rip");
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(stream, "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).unwrap_or_else(|e| panic!("reading the answer to {target}: {e}"));
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in the answer to {target}: {text:?}"));
+    Raw { status, head: head.to_string(), body: body.to_string() }
+}
+
+fn get(addr: SocketAddr, target: &str) -> Raw {
+    send(addr, "GET", target)
+}
+
+#[test]
+fn static_root_serves_files_and_directory_index_pages() {
+    let (rip, _) = start();
+    let addr = rip.addr();
+
+    let file = get(addr, "/hello.txt");
+    assert_eq!((file.status, file.body.as_str()), (200, "hello from the root"));
+    assert_eq!(file.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(file.header("content-length"), Some("19"));
+    assert!(file.header("last-modified").is_some(), "{}", file.head);
+
+    let head = send(addr, "HEAD", "/hello.txt");
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+    assert_eq!(head.header("content-length"), Some("19"));
+
+    let index = get(addr, "/sub/");
+    assert_eq!((index.status, index.body.as_str()), (200, "<h1>sub index</h1>"));
+    assert_eq!(index.header("content-type"), Some("text/html; charset=utf-8"));
+    let redirect = get(addr, "/sub");
+    assert_eq!(redirect.status, 307);
+    assert_eq!(redirect.header("location"), Some("/sub/"));
+
+    let deeper = get(addr, "/sub/deeper/page.txt");
+    assert_eq!((deeper.status, deeper.body.as_str()), (200, "deeper page"));
+    assert_eq!(get(addr, "/missing.txt").status, 404);
+    assert_eq!(send(addr, "DELETE", "/hello.txt").status, 405);
+}
+
+#[test]
+fn static_root_follows_links_that_stay_inside_it() {
+    let (rip, _) = start();
+    let addr = rip.addr();
+    let link = get(addr, "/inner-link");
+    assert_eq!((link.status, link.body.as_str()), (200, "hello from the root"));
+    let through_dir = get(addr, "/inner-dir-link/deeper/page.txt");
+    assert_eq!((through_dir.status, through_dir.body.as_str()), (200, "deeper page"));
+    let index = get(addr, "/inner-dir-link/");
+    assert_eq!((index.status, index.body.as_str()), (200, "<h1>sub index</h1>"));
+}
+
+#[test]
+fn static_root_never_serves_a_file_outside_it() {
+    let (rip, dir) = start();
+    let addr = rip.addr();
+    let outside = dir.join("outside/secret.txt");
+    let absolute = format!("/{}", outside.display());
+    let absolute_form = format!("http://{addr}/../outside/secret.txt");
+    let attempts: Vec<&str> = vec![
+        // Dot segments, plain and percent-encoded in every case mix.
+        "/../outside/secret.txt",
+        "/sub/../../outside/secret.txt",
+        "/%2e%2e/outside/secret.txt",
+        "/%2E%2E/outside/secret.txt",
+        "/.%2e/outside/secret.txt",
+        "/sub/%2e%2e/%2e%2e/outside/secret.txt",
+        // Encoded slashes inside a segment.
+        "/sub/..%2f..%2foutside%2fsecret.txt",
+        "/..%2Foutside%2Fsecret.txt",
+        // Double encoding is decoded once: the name `%2e%2e`, which does not exist.
+        "/%252e%252e/outside/secret.txt",
+        "/sub/..%252f..%252foutside%252fsecret.txt",
+        // NUL, raw and encoded backslashes.
+        "/outside/secret.txt%00",
+        "/%00/../outside/secret.txt",
+        "/..%5coutside%5csecret.txt",
+        "/..%5Coutside%5Csecret.txt",
+        "/..\\outside\\secret.txt",
+        // Absolute paths: under the root, not from /.
+        &absolute,
+        "//etc/passwd",
+        &absolute_form,
+        // Links inside the root that lead out: to a file, to a directory, absolute, and
+        // from deeper down or through a directory link that itself stays inside.
+        "/file-link",
+        "/abs-link",
+        "/link-out/secret.txt",
+        "/link-out/",
+        "/link-out",
+        "/sub/deeper/up-link",
+        "/inner-dir-link/deeper/up-link",
+        "/link-out/%2e%2e/outside/secret.txt",
+    ];
+    for target in attempts {
+        let raw = get(addr, target);
+        assert!(
+            !raw.body.contains(SECRET) && !raw.head.contains(SECRET),
+            "{target} leaked the file outside the root: {raw:?}"
+        );
+        assert!((400..500).contains(&raw.status), "{target} answered {}: {raw:?}", raw.status);
+    }
+
+    // Nothing above broke the worker.
+    assert_eq!(get(addr, "/hello.txt").status, 200);
+}

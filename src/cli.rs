@@ -17,9 +17,68 @@ pub struct Cli {
 pub enum Command {
     /// Serve HTTP on a TCP port through a supervised pool of worker processes.
     Serve(Box<ServeArgs>),
+    /// Show every worker of the running rip: pid, state, age, requests, memory.
+    Status(StatusArgs),
+    /// Replace every worker with one from the binary on disk, re-reading rip.toml.
+    Reload(ReloadArgs),
+    /// Change the number of workers at runtime.
+    Scale(ScaleArgs),
+    /// Start the rip binary now on disk in place of the running one, without closing the port.
+    Upgrade(UpgradeArgs),
+    /// Stop the running rip gracefully.
+    Stop(ControlArgs),
     /// Serve the app on a Unix socket (started by `rip serve`, not by hand).
     #[command(hide = true)]
     Worker(WorkerArgs),
+}
+
+/// How a command finds the running rip.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ControlArgs {
+    /// Control socket of the rip to talk to [default: found in the runtime directory]
+    #[arg(long, value_name = "PATH", global = true)]
+    pub control: Option<PathBuf>,
+    /// Runtime directory to look in [default: $XDG_RUNTIME_DIR/rip or /tmp/rip-$UID]
+    #[arg(long, value_name = "DIR", global = true)]
+    pub runtime_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print JSON for scripts
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReloadArgs {
+    /// Wait until every worker is replaced and ready; exit non-zero if the new ones fail
+    #[arg(long)]
+    pub wait: bool,
+    /// Longest wait with --wait [default: 5m]
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub timeout: String,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ScaleArgs {
+    /// The new number of workers
+    pub workers: usize,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpgradeArgs {
+    /// Longest wait for the new rip to become ready [default: 5m]
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    pub timeout: String,
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 #[derive(Debug, Default, Clone, Args)]
@@ -39,6 +98,18 @@ pub struct ServeArgs {
     /// Recycle a worker after it was sent N requests; 0 = never [default: 0]
     #[arg(long, value_name = "N")]
     pub max_requests: Option<u64>,
+    /// Add up to J requests to each worker's --max-requests, at random [default: 0]
+    #[arg(long, value_name = "J")]
+    pub max_requests_jitter: Option<u64>,
+    /// Recycle a worker whose resident memory exceeds SIZE, e.g. 512m; 0 = never [default: 0]
+    #[arg(long, value_name = "SIZE")]
+    pub max_memory: Option<String>,
+    /// Recycle a worker older than DURATION, e.g. 6h; 0 = never [default: 0]
+    #[arg(long, value_name = "DURATION")]
+    pub max_age: Option<String>,
+    /// Workers replaced at once by recycles and reloads [default: 1]
+    #[arg(long, value_name = "N")]
+    pub max_surge: Option<usize>,
     /// How requests are spread over workers: least-pending or round-robin [default: least-pending]
     #[arg(long, value_name = "STRATEGY")]
     pub balance: Option<String>,
@@ -78,6 +149,12 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text]
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Access log: - (stderr), off, or a file reopened on SIGUSR1 [default: -]
+    #[arg(long, value_name = "TARGET")]
+    pub access_log: Option<String>,
+    /// Serve /metrics, /live and /ready on this address, e.g. 127.0.0.1:9090 [default: off]
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -21,6 +21,14 @@ pub struct Config {
     pub port: u16,
     pub workers: usize,
     pub max_requests: u64,
+    /// Up to this many extra requests, drawn per worker, so workers do not recycle together.
+    pub max_requests_jitter: u64,
+    /// Recycle a worker whose resident memory exceeds this many bytes; 0 = never.
+    pub max_memory: u64,
+    /// Recycle a worker older than this; zero = never.
+    pub max_age: Duration,
+    /// Workers replaced at once (recycles and reloads share this budget).
+    pub max_surge: usize,
     pub balance: Balance,
     pub graceful_timeout: Duration,
     pub timeout: Duration,
@@ -36,8 +44,31 @@ pub struct Config {
     pub worker_threads: usize,
     pub runtime_dir: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// Where the access log goes.
+    pub access_log: AccessLogTarget,
+    /// Address of the admin listener (/metrics, /live, /ready); off when `None`.
+    pub admin: Option<std::net::SocketAddr>,
     /// The file the settings were read from, if any.
     pub file: Option<PathBuf>,
+}
+
+/// Where access log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Off,
+    Stderr,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for AccessLogTarget {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "off" | "false" | "" => AccessLogTarget::Off,
+            "-" | "stderr" | "on" | "true" => AccessLogTarget::Stderr,
+            path => AccessLogTarget::File(PathBuf::from(path)),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +104,10 @@ impl Default for Config {
             port: 3000,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             max_requests: 0,
+            max_requests_jitter: 0,
+            max_memory: 0,
+            max_age: Duration::ZERO,
+            max_surge: 1,
             balance: Balance::LeastPending,
             graceful_timeout: Duration::from_secs(30),
             timeout: Duration::from_secs(30),
@@ -86,6 +121,8 @@ impl Default for Config {
             worker_threads: 1,
             runtime_dir: None,
             log_format: LogFormat::Text,
+            access_log: AccessLogTarget::Stderr,
+            admin: None,
             file: None,
         }
     }
@@ -98,6 +135,10 @@ const KEYS: &[&str] = &[
     "port",
     "workers",
     "max_requests",
+    "max_requests_jitter",
+    "max_memory",
+    "max_age",
+    "max_surge",
     "balance",
     "graceful_timeout",
     "timeout",
@@ -111,6 +152,8 @@ const KEYS: &[&str] = &[
     "worker_threads",
     "runtime_dir",
     "log_format",
+    "access_log",
+    "admin",
 ];
 
 /// Where a raw value came from, for error messages.
@@ -175,6 +218,12 @@ fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
         "max_requests" => {
             config.max_requests = raw.parse().map_err(|_| anyhow!("expected a whole number"))?
         }
+        "max_requests_jitter" => {
+            config.max_requests_jitter = raw.parse().map_err(|_| anyhow!("expected a whole number"))?
+        }
+        "max_memory" => config.max_memory = parse_size(raw)?,
+        "max_age" => config.max_age = parse_duration(raw)?,
+        "max_surge" => config.max_surge = parse_count(raw)?,
         "balance" => config.balance = raw.parse()?,
         "graceful_timeout" => config.graceful_timeout = parse_duration(raw)?,
         "timeout" => config.timeout = parse_positive_duration(raw)?,
@@ -190,14 +239,23 @@ fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
         "worker_threads" => config.worker_threads = parse_count(raw)?,
         "runtime_dir" => config.runtime_dir = Some(PathBuf::from(raw)),
         "log_format" => config.log_format = raw.parse()?,
+        "access_log" => config.access_log = raw.parse()?,
+        "admin" => {
+            config.admin = match raw {
+                "" | "off" => None,
+                addr => {
+                    Some(addr.parse().map_err(|_| anyhow!("expected an address such as 127.0.0.1:9090"))?)
+                }
+            }
+        }
         _ => unreachable!("key {key} is listed in KEYS but not applied"),
     }
     Ok(())
 }
 
 fn validate(config: &Config) -> Result<()> {
-    if config.workers > 1024 {
-        bail!("invalid value '{}' for workers: at most 1024", config.workers);
+    if config.workers > crate::metrics::MAX_SLOTS {
+        bail!("invalid value '{}' for workers: at most {}", config.workers, crate::metrics::MAX_SLOTS);
     }
     Ok(())
 }
@@ -213,6 +271,10 @@ fn flag_layer(args: &ServeArgs) -> Layer {
     put("port", args.port.map(|v| v.to_string()));
     put("workers", args.workers.map(|v| v.to_string()));
     put("max_requests", args.max_requests.map(|v| v.to_string()));
+    put("max_requests_jitter", args.max_requests_jitter.map(|v| v.to_string()));
+    put("max_memory", args.max_memory.clone());
+    put("max_age", args.max_age.clone());
+    put("max_surge", args.max_surge.map(|v| v.to_string()));
     put("balance", args.balance.clone());
     put("graceful_timeout", args.graceful_timeout.clone());
     put("timeout", args.timeout.clone());
@@ -226,6 +288,8 @@ fn flag_layer(args: &ServeArgs) -> Layer {
     put("worker_threads", args.worker_threads.map(|v| v.to_string()));
     put("runtime_dir", args.runtime_dir.as_ref().map(|p| p.display().to_string()));
     put("log_format", args.log_format.clone());
+    put("access_log", args.access_log.clone());
+    put("admin", args.admin.clone());
     layer
 }
 
@@ -414,7 +478,8 @@ mod tests {
         let uncommented: String = example
             .lines()
             .filter(|l| l.strip_prefix("# ").is_some_and(is_setting))
-            .filter(|l| !l.contains("workers") && !l.contains("root") && !l.contains("runtime_dir"))
+            .filter(|l| !l.starts_with("# workers") && !l.contains("root") && !l.contains("runtime_dir"))
+            .filter(|l| !l.starts_with("# admin"))
             .map(|l| format!("{}\n", &l[2..]))
             .collect();
         let (_dir, args) = with_file(&uncommented);

@@ -15,20 +15,34 @@
 //! }
 //! ```
 
+/// One line per request, written off the request path.
+pub mod access_log;
+/// The optional admin listener: /metrics, /live, /ready.
+pub mod admin;
 /// The demo routes and the static file server.
 pub mod app;
 /// Command-line definition: `serve` and the hidden `worker`.
 pub mod cli;
+/// `rip status`, `reload`, `scale`, `upgrade`, `stop`: the client side of the control socket.
+pub mod commands;
 /// Flags, `RIP_*` environment, rip.toml and defaults merged into one validated [`config::Config`].
 pub mod config;
 /// The HTTP connections a listener accepted, stopped together with grace.
 pub mod connections;
+/// The control socket behind `rip status`, `reload`, `scale`, `upgrade` and `stop`.
+pub mod control;
 /// The messages between supervisor and proxy: workers joining and leaving, workers in trouble.
 pub mod discovery;
 /// The parent's public listener: accepts connections and serves them through the proxy.
 pub mod frontend;
+/// The public listening socket: inherited, passed by systemd, or bound.
+pub mod listener;
 /// Log setup shared by the parent and the workers.
 pub mod logging;
+/// Counters and the Prometheus text for the admin listener.
+pub mod metrics;
+/// Readiness and state messages to systemd and to a previous rip during an upgrade.
+pub mod notify;
 /// The request path from the front-end to a worker: endpoints, balancing, retries, errors.
 pub mod proxy;
 /// The private directory that holds the workers' sockets.
@@ -39,6 +53,8 @@ pub mod serve;
 pub mod signals;
 /// Worker processes: spawn, readiness, recycle, replace, stop with grace.
 pub mod supervisor;
+/// `rip upgrade`: hand the listener to a new `rip serve` and wait until it is ready.
+pub mod upgrade;
 /// `rip worker`: serve the app on a Unix socket and drain when told to.
 pub mod worker;
 
@@ -59,6 +75,11 @@ pub fn main_with(app: AppFactory) -> ExitCode {
     let result = match cli.command {
         cli::Command::Serve(args) => serve::run(*args),
         cli::Command::Worker(args) => worker::run(args, app),
+        cli::Command::Status(args) => commands::status(&args),
+        cli::Command::Reload(args) => commands::reload(&args),
+        cli::Command::Scale(args) => commands::scale(&args),
+        cli::Command::Upgrade(args) => commands::upgrade(&args),
+        cli::Command::Stop(args) => commands::stop(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

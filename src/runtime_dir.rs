@@ -67,7 +67,8 @@ impl Drop for RuntimeDir {
     }
 }
 
-fn default_base() -> PathBuf {
+/// `$XDG_RUNTIME_DIR/rip` if that directory exists, else `/tmp/rip-<uid>`.
+pub fn default_base() -> PathBuf {
     match std::env::var_os("XDG_RUNTIME_DIR") {
         Some(dir) if !dir.is_empty() && Path::new(&dir).is_dir() => PathBuf::from(dir).join("rip"),
         _ => std::env::temp_dir().join(format!("rip-{}", geteuid())),

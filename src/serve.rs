@@ -1,27 +1,29 @@
-//! `rip serve`, the parent's script: bind, start the supervisor and the proxy, serve until a
-//! signal, then shut down in order — stop accepting, let front-end requests finish, stop the
-//! workers (SIGTERM, grace, SIGKILL), remove the sockets, exit 0.
+//! `rip serve`, the parent's script: take the listener, start the supervisor and the proxy,
+//! serve until told to stop, then shut down in order — stop accepting, let front-end requests
+//! finish, stop the workers (SIGTERM, grace, SIGKILL), remove the sockets, exit 0.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::access_log::AccessLog;
 use crate::cli::ServeArgs;
 use crate::config::Config;
+use crate::control::{self, Controls};
 use crate::frontend::{self, Limits};
+use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::runtime_dir::RuntimeDir;
-use crate::signals::{self, Intent};
-use crate::supervisor::{self, SupervisorHandle};
-
-/// Extra workers started at once while replacing workers (recycle, reload), so that memory
-/// never holds more than `workers + SURGE` processes.
-const SURGE: usize = 1;
+use crate::signals::{self, Intent, IntentReceiver, Scale};
+use crate::supervisor::{self, ReloadResult, SupervisorHandle};
+use crate::{listener, notify, upgrade};
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let config = crate::config::load(&args)?;
@@ -30,7 +32,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let exe = std::env::current_exe().context("locating the rip executable")?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
-    runtime.block_on(serve(config, exe, root))
+    runtime.block_on(serve(Parent { args, exe, config, root }))
+}
+
+/// What `rip serve` was started with; reloads re-read the config from the same sources.
+struct Parent {
+    args: ServeArgs,
+    exe: PathBuf,
+    config: Config,
+    root: Option<PathBuf>,
 }
 
 /// The root must be a readable directory; workers would otherwise answer 404 to everything.
@@ -43,27 +53,58 @@ fn check_root(root: &Path) -> Result<PathBuf> {
     Ok(real)
 }
 
-async fn serve(config: Config, exe: PathBuf, root: Option<PathBuf>) -> Result<()> {
-    let addr = SocketAddr::new(config.host, config.port);
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+fn proxy_settings(config: &Config) -> proxy::Settings {
+    proxy::Settings {
+        balance: config.balance,
+        max_requests: config.max_requests,
+        max_requests_jitter: config.max_requests_jitter,
+        timeout: config.timeout,
+        queue_timeout: config.queue_timeout,
+        max_body: config.max_body,
+        body_timeout: config.header_timeout,
+        max_in_flight: config.max_in_flight,
+    }
+}
+
+fn supervisor_settings(config: &Config) -> supervisor::Settings {
+    supervisor::Settings {
+        workers: config.workers,
+        start_timeout: config.start_timeout,
+        grace: config.graceful_timeout,
+        surge: config.max_surge,
+        max_memory: (config.max_memory > 0).then_some(config.max_memory),
+        max_age: (!config.max_age.is_zero()).then_some(config.max_age),
+    }
+}
+
+fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor::Spec {
+    supervisor::Spec {
+        exe: exe.to_path_buf(),
+        root,
+        threads: config.worker_threads,
+        graceful_ms: config.graceful_timeout.as_millis() as u64,
+        log_format: config.log_format.as_str(),
+    }
+}
+
+async fn serve(parent: Parent) -> Result<()> {
+    let config = &parent.config;
+    notify::claim_ready_fd();
+    let (listener, origin) = listener::acquire(SocketAddr::new(config.host, config.port))?;
     let local = listener.local_addr().context("reading the bound address")?;
-    let dir = RuntimeDir::create(config.runtime_dir.as_deref())?;
-    let mut intents = signals::listen()?;
+    let listener_fd = listener.as_raw_fd();
+    let dir = Arc::new(RuntimeDir::create(config.runtime_dir.as_deref())?);
+    let (intents_tx, mut intents) = signals::listen()?;
+    let metrics = Arc::new(Metrics::default());
+    let access_log = match &config.access_log {
+        crate::config::AccessLogTarget::File(path) => AccessLog::start(&config.access_log, config.log_format)
+            .with_context(|| format!("opening access log {}", path.display()))?,
+        target => AccessLog::start(target, config.log_format).context("starting the access log")?,
+    };
 
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
-    let proxy = Proxy::new(
-        proxy::Settings {
-            balance: config.balance,
-            max_requests: config.max_requests,
-            timeout: config.timeout,
-            queue_timeout: config.queue_timeout,
-            max_body: config.max_body,
-            body_timeout: config.header_timeout,
-            max_in_flight: config.max_in_flight,
-        },
-        reports_tx,
-    );
+    let proxy = Proxy::new(proxy_settings(config), reports_tx, metrics.clone(), access_log.clone());
     tokio::spawn({
         let proxy = proxy.clone();
         async move { proxy.follow(changes_rx).await }
@@ -71,6 +112,7 @@ async fn serve(config: Config, exe: PathBuf, root: Option<PathBuf>) -> Result<()
 
     info!(
         addr = %local,
+        listener = origin.as_str(),
         workers = config.workers,
         max_requests = config.max_requests,
         balance = config.balance.as_str(),
@@ -80,50 +122,183 @@ async fn serve(config: Config, exe: PathBuf, root: Option<PathBuf>) -> Result<()
         "rip started"
     );
     let (supervisor, supervisor_task) = supervisor::start(
-        supervisor::Settings {
-            workers: config.workers,
-            start_timeout: config.start_timeout,
-            grace: config.graceful_timeout,
-            surge: SURGE,
-        },
-        supervisor::Spec {
-            exe,
-            root,
-            threads: config.worker_threads,
-            graceful_ms: config.graceful_timeout.as_millis() as u64,
-            log_format: config.log_format.as_str(),
-        },
-        dir,
+        supervisor_settings(config),
+        worker_spec(config, &parent.exe, parent.root.clone()),
+        dir.clone(),
+        metrics.clone(),
         changes_tx,
         reports_rx,
     );
+    let controls = Controls { supervisor: supervisor.clone(), proxy: proxy.clone(), intents: intents_tx };
+    let control_task = control::serve(&dir.path().join(control::SOCKET_NAME), controls)?;
 
     let stop = CancellationToken::new();
+    if let Some(addr) = config.admin {
+        let bound = admin_listener(addr, &metrics, &proxy, &supervisor, &stop).await?;
+        info!(addr = %bound, "admin listener started");
+    }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
     let frontend =
-        tokio::spawn(frontend::serve(listener, proxy, limits, stop.clone(), config.graceful_timeout));
+        tokio::spawn(frontend::serve(listener, proxy.clone(), limits, stop.clone(), config.graceful_timeout));
+    tokio::spawn(announce_ready(supervisor.clone(), config.workers, local));
 
-    let reason = wait_for_shutdown(&mut intents, &supervisor).await;
-    info!(signal = reason, "shutting down");
+    let reason =
+        run_until_stopped(&parent, &mut intents, &supervisor, &proxy, access_log.as_ref(), listener_fd).await;
+    info!(reason, "shutting down");
+    notify::stopping();
+    control_task.abort();
     shutdown(stop, frontend, &mut intents, supervisor).await;
     supervisor_task.await.context("waiting for the supervisor")?;
+    drop(dir);
     info!("rip stopped");
     Ok(())
 }
 
-async fn wait_for_shutdown(
-    intents: &mut mpsc::UnboundedReceiver<Intent>,
+async fn admin_listener(
+    addr: SocketAddr,
+    metrics: &Arc<Metrics>,
+    proxy: &Proxy,
     supervisor: &SupervisorHandle,
+    stop: &CancellationToken,
+) -> Result<SocketAddr> {
+    crate::admin::serve(addr, metrics.clone(), proxy.clone(), supervisor.clone(), stop.clone()).await
+}
+
+/// READY=1 for systemd (and the previous rip, during an upgrade) once every worker is ready.
+async fn announce_ready(supervisor: SupervisorHandle, workers: usize, addr: SocketAddr) {
+    supervisor.wait_ready(workers).await;
+    notify::ready(&format!("serving on {addr} with {workers} workers"));
+}
+
+/// Acts on intents until one of them stops this process; returns why.
+async fn run_until_stopped(
+    parent: &Parent,
+    intents: &mut IntentReceiver,
+    supervisor: &SupervisorHandle,
+    proxy: &Proxy,
+    access_log: Option<&AccessLog>,
+    listener_fd: std::os::fd::RawFd,
 ) -> &'static str {
+    let mut workers = parent.config.workers;
+    // A runtime `rip scale` survives reloads unless the config's own number changes.
+    let mut configured = parent.config.workers;
     loop {
-        match intents.recv().await {
-            Some(Intent::Shutdown(signal)) => return signal,
-            Some(Intent::Reload) => {
-                info!("reload requested");
-                supervisor.reload();
+        let Some(intent) = intents.recv().await else { return "closed" };
+        match intent {
+            Intent::Shutdown(reason) => return reason,
+            Intent::Reload(reply) => {
+                notify::reloading();
+                let outcome = reload(parent, supervisor, proxy, workers, configured).map(|(n, roll)| {
+                    if n != configured {
+                        configured = n;
+                        workers = n;
+                    }
+                    roll
+                });
+                tokio::spawn(finish_reload(outcome, reply));
             }
-            None => return "closed",
+            Intent::Scale(scale) => {
+                workers = match scale {
+                    Scale::To(n) => n,
+                    Scale::Up => workers + 1,
+                    Scale::Down => workers.saturating_sub(1).max(1),
+                };
+                supervisor.scale(workers);
+            }
+            Intent::ReopenLogs => {
+                if let Some(log) = access_log {
+                    log.reopen();
+                }
+                info!("log files reopened");
+            }
+            Intent::Upgrade(reply) => {
+                let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+                let within = parent.config.start_timeout + std::time::Duration::from_secs(5);
+                match upgrade::start(&parent.exe, args, listener_fd, within).await {
+                    Ok(pid) => {
+                        info!(new_pid = pid, "upgrade ready, handing over");
+                        notify::main_pid(pid);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(pid));
+                        }
+                        return "upgraded";
+                    }
+                    Err(e) => {
+                        let message = crate::error_chain(&e);
+                        error!(error = message, "upgrade failed, still serving");
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(message));
+                        }
+                    }
+                }
+            }
         }
+    }
+}
+
+/// Re-reads and validates the config; a bad one is refused and the old workers keep serving.
+/// Returns the configured number of workers and the roll's outcome to come.
+fn reload(
+    parent: &Parent,
+    supervisor: &SupervisorHandle,
+    proxy: &Proxy,
+    current_workers: usize,
+    configured_workers: usize,
+) -> Result<(usize, oneshot::Receiver<ReloadResult>), String> {
+    let config = match crate::config::load(&parent.args) {
+        Ok(config) => config,
+        Err(e) => {
+            let message = format!("config rejected: {}", crate::error_chain(&e));
+            error!(error = message, "reload refused, workers keep serving");
+            return Err(message);
+        }
+    };
+    let root = match config.root.as_deref().map(check_root).transpose() {
+        Ok(root) => root,
+        Err(e) => {
+            let message = format!("config rejected: {}", crate::error_chain(&e));
+            error!(error = message, "reload refused, workers keep serving");
+            return Err(message);
+        }
+    };
+    let old = &parent.config;
+    let fixed = [
+        ("host", old.host != config.host),
+        ("port", old.port != config.port),
+        ("runtime_dir", old.runtime_dir != config.runtime_dir),
+        ("log_format", old.log_format != config.log_format),
+        ("access_log", old.access_log != config.access_log),
+        ("admin", old.admin != config.admin),
+        ("balance", old.balance != config.balance),
+        ("header_timeout", old.header_timeout != config.header_timeout),
+        ("max_connections", old.max_connections != config.max_connections),
+    ];
+    for (key, changed) in fixed {
+        if changed {
+            warn!(key, "this setting changes only with rip upgrade or a restart");
+        }
+    }
+    proxy.reconfigure(proxy_settings(&config));
+    let configured = config.workers;
+    let mut settings = supervisor_settings(&config);
+    if configured == configured_workers {
+        settings.workers = current_workers;
+    }
+    let roll = supervisor.begin_reload(Some((settings, worker_spec(&config, &parent.exe, root))));
+    Ok((configured, roll))
+}
+
+async fn finish_reload(
+    roll: Result<oneshot::Receiver<ReloadResult>, String>,
+    reply: Option<oneshot::Sender<Result<(), String>>>,
+) {
+    let outcome = match roll {
+        Ok(roll) => roll.await.unwrap_or_else(|_| Err("shutting down".into())),
+        Err(e) => Err(e),
+    };
+    notify::ready(if outcome.is_ok() { "reloaded" } else { "reload failed, previous workers serving" });
+    if let Some(reply) = reply {
+        let _ = reply.send(outcome);
     }
 }
 
@@ -132,15 +307,21 @@ async fn wait_for_shutdown(
 async fn shutdown(
     stop: CancellationToken,
     frontend: tokio::task::JoinHandle<usize>,
-    intents: &mut mpsc::UnboundedReceiver<Intent>,
+    intents: &mut IntentReceiver,
     supervisor: SupervisorHandle,
 ) {
     stop.cancel();
-    let drain = async {
+    let second_signal = async {
         loop {
             match intents.recv().await {
-                Some(Intent::Shutdown(signal)) => return signal,
-                Some(Intent::Reload) => continue,
+                Some(Intent::Shutdown(reason)) => return reason,
+                Some(Intent::Reload(Some(reply))) => {
+                    let _ = reply.send(Err("shutting down".into()));
+                }
+                Some(Intent::Upgrade(Some(reply))) => {
+                    let _ = reply.send(Err("shutting down".into()));
+                }
+                Some(_) => {}
                 None => std::future::pending::<()>().await,
             }
         }
@@ -151,7 +332,7 @@ async fn shutdown(
             Ok(open) => warn!(open, "graceful timeout elapsed with client connections open"),
             Err(e) => warn!(error = %e, "front-end task failed"),
         },
-        signal = drain => warn!(signal, "second signal, stopping without waiting for requests"),
+        reason = second_signal => warn!(reason, "second stop request, not waiting for requests"),
     }
     supervisor.stop().await;
 }

@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
 use super::endpoint::{Lease, Sender};
+use crate::access_log::{AccessLog, Record};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -152,9 +153,13 @@ impl Body for RequestBody {
     }
 }
 
-/// A response body on its way to the client.
+/// A response body on its way to the client. When it is dropped (after its last byte was
+/// written, or with the connection), its access log line is written.
 #[derive(Debug)]
-pub struct ResponseBody(Inner);
+pub struct ResponseBody {
+    inner: Inner,
+    logged: Option<Box<Logged>>,
+}
 
 #[derive(Debug)]
 enum Inner {
@@ -162,25 +167,46 @@ enum Inner {
     Full(Option<Bytes>),
 }
 
+#[derive(Debug)]
+struct Logged {
+    log: AccessLog,
+    record: Record,
+    bytes: u64,
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(logged) = self.logged.take() {
+            logged.log.write(&logged.record, logged.bytes);
+        }
+    }
+}
+
 impl ResponseBody {
     /// A worker's response body; `lease` and `sender` are released when it ends.
     pub fn upstream(body: Incoming, lease: Lease, sender: Sender) -> ResponseBody {
-        let mut this = ResponseBody(Inner::Upstream { body, done: Some((lease, sender)) });
+        let mut this =
+            ResponseBody { inner: Inner::Upstream { body, done: Some((lease, sender)) }, logged: None };
         this.release_if_ended();
         this
     }
 
     pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
         let bytes = bytes.into();
-        ResponseBody(Inner::Full((!bytes.is_empty()).then_some(bytes)))
+        ResponseBody { inner: Inner::Full((!bytes.is_empty()).then_some(bytes)), logged: None }
     }
 
     pub fn empty() -> ResponseBody {
-        ResponseBody(Inner::Full(None))
+        ResponseBody { inner: Inner::Full(None), logged: None }
+    }
+
+    /// Writes `record` to `log` once the body is done.
+    pub fn log_to(&mut self, log: AccessLog, record: Record) {
+        self.logged = Some(Box::new(Logged { log, record, bytes: 0 }));
     }
 
     fn release_if_ended(&mut self) {
-        if let Inner::Upstream { body, done } = &mut self.0 {
+        if let Inner::Upstream { body, done } = &mut self.inner {
             if body.is_end_stream() {
                 if let Some((lease, sender)) = done.take() {
                     lease.endpoint().give_back(sender);
@@ -188,18 +214,9 @@ impl ResponseBody {
             }
         }
     }
-}
 
-impl Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut self.0;
-        match this {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut self.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream { body, done } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
@@ -218,16 +235,32 @@ impl Body for ResponseBody {
             }
         }
     }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = self.poll_inner(cx);
+        if let (Poll::Ready(Some(Ok(frame))), Some(logged)) = (&polled, self.logged.as_mut()) {
+            logged.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+        }
+        polled
+    }
 
     fn is_end_stream(&self) -> bool {
-        match &self.0 {
+        match &self.inner {
             Inner::Full(bytes) => bytes.is_none(),
             Inner::Upstream { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.0 {
+        match &self.inner {
             Inner::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream { body, .. } => body.size_hint(),
         }

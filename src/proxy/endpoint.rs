@@ -37,10 +37,12 @@ pub struct Endpoint {
     idle: Mutex<Vec<Sender>>,
     drained: Notify,
     capacity: Arc<Capacity>,
+    /// Extra requests this worker may serve past `--max-requests` (`--max-requests-jitter`).
+    jitter: u64,
 }
 
 impl Endpoint {
-    pub fn new(id: WorkerId, socket: PathBuf, capacity: Arc<Capacity>) -> Endpoint {
+    pub fn new(id: WorkerId, socket: PathBuf, capacity: Arc<Capacity>, jitter: u64) -> Endpoint {
         Endpoint {
             id,
             socket,
@@ -53,11 +55,17 @@ impl Endpoint {
             idle: Mutex::new(Vec::new()),
             drained: Notify::new(),
             capacity,
+            jitter,
         }
     }
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this worker so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     pub fn is_exhausted(&self) -> bool {
@@ -71,7 +79,9 @@ impl Endpoint {
     /// Counts a request towards `max_requests`; true exactly once, when the budget is reached.
     pub fn count_request(&self, max_requests: u64) -> bool {
         let sent = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
-        max_requests > 0 && sent >= max_requests && !self.exhausted.swap(true, Ordering::Relaxed)
+        max_requests > 0
+            && sent >= max_requests.saturating_add(self.jitter)
+            && !self.exhausted.swap(true, Ordering::Relaxed)
     }
 
     /// True the first time only, so one hung worker is reported once.
@@ -174,7 +184,12 @@ mod tests {
 
     fn endpoint() -> Arc<Endpoint> {
         let pool = crate::proxy::Pool::new(crate::proxy::Balance::RoundRobin, 0);
-        Arc::new(Endpoint::new(WorkerId { slot: 0, generation: 0 }, "/nonexistent".into(), pool.capacity()))
+        Arc::new(Endpoint::new(
+            WorkerId { slot: 0, generation: 0 },
+            "/nonexistent".into(),
+            pool.capacity(),
+            0,
+        ))
     }
 
     #[test]

@@ -34,18 +34,23 @@ pub use endpoint::Endpoint;
 pub use error::ProxyError;
 pub use pool::Pool;
 
+use arc_swap::ArcSwap;
+
+use crate::access_log::{AccessLog, Record};
 use crate::discovery::{ChangeReceiver, Report, ReportSender, WorkerId};
+use crate::metrics::Metrics;
 use endpoint::Lease;
 
 /// Attempts per request, the first included. Each retry goes to a different worker when one
 /// is available; with every worker dying at once, the queue deadline bounds the wait.
 const MAX_ATTEMPTS: usize = 4;
 
-/// What the proxy needs from the config.
-#[derive(Debug, Clone)]
+/// What the proxy needs from the config. All but `balance` can change on reload.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub balance: Balance,
     pub max_requests: u64,
+    pub max_requests_jitter: u64,
     pub timeout: Duration,
     pub queue_timeout: Duration,
     /// 0 means unlimited.
@@ -65,23 +70,38 @@ pub struct Proxy {
 #[derive(Debug)]
 struct Shared {
     pool: Pool,
-    settings: Settings,
+    settings: ArcSwap<Settings>,
     reports: ReportSender,
+    metrics: Arc<Metrics>,
+    access_log: Option<AccessLog>,
 }
 
 impl Proxy {
-    pub fn new(settings: Settings, reports: ReportSender) -> Proxy {
-        Proxy {
-            shared: Arc::new(Shared {
-                pool: Pool::new(settings.balance, settings.max_in_flight),
-                settings,
-                reports,
-            }),
-        }
+    pub fn new(
+        settings: Settings,
+        reports: ReportSender,
+        metrics: Arc<Metrics>,
+        access_log: Option<AccessLog>,
+    ) -> Proxy {
+        let pool = Pool::new(settings.balance, settings.max_in_flight);
+        pool.configure(settings.max_in_flight, settings.max_requests_jitter);
+        let settings = ArcSwap::from_pointee(settings);
+        Proxy { shared: Arc::new(Shared { pool, settings, reports, metrics, access_log }) }
     }
 
     pub fn pool(&self) -> &Pool {
         &self.shared.pool
+    }
+
+    /// Applies settings re-read on reload (the balance strategy stays as started).
+    pub fn reconfigure(&self, settings: Settings) {
+        self.shared.pool.configure(settings.max_in_flight, settings.max_requests_jitter);
+        self.shared.settings.store(Arc::new(settings));
+    }
+
+    /// Per-worker request counts: (worker, requests sent to it, requests in flight).
+    pub fn worker_counts(&self) -> Vec<(WorkerId, u64, usize)> {
+        self.shared.pool.snapshot().iter().map(|e| (e.id, e.sent(), e.in_flight())).collect()
     }
 
     /// Applies the supervisor's discovery messages until it hangs up.
@@ -98,18 +118,35 @@ impl Proxy {
 
     /// Serves one client request through a worker.
     pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<ResponseBody> {
+        let started = Instant::now();
         let (mut parts, body) = req.into_parts();
-        match self.forward(&mut parts, body, peer).await {
-            Ok(response) => response,
+        let target = self.shared.access_log.as_ref().map(|_| {
+            parts.uri.path_and_query().map_or_else(|| parts.uri.to_string(), |pq| pq.as_str().to_owned())
+        });
+        let (mut response, worker) = match self.forward(&mut parts, body, peer).await {
+            Ok((response, worker)) => (response, Some(worker)),
             Err(err) => {
                 if err.is_client_error() {
                     debug!(method = %parts.method, path = parts.uri.path(), error = ?err, "request refused");
                 } else {
                     warn!(method = %parts.method, path = parts.uri.path(), status = err.status().as_u16(), error = ?err, "request failed");
                 }
-                err.into_response()
+                (err.into_response(), None)
             }
+        };
+        self.shared.metrics.request(response.status().as_u16(), worker.map(|w| w.slot), started.elapsed());
+        if let (Some(log), Some(target)) = (&self.shared.access_log, target) {
+            let record = Record {
+                peer,
+                method: parts.method,
+                target,
+                status: response.status(),
+                worker: worker.map(|w| w.to_string()),
+                started,
+            };
+            response.body_mut().log_to(log.clone(), record);
         }
+        response
     }
 
     /// Sends the request to workers until one answers or it is not safe to try again.
@@ -119,8 +156,8 @@ impl Proxy {
         parts: &mut http::request::Parts,
         body: Incoming,
         peer: IpAddr,
-    ) -> Result<Response<ResponseBody>, ProxyError> {
-        let settings = &self.shared.settings;
+    ) -> Result<(Response<ResponseBody>, WorkerId), ProxyError> {
+        let settings = self.shared.settings.load();
         headers::check_request(parts).map_err(ProxyError::BadRequest)?;
         let max_body = if settings.max_body == 0 { u64::MAX } else { settings.max_body };
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
@@ -156,6 +193,7 @@ impl Proxy {
                     endpoint.mark_unreachable();
                     self.shared.pool.touch();
                     warn!(worker = %endpoint.id, attempt, error = %e, "worker unreachable, request retried");
+                    self.shared.metrics.retry();
                     continue;
                 }
             };
@@ -174,7 +212,9 @@ impl Proxy {
                 () = answer_deadline => return Err(self.timed_out(&endpoint, parts, started)),
             };
             match sent {
-                Ok(response) => return Ok(self.respond(response, lease, sender, client_upgrade)),
+                Ok(response) => {
+                    return Ok((self.respond(response, lease, sender, client_upgrade), endpoint.id));
+                }
                 Err(mut err) => {
                     if let Some(unsent) = err.take_message() {
                         debug!(worker = %endpoint.id, attempt, "connection not ready, request retried");
@@ -192,6 +232,7 @@ impl Proxy {
                     match &replay {
                         Some(replay) if attempt < MAX_ATTEMPTS => {
                             warn!(worker = %endpoint.id, attempt, error = %err, "worker failed before responding, request retried");
+                            self.shared.metrics.retry();
                             req = replay.rebuild();
                         }
                         _ => {

@@ -2,7 +2,8 @@
 //! Invariant: a worker is out of the rotation before its drain is awaited, so nothing new is
 //! sent to a worker that is about to be stopped.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::watch;
@@ -20,7 +21,9 @@ pub struct Pool {
     next: AtomicUsize,
     balance: Balance,
     /// Requests in flight per worker before it counts as full; 0 = no limit.
-    max_in_flight: usize,
+    max_in_flight: AtomicUsize,
+    /// Each new worker's request budget is extended by a random amount up to this.
+    jitter: AtomicU64,
 }
 
 /// Wakes requests waiting for a worker: on every change of the rotation, and when a request
@@ -59,8 +62,15 @@ impl Pool {
             capacity: Arc::new(Capacity { version: watch::Sender::new(0), waiting: AtomicUsize::new(0) }),
             next: AtomicUsize::new(0),
             balance,
-            max_in_flight,
+            max_in_flight: AtomicUsize::new(max_in_flight),
+            jitter: AtomicU64::new(0),
         }
+    }
+
+    /// Applies limits that may change on reload.
+    pub fn configure(&self, max_in_flight: usize, jitter: u64) {
+        self.max_in_flight.store(max_in_flight, Ordering::Relaxed);
+        self.jitter.store(jitter, Ordering::Relaxed);
     }
 
     pub fn capacity(&self) -> Arc<Capacity> {
@@ -81,7 +91,7 @@ impl Pool {
         let endpoints = self.snapshot();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let avoid = avoid.and_then(|id| endpoints.iter().position(|e| e.id == id));
-        let cap = self.max_in_flight;
+        let cap = self.max_in_flight.load(Ordering::Relaxed);
         let candidate = |i: usize| {
             let e: &Endpoint = &endpoints[i];
             let in_flight = e.in_flight();
@@ -121,7 +131,8 @@ impl Pool {
         match change {
             Change::Ready { id, socket } => {
                 debug!(worker = %id, "worker joined the rotation");
-                let endpoint = Arc::new(Endpoint::new(id, socket, self.capacity.clone()));
+                let jitter = random_up_to(self.jitter.load(Ordering::Relaxed));
+                let endpoint = Arc::new(Endpoint::new(id, socket, self.capacity.clone(), jitter));
                 self.update(|list| {
                     list.retain(|e| e.id != id);
                     list.push(endpoint);
@@ -161,6 +172,17 @@ impl Pool {
         }
         self.touch();
     }
+}
+
+/// A random number in `0..=max`. The std hasher's per-instance random keys are plenty for
+/// spreading recycles; no crate needed.
+fn random_up_to(max: u64) -> u64 {
+    if max == 0 {
+        return 0;
+    }
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(max);
+    hasher.finish() % (max + 1)
 }
 
 #[cfg(test)]
@@ -232,6 +254,14 @@ mod tests {
         let picked = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
         assert_eq!(picked.unwrap().id, id(0));
         assert_eq!(pool.waiting(), 0);
+    }
+
+    #[test]
+    fn jitter_stays_in_range_and_varies() {
+        let draws: Vec<u64> = (0..200).map(|_| random_up_to(10)).collect();
+        assert!(draws.iter().all(|d| *d <= 10));
+        assert!(draws.iter().any(|d| *d != draws[0]));
+        assert_eq!(random_up_to(0), 0);
     }
 
     #[tokio::test]

@@ -1,17 +1,20 @@
 //! The supervisor owns the worker processes: it starts them, admits them to the rotation once
-//! probed ready, replaces any that exit, recycles those the proxy reports exhausted or hung,
-//! and stops them all with grace at shutdown.
+//! probed ready, replaces any that exit, recycles them (requests, memory, age, reload) within
+//! one surge budget, scales the pool, and stops them all with grace at shutdown.
 //!
 //! Invariants: a worker leaves the rotation before it is signalled, and is signalled only
 //! after its in-flight requests ended (or the grace ran out). A replacement is probed ready
-//! before the worker it replaces leaves, so recycling never lowers capacity.
+//! before the worker it replaces leaves, and at most `surge` replacements run at once, so
+//! capacity never dips below the configured number of workers and memory never doubles.
 
 mod backoff;
 mod probe;
 mod process;
+mod table;
 
 use std::collections::HashMap;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -21,15 +24,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-pub use process::Spec;
+pub use process::{describe as describe_status, Spec};
+pub use table::{WorkerState, WorkerStatus};
 
 use crate::discovery::{Change, ChangeSender, Report, ReportReceiver, WorkerId};
+use crate::metrics::{Metrics, RecycleReason};
 use crate::runtime_dir::RuntimeDir;
+use table::{Slot, Worker};
 
 /// After SIGKILL, how long to wait for the kernel to report the exit before giving up on it.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How often worker memory and age are checked against their limits.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub workers: usize,
     /// How long a worker may take to answer its first probe.
@@ -38,7 +46,14 @@ pub struct Settings {
     pub grace: Duration,
     /// How many workers may be being replaced at once.
     pub surge: usize,
+    /// Recycle a worker whose resident memory exceeds this many bytes.
+    pub max_memory: Option<u64>,
+    /// Recycle a worker older than this.
+    pub max_age: Option<Duration>,
 }
+
+/// The outcome of a rolling reload: Ok once every worker was replaced and is ready.
+pub type ReloadResult = Result<(), String>;
 
 /// Cheap handle to the supervisor task.
 #[derive(Debug, Clone)]
@@ -50,7 +65,9 @@ pub struct SupervisorHandle {
 #[derive(Debug)]
 enum Command {
     Stop(oneshot::Sender<()>),
-    Reload,
+    Reload { settings: Option<(Settings, Spec)>, done: Option<oneshot::Sender<ReloadResult>> },
+    Scale(usize),
+    Status(oneshot::Sender<Vec<WorkerStatus>>),
 }
 
 impl SupervisorHandle {
@@ -62,10 +79,32 @@ impl SupervisorHandle {
         }
     }
 
-    /// Replaces every worker with one started from the executable now on disk, within the
-    /// surge budget, each new one ready before the old one leaves.
-    pub fn reload(&self) {
-        let _ = self.commands.send(Command::Reload);
+    /// Replaces every worker with one started from the executable now on disk (with new
+    /// settings, if given). The receiver resolves when all are replaced and ready, or when a
+    /// new worker failed to start; the workers not yet replaced then keep serving.
+    pub fn begin_reload(&self, settings: Option<(Settings, Spec)>) -> oneshot::Receiver<ReloadResult> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.commands.send(Command::Reload { settings, done: Some(tx) });
+        rx
+    }
+
+    /// Changes the number of workers.
+    pub fn scale(&self, workers: usize) {
+        let _ = self.commands.send(Command::Scale(workers));
+    }
+
+    /// One row per worker process.
+    pub async fn status(&self) -> Vec<WorkerStatus> {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Status(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Workers in the rotation now.
+    pub fn ready_count(&self) -> usize {
+        *self.ready.borrow()
     }
 
     /// Waits until at least `n` workers are ready.
@@ -79,26 +118,29 @@ impl SupervisorHandle {
 pub fn start(
     settings: Settings,
     spec: Spec,
-    dir: RuntimeDir,
+    dir: Arc<RuntimeDir>,
+    metrics: Arc<Metrics>,
     changes: ChangeSender,
     reports: ReportReceiver,
 ) -> (SupervisorHandle, tokio::task::JoinHandle<()>) {
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let (events_tx, events) = mpsc::unbounded_channel();
     let (ready_tx, ready) = watch::channel(0);
-    let slots = (0..settings.workers).map(|_| Slot::default()).collect();
     let supervisor = Supervisor {
+        slots: Vec::new(),
         settings,
         spec,
         dir,
+        metrics,
         changes,
         events_tx,
         ready_tx,
-        slots,
         workers: HashMap::new(),
         stopping: false,
         started: Instant::now(),
         announced_ready: false,
+        epoch: 0,
+        reload_waiters: Vec::new(),
     };
     let task = tokio::spawn(supervisor.run(commands, events, reports));
     (SupervisorHandle { commands: commands_tx, ready }, task)
@@ -114,45 +156,11 @@ enum Event {
     KillTimer { id: WorkerId },
 }
 
-#[derive(Debug, Default)]
-struct Slot {
-    next_generation: u64,
-    /// Consecutive failures, for backoff.
-    failures: u32,
-    /// The worker serving this slot (or starting to).
-    current: Option<WorkerId>,
-    /// A replacement being started for `current`.
-    next: Option<WorkerId>,
-    /// `current` should be replaced when the surge budget allows.
-    replace_wanted: bool,
-    respawn_scheduled: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Starting,
-    Ready,
-    /// Out of the rotation, waiting for its in-flight requests.
-    Draining,
-    /// Sent SIGTERM (or SIGKILL).
-    Stopping,
-}
-
-#[derive(Debug)]
-struct Worker {
-    pid: Pid,
-    state: State,
-    started: Instant,
-    ready_at: Option<Instant>,
-    tail: process::Tail,
-    /// Stops the probe once the worker is gone.
-    cancel: CancellationToken,
-}
-
 struct Supervisor {
     settings: Settings,
     spec: Spec,
-    dir: RuntimeDir,
+    dir: Arc<RuntimeDir>,
+    metrics: Arc<Metrics>,
     changes: ChangeSender,
     events_tx: mpsc::UnboundedSender<Event>,
     ready_tx: watch::Sender<usize>,
@@ -161,6 +169,9 @@ struct Supervisor {
     stopping: bool,
     started: Instant,
     announced_ready: bool,
+    /// Bumped by each reload; a worker from an older epoch is due for replacement.
+    epoch: u64,
+    reload_waiters: Vec<oneshot::Sender<ReloadResult>>,
 }
 
 impl Supervisor {
@@ -170,28 +181,30 @@ impl Supervisor {
         mut events: mpsc::UnboundedReceiver<Event>,
         mut reports: ReportReceiver,
     ) {
-        for slot in 0..self.slots.len() {
-            self.spawn(slot);
-        }
+        self.scale(self.settings.workers);
+        let mut checks = tokio::time::interval(CHECK_INTERVAL);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
                 Some(report) = reports.recv() => self.on_report(report),
-                command = commands.recv() => {
-                    let done = match command {
-                        Some(Command::Reload) => {
-                            self.reload();
-                            continue;
-                        }
-                        Some(Command::Stop(done)) => Some(done),
-                        None => None,
-                    };
-                    self.stop_all(&mut events).await;
-                    if let Some(done) = done {
-                        let _ = done.send(());
+                _ = checks.tick() => self.check_limits(),
+                command = commands.recv() => match command {
+                    Some(Command::Reload { settings, done }) => self.reload(settings, done),
+                    Some(Command::Scale(n)) => self.scale(n),
+                    Some(Command::Status(reply)) => {
+                        let _ = reply.send(self.status());
                     }
-                    return;
-                }
+                    Some(Command::Stop(done)) => {
+                        self.stop_all(&mut events).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        self.stop_all(&mut events).await;
+                        return;
+                    }
+                },
             }
         }
     }
@@ -212,8 +225,14 @@ impl Supervisor {
             Ok(spawned) => spawned,
             Err(e) => {
                 error!(worker = %id, exe = %self.spec.exe.display(), error = %e, "worker failed to start");
-                self.slots[slot].failures += 1;
-                self.schedule_respawn(slot);
+                let s = &mut self.slots[slot];
+                s.last_exit = Some(format!("failed to start: {e}"));
+                if s.current.is_some() {
+                    self.replacement_failed(slot, format!("new worker {id} failed to start: {e}"));
+                } else {
+                    s.failures += 1;
+                    self.schedule_respawn(slot);
+                }
                 return;
             }
         };
@@ -244,10 +263,7 @@ impl Supervisor {
             }
         });
 
-        self.workers.insert(
-            id,
-            Worker { pid, state: State::Starting, started: Instant::now(), ready_at: None, tail, cancel },
-        );
+        self.workers.insert(id, Worker::new(pid, tail, cancel, self.epoch));
     }
 
     fn on_event(&mut self, event: Event) {
@@ -257,13 +273,12 @@ impl Supervisor {
             Event::Drained { id } => self.terminate(id),
             Event::Respawn { slot } => {
                 self.slots[slot].respawn_scheduled = false;
-                if self.stopping {
+                if self.stopping || !self.slots[slot].active {
                     return;
                 }
-                let s = &self.slots[slot];
-                if s.current.is_none() {
+                if self.slots[slot].current.is_none() {
                     self.spawn(slot);
-                } else if s.replace_wanted && s.next.is_none() {
+                } else {
                     self.start_replacements();
                 }
             }
@@ -277,19 +292,18 @@ impl Supervisor {
     }
 
     fn on_probed(&mut self, id: WorkerId, result: Result<(), String>) {
-        let Some(worker) = self.workers.get_mut(&id) else {
-            return;
-        };
-        if worker.state != State::Starting {
+        let Some(worker) = self.workers.get_mut(&id) else { return };
+        if worker.state != WorkerState::Starting {
             return;
         }
         if let Err(reason) = result {
             warn!(worker = %id, pid = worker.pid.as_raw(), reason, "worker failed its health probe, killed");
             process::signal(worker.pid, Signal::SIGKILL);
-            worker.state = State::Stopping;
+            worker.state = WorkerState::Stopping;
+            worker.failed_probe = Some(reason);
             return;
         }
-        worker.state = State::Ready;
+        worker.state = WorkerState::Ready;
         worker.ready_at = Some(Instant::now());
         let startup_ms = worker.started.elapsed().as_millis() as u64;
         info!(worker = %id, pid = worker.pid.as_raw(), startup_ms, "worker ready");
@@ -300,34 +314,48 @@ impl Supervisor {
         if slot.next == Some(id) {
             let old = slot.current.replace(id);
             slot.next = None;
+            let reason = slot.recycle_reason.take().unwrap_or(RecycleReason::Reload);
             if let Some(old) = old {
-                info!(worker = %old, replacement = %id, "worker recycled");
+                info!(worker = %old, replacement = %id, reason = reason.as_str(), "worker recycled");
+                self.metrics.recycle(reason);
                 self.retire(old);
             }
-            self.start_replacements();
         }
+        if !slot_is_active(&self.slots, id.slot) {
+            // Scaled down while it was starting.
+            self.retire(id);
+        }
+        self.start_replacements();
         self.publish_ready();
+        self.finish_reload_if_done();
     }
 
     fn on_exited(&mut self, id: WorkerId, status: std::io::Result<ExitStatus>) {
-        let Some(worker) = self.workers.remove(&id) else {
-            return;
-        };
+        let Some(worker) = self.workers.remove(&id) else { return };
         worker.cancel.cancel();
-        let _ = std::fs::remove_file(self.dir.socket_path(id.slot, id.generation).unwrap_or_default());
+        if let Ok(socket) = self.dir.socket_path(id.slot, id.generation) {
+            let _ = std::fs::remove_file(socket);
+        }
         let status = match status {
             Ok(s) => process::describe(s),
             Err(e) => format!("unknown ({e})"),
         };
         let pid = worker.pid.as_raw();
         let uptime_ms = worker.started.elapsed().as_millis() as u64;
-        let expected = worker.state == State::Stopping && !self.is_slot_member(id);
+        let member = self.is_slot_member(id);
+        let expected = worker.state == WorkerState::Stopping && !member;
+        let stderr = worker.tail.joined();
         if expected || self.stopping {
             info!(worker = %id, pid, status, uptime_ms, "worker exited");
         } else {
             let _ = self.changes.send(Change::Leave { id, drained: None });
-            warn!(worker = %id, pid, status, uptime_ms, stderr = worker.tail.joined(), "worker exited unexpectedly");
+            warn!(worker = %id, pid, status, uptime_ms, stderr, "worker exited unexpectedly");
         }
+        let reason = match &worker.failed_probe {
+            Some(probe) => format!("{status} after failing its health probe ({probe})"),
+            None => status.clone(),
+        };
+        self.slots[id.slot].last_exit = Some(reason.clone());
         self.publish_ready();
         if self.stopping {
             return;
@@ -338,16 +366,22 @@ impl Supervisor {
         if slot.current == Some(id) {
             slot.current = slot.next.take();
             slot.failures = if healthy { 0 } else { slot.failures + 1 };
-            if slot.current.is_none() {
+            if !expected {
+                self.metrics.restart();
+            }
+            if slot.current.is_none() && slot.active {
                 self.schedule_respawn(id.slot);
             }
         } else if slot.next == Some(id) {
-            // The replacement died; the old worker keeps serving until another one is ready.
             slot.next = None;
-            slot.replace_wanted = true;
-            slot.failures += 1;
-            self.schedule_respawn(id.slot);
+            let detail = if stderr.is_empty() { String::new() } else { format!("; stderr: {stderr}") };
+            self.replacement_failed(
+                id.slot,
+                format!("new worker {id} exited before ready: {reason}{detail}"),
+            );
         }
+        self.start_replacements();
+        self.finish_reload_if_done();
     }
 
     fn is_slot_member(&self, id: WorkerId) -> bool {
@@ -360,16 +394,10 @@ impl Supervisor {
             return;
         }
         match report {
-            Report::Exhausted(id) => {
-                let slot = &mut self.slots[id.slot];
-                if slot.current == Some(id) && slot.next.is_none() {
-                    slot.replace_wanted = true;
-                    self.start_replacements();
-                }
-            }
+            Report::Exhausted(id) => self.want_recycle(id, RecycleReason::Requests),
             Report::Hung(id) => {
                 if let Some(worker) = self.workers.get_mut(&id) {
-                    if worker.state != State::Stopping {
+                    if worker.state != WorkerState::Stopping {
                         warn!(worker = %id, pid = worker.pid.as_raw(), "worker hung, killed");
                         let _ = self.changes.send(Change::Leave { id, drained: None });
                         process::signal(worker.pid, Signal::SIGKILL);
@@ -379,28 +407,168 @@ impl Supervisor {
         }
     }
 
-    fn reload(&mut self) {
-        if self.stopping {
+    fn want_recycle(&mut self, id: WorkerId, reason: RecycleReason) {
+        let slot = &mut self.slots[id.slot];
+        if slot.current == Some(id) && slot.next.is_none() && slot.recycle_reason.is_none() {
+            slot.recycle_reason = Some(reason);
+            self.start_replacements();
+        }
+    }
+
+    /// Memory and age limits, checked every [`CHECK_INTERVAL`].
+    fn check_limits(&mut self) {
+        if self.stopping || (self.settings.max_memory.is_none() && self.settings.max_age.is_none()) {
             return;
         }
-        for slot in &mut self.slots {
-            if slot.current.is_some() {
-                slot.replace_wanted = true;
+        let mut due = Vec::new();
+        for (id, w) in &self.workers {
+            if w.state != WorkerState::Ready {
+                continue;
+            }
+            if let Some(limit) = self.settings.max_memory {
+                let rss = table::rss_bytes(w.pid);
+                if rss > limit {
+                    info!(worker = %id, rss, limit, "worker over its memory limit");
+                    due.push((*id, RecycleReason::Memory));
+                    continue;
+                }
+            }
+            if self.settings.max_age.is_some_and(|max| w.started.elapsed() > max) {
+                due.push((*id, RecycleReason::Age));
             }
         }
+        for (id, reason) in due {
+            self.want_recycle(id, reason);
+        }
+    }
+
+    fn reload(&mut self, settings: Option<(Settings, Spec)>, done: Option<oneshot::Sender<ReloadResult>>) {
+        if self.stopping {
+            if let Some(done) = done {
+                let _ = done.send(Err("shutting down".into()));
+            }
+            return;
+        }
+        if let Some((settings, spec)) = settings {
+            let workers = settings.workers;
+            self.settings = settings;
+            self.spec = spec;
+            self.scale(workers);
+        }
+        self.epoch += 1;
+        info!(epoch = self.epoch, workers = self.active_slots(), "reload started");
+        self.reload_waiters.extend(done);
         self.start_replacements();
+        self.finish_reload_if_done();
+    }
+
+    /// A replacement never became ready. For a recycle, the old worker keeps serving and the
+    /// replacement is retried with backoff. For a reload, the roll stops: workers not yet
+    /// replaced keep serving (an old worker leaves only after its replacement is ready), and
+    /// a broken deploy is not retried in a loop.
+    fn replacement_failed(&mut self, slot: usize, reason: String) {
+        let s = &mut self.slots[slot];
+        s.failures += 1;
+        if s.recycle_reason != Some(RecycleReason::Reload) {
+            self.schedule_respawn(slot);
+            return;
+        }
+        warn!(reason, "reload failed, workers not yet replaced keep serving");
+        let epoch = self.epoch;
+        for w in self.workers.values_mut() {
+            w.epoch = epoch;
+        }
+        for s in &mut self.slots {
+            if s.recycle_reason == Some(RecycleReason::Reload) {
+                s.recycle_reason = None;
+            }
+        }
+        for waiter in self.reload_waiters.drain(..) {
+            let _ = waiter.send(Err(reason.clone()));
+        }
+    }
+
+    fn finish_reload_if_done(&mut self) {
+        if self.reload_waiters.is_empty() {
+            return;
+        }
+        let done = self.slots.iter().filter(|s| s.active).all(|s| {
+            s.next.is_none()
+                && s.current
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.epoch >= self.epoch && w.state == WorkerState::Ready)
+        });
+        if done {
+            info!(epoch = self.epoch, "reload finished");
+            for waiter in self.reload_waiters.drain(..) {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+
+    fn active_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.active).count()
+    }
+
+    /// Grows or shrinks the pool to `n` workers. New slots start at once; removed slots'
+    /// workers leave the rotation and drain.
+    fn scale(&mut self, n: usize) {
+        let n = n.clamp(1, crate::metrics::MAX_SLOTS);
+        let before = self.active_slots();
+        for slot in 0..n.max(self.slots.len()) {
+            if slot >= self.slots.len() {
+                self.slots.push(Slot::default());
+            }
+            let want = slot < n;
+            if want == self.slots[slot].active {
+                continue;
+            }
+            self.slots[slot].active = want;
+            if want {
+                self.slots[slot].failures = 0;
+                if self.slots[slot].current.is_none() && !self.slots[slot].respawn_scheduled {
+                    self.spawn(slot);
+                }
+            } else {
+                let s = &mut self.slots[slot];
+                let leaving: Vec<WorkerId> = s.current.take().into_iter().chain(s.next.take()).collect();
+                s.recycle_reason = None;
+                for id in leaving {
+                    self.retire(id);
+                }
+            }
+        }
+        if before != 0 && before != n {
+            info!(from = before, to = n, "workers scaled");
+        }
+        self.settings.workers = n;
+        self.publish_ready();
+        self.finish_reload_if_done();
     }
 
     /// Starts replacements for slots that want one, within the surge budget.
     fn start_replacements(&mut self) {
+        if self.stopping {
+            return;
+        }
         for slot in 0..self.slots.len() {
             let replacing = self.slots.iter().filter(|s| s.next.is_some()).count();
             if replacing >= self.settings.surge {
                 return;
             }
-            let s = &mut self.slots[slot];
-            if s.replace_wanted && s.next.is_none() && s.current.is_some() && !s.respawn_scheduled {
-                s.replace_wanted = false;
+            let s = &self.slots[slot];
+            if !s.active || s.next.is_some() || s.respawn_scheduled {
+                continue;
+            }
+            let Some(current) = s.current.and_then(|id| self.workers.get(&id)) else { continue };
+            if current.state != WorkerState::Ready {
+                continue;
+            }
+            let outdated = current.epoch < self.epoch;
+            if outdated && self.slots[slot].recycle_reason.is_none() {
+                self.slots[slot].recycle_reason = Some(RecycleReason::Reload);
+            }
+            if outdated || self.slots[slot].recycle_reason.is_some() {
                 self.spawn(slot);
             }
         }
@@ -408,7 +576,7 @@ impl Supervisor {
 
     fn schedule_respawn(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
-        if s.respawn_scheduled {
+        if s.respawn_scheduled || !s.active {
             return;
         }
         let delay = backoff::delay(s.failures);
@@ -429,10 +597,12 @@ impl Supervisor {
 
     /// Takes a worker out of the rotation; it is signalled once drained.
     fn retire(&mut self, id: WorkerId) {
-        let Some(worker) = self.workers.get_mut(&id) else {
+        let Some(worker) = self.workers.get_mut(&id) else { return };
+        if worker.state == WorkerState::Starting {
+            self.terminate(id);
             return;
-        };
-        worker.state = State::Draining;
+        }
+        worker.state = WorkerState::Draining;
         let (tx, rx) = oneshot::channel();
         let _ = self.changes.send(Change::Leave { id, drained: Some(tx) });
         let events = self.events_tx.clone();
@@ -446,13 +616,12 @@ impl Supervisor {
 
     /// SIGTERM now, SIGKILL if still there after the grace.
     fn terminate(&mut self, id: WorkerId) {
-        let Some(worker) = self.workers.get_mut(&id) else {
-            return;
-        };
-        if worker.state == State::Stopping {
+        let Some(worker) = self.workers.get_mut(&id) else { return };
+        if worker.state == WorkerState::Stopping {
             return;
         }
-        worker.state = State::Stopping;
+        worker.state = WorkerState::Stopping;
+        worker.cancel.cancel();
         process::signal(worker.pid, Signal::SIGTERM);
         let events = self.events_tx.clone();
         let grace = self.settings.grace;
@@ -463,7 +632,7 @@ impl Supervisor {
     }
 
     fn publish_ready(&mut self) {
-        let ready = self.workers.values().filter(|w| w.state == State::Ready).count();
+        let ready = self.workers.values().filter(|w| w.state == WorkerState::Ready).count();
         self.ready_tx.send_replace(ready);
         if !self.announced_ready && ready >= self.settings.workers {
             self.announced_ready = true;
@@ -475,18 +644,27 @@ impl Supervisor {
         }
     }
 
+    fn status(&self) -> Vec<WorkerStatus> {
+        let mut rows: Vec<WorkerStatus> =
+            self.workers.iter().map(|(id, w)| w.status(*id, &self.slots[id.slot])).collect();
+        rows.sort_by_key(|r| r.id);
+        rows
+    }
+
     /// Shutdown: every worker leaves the rotation and gets SIGTERM; stragglers get SIGKILL
     /// after the grace. Returns once all have exited.
     async fn stop_all(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) {
         self.stopping = true;
-        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
-        for id in &ids {
+        for waiter in self.reload_waiters.drain(..) {
+            let _ = waiter.send(Err("shutting down".into()));
+        }
+        for id in self.workers.keys() {
             let _ = self.changes.send(Change::Leave { id: *id, drained: None });
         }
         for (id, worker) in &mut self.workers {
             worker.cancel.cancel();
-            if worker.state != State::Stopping {
-                worker.state = State::Stopping;
+            if worker.state != WorkerState::Stopping {
+                worker.state = WorkerState::Stopping;
                 info!(worker = %id, pid = worker.pid.as_raw(), "worker stopping");
             }
             process::signal(worker.pid, Signal::SIGTERM);
@@ -512,4 +690,8 @@ impl Supervisor {
             }
         }
     }
+}
+
+fn slot_is_active(slots: &[Slot], slot: usize) -> bool {
+    slots.get(slot).is_some_and(|s| s.active)
 }

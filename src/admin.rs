@@ -1,0 +1,71 @@
+//! The optional admin listener (`--admin ADDR`): Prometheus text at /metrics, liveness at
+//! /live (the front-end is up) and readiness at /ready (at least one worker is in the
+//! rotation). Kept off the public port so that probes and scrapes never compete with, or are
+//! exposed to, client traffic.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Gauges, Metrics, WorkerGauge};
+use crate::proxy::Proxy;
+use crate::supervisor::SupervisorHandle;
+
+#[derive(Clone)]
+struct Admin {
+    metrics: Arc<Metrics>,
+    proxy: Proxy,
+    supervisor: SupervisorHandle,
+}
+
+/// Binds `addr` and serves until `stop` is cancelled. Returns the bound address.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    proxy: Proxy,
+    supervisor: SupervisorHandle,
+    stop: CancellationToken,
+) -> Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding admin listener {addr}"))?;
+    let local = listener.local_addr().context("reading the admin address")?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/live", get(|| async { "ok\n" }))
+        .route("/ready", get(ready))
+        .with_state(Admin { metrics, proxy, supervisor });
+    tokio::spawn(async move {
+        let _ =
+            axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    });
+    Ok(local)
+}
+
+async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {
+    let workers = admin.supervisor.status().await;
+    let counts = admin.proxy.worker_counts();
+    let gauges = Gauges {
+        in_flight: counts.iter().map(|(_, _, n)| n).sum(),
+        queued: admin.proxy.pool().waiting(),
+        workers_ready: admin.supervisor.ready_count(),
+        workers: workers
+            .iter()
+            .map(|w| WorkerGauge { slot: w.id.slot, pid: w.pid, rss_bytes: w.rss_bytes, age: w.age })
+            .collect(),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], admin.metrics.render(&gauges))
+}
+
+async fn ready(State(admin): State<Admin>) -> impl IntoResponse {
+    match admin.supervisor.ready_count() {
+        0 => (StatusCode::SERVICE_UNAVAILABLE, "no worker ready\n".to_string()),
+        n => (StatusCode::OK, format!("{n} workers ready\n")),
+    }
+}

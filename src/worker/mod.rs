@@ -109,9 +109,10 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let _ = std::fs::remove_file(&args.socket);
     stop.cancel();
     let open = connections.drain(Duration::from_millis(args.graceful_ms)).await;
+    let id = crate::discovery::WorkerId { slot: args.id, generation: args.generation };
     if open > 0 {
-        warn!(worker = args.id, open, "graceful timeout elapsed with requests in flight");
+        warn!(worker = %id, open, "graceful timeout elapsed with requests in flight");
     }
-    info!(worker = args.id, served = ctx.served(), "worker drained");
+    info!(worker = %id, served = ctx.served(), "worker drained");
     Ok(())
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::connections::Connections;
+use crate::framing::StrictFraming;
 use crate::proxy::Proxy;
 
 /// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
@@ -66,6 +67,7 @@ pub async fn serve(
             () = stop.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = StrictFraming::new(stream);
         let conn = builder.serve_connection(TokioIo::new(stream), proxy.service(peer)).with_upgrades();
         connections.spawn(conn, permit);
     }

@@ -33,6 +33,8 @@ pub mod connections;
 pub mod control;
 /// The messages between supervisor and proxy: workers joining and leaving, workers in trouble.
 pub mod discovery;
+/// Strict request framing: ambiguous request heads are made unparseable before hyper reads them.
+pub mod framing;
 /// The parent's public listener: accepts connections and serves them through the proxy.
 pub mod frontend;
 /// The public listening socket: inherited, passed by systemd, or bound.

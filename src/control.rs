@@ -124,7 +124,7 @@ impl Controls {
                 let (tx, rx) = oneshot::channel();
                 self.ask(Intent::Reload(Some(tx)), rx).await.map_or_else(Response::error, |()| Response::ok())
             }
-            Request::Scale { workers } if workers == 0 => Response::error("workers must be at least 1"),
+            Request::Scale { workers: 0 } => Response::error("workers must be at least 1"),
             Request::Scale { workers } => self.send(Intent::Scale(Scale::To(workers))),
             Request::Upgrade => {
                 let (tx, rx) = oneshot::channel();

@@ -1,6 +1,6 @@
 //! The access log: one line per request, written by a task of its own so the request path
 //! only formats a line and hands it over. Invariant: a slow disk never slows or blocks
-//! requests; if the writer falls behind by more than [`BACKLOG`] lines, lines are dropped and
+//! requests; if the writer falls behind by more than `BACKLOG` lines, lines are dropped and
 //! counted, and the count is logged.
 
 use std::fs::{File, OpenOptions};

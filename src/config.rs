@@ -1,5 +1,5 @@
-//! Flags > `RIP_*` environment > rip.toml > defaults, merged in [`resolve`] into one validated
-//! [`Config`]. Every value is parsed in one place, so an error names the key and where the bad
+//! Flags > `RIP_*` environment > rip.toml > defaults, merged in `resolve` into one validated
+//! `Config`. Every value is parsed in one place, so an error names the key and where the bad
 //! value came from (`--workers`, `RIP_WORKERS` or the file), whichever layer supplied it.
 
 use std::collections::HashMap;

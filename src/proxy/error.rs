@@ -22,6 +22,8 @@ pub enum ProxyError {
     BadBody,
     /// The request's framing or target is ambiguous; it is never forwarded.
     BadRequest(&'static str),
+    /// CONNECT: rip is a gateway to its workers, not a forward proxy.
+    MethodNotAllowed,
 }
 
 /// Seconds a client is asked to wait after a 503; a worker restart takes well under this.
@@ -36,6 +38,7 @@ impl ProxyError {
             ProxyError::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadBody | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -48,6 +51,7 @@ impl ProxyError {
             ProxyError::BodyTimeout => "timed out reading the request body\n",
             ProxyError::BadBody => "invalid request body\n",
             ProxyError::BadRequest(_) => "bad request\n",
+            ProxyError::MethodNotAllowed => "method not allowed\n",
         }
     }
 
@@ -92,16 +96,14 @@ mod tests {
             (ProxyError::BodyTimeout, 408),
             (ProxyError::BadBody, 400),
             (ProxyError::BadRequest("x"), 400),
+            (ProxyError::MethodNotAllowed, 405),
         ];
         for (err, status) in table {
             let no_worker = matches!(err, ProxyError::NoWorker);
             let resp = err.into_response();
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers().contains_key("retry-after"), no_worker);
-            assert_eq!(
-                resp.headers().contains_key("connection"),
-                status == 413 || status == 408 || status == 400
-            );
+            assert_eq!(resp.headers().contains_key("connection"), (400..500).contains(&status));
         }
     }
 }

@@ -158,6 +158,9 @@ impl Proxy {
         peer: IpAddr,
     ) -> Result<(Response<ResponseBody>, WorkerId), ProxyError> {
         let settings = self.shared.settings.load();
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::MethodNotAllowed);
+        }
         headers::check_request(parts).map_err(ProxyError::BadRequest)?;
         let max_body = if settings.max_body == 0 { u64::MAX } else { settings.max_body };
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
@@ -264,6 +267,11 @@ impl Proxy {
                 let (parts, _) = upstream.into_parts();
                 return Response::from_parts(parts, ResponseBody::empty());
             }
+        }
+        if client_upgrade.is_some() {
+            // A declined upgrade: the client may already be sending the other protocol, and
+            // the framing guard stopped watching this connection. It must not carry more.
+            parts.headers.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         Response::from_parts(parts, ResponseBody::upstream(body, lease, sender))
     }

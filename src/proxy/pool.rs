@@ -4,7 +4,9 @@
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -16,7 +18,9 @@ use crate::discovery::{Change, WorkerId};
 
 #[derive(Debug)]
 pub struct Pool {
-    endpoints: RwLock<Arc<[Arc<Endpoint>]>>,
+    /// Read on every request, replaced only when a worker joins or leaves (by the single
+    /// discovery task, so updates never race each other).
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     capacity: Arc<Capacity>,
     next: AtomicUsize,
     balance: Balance,
@@ -58,7 +62,7 @@ impl Drop for Waiting<'_> {
 impl Pool {
     pub fn new(balance: Balance, max_in_flight: usize) -> Pool {
         Pool {
-            endpoints: RwLock::new(Arc::from(Vec::new())),
+            endpoints: ArcSwap::from_pointee(Vec::new()),
             capacity: Arc::new(Capacity { version: watch::Sender::new(0), waiting: AtomicUsize::new(0) }),
             next: AtomicUsize::new(0),
             balance,
@@ -82,13 +86,13 @@ impl Pool {
         self.capacity.waiting.load(Ordering::Relaxed)
     }
 
-    pub fn snapshot(&self) -> Arc<[Arc<Endpoint>]> {
-        self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone()
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
     }
 
     /// The worker for the next request, if any is usable now.
     pub fn pick(&self, avoid: Option<WorkerId>) -> Option<Arc<Endpoint>> {
-        let endpoints = self.snapshot();
+        let endpoints = self.endpoints.load();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let avoid = avoid.and_then(|id| endpoints.iter().position(|e| e.id == id));
         let cap = self.max_in_flight.load(Ordering::Relaxed);
@@ -164,12 +168,9 @@ impl Pool {
     }
 
     fn update(&self, edit: impl FnOnce(&mut Vec<Arc<Endpoint>>)) {
-        {
-            let mut guard = self.endpoints.write().unwrap_or_else(|e| e.into_inner());
-            let mut list = guard.to_vec();
-            edit(&mut list);
-            *guard = Arc::from(list);
-        }
+        let mut list = self.endpoints.load().to_vec();
+        edit(&mut list);
+        self.endpoints.store(Arc::new(list));
         self.touch();
     }
 }

@@ -143,6 +143,9 @@ pub struct ServeArgs {
     /// Threads per worker process [default: 1]
     #[arg(long, value_name = "N")]
     pub worker_threads: Option<usize>,
+    /// Threads of the front-end process [default: 1]
+    #[arg(long, value_name = "N")]
+    pub frontend_threads: Option<usize>,
     /// Directory for the workers' sockets [default: $XDG_RUNTIME_DIR/rip or /tmp/rip-$UID]
     #[arg(long, value_name = "DIR")]
     pub runtime_dir: Option<PathBuf>,

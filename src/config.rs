@@ -42,6 +42,8 @@ pub struct Config {
     pub max_in_flight: usize,
     pub root: Option<PathBuf>,
     pub worker_threads: usize,
+    /// Threads of the front-end (`rip serve`) runtime.
+    pub frontend_threads: usize,
     pub runtime_dir: Option<PathBuf>,
     pub log_format: LogFormat,
     /// Where the access log goes.
@@ -119,6 +121,7 @@ impl Default for Config {
             max_in_flight: 0,
             root: None,
             worker_threads: 1,
+            frontend_threads: 1,
             runtime_dir: None,
             log_format: LogFormat::Text,
             access_log: AccessLogTarget::Stderr,
@@ -150,6 +153,7 @@ const KEYS: &[&str] = &[
     "max_in_flight",
     "root",
     "worker_threads",
+    "frontend_threads",
     "runtime_dir",
     "log_format",
     "access_log",
@@ -237,6 +241,7 @@ fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
         }
         "root" => config.root = Some(PathBuf::from(raw)),
         "worker_threads" => config.worker_threads = parse_count(raw)?,
+        "frontend_threads" => config.frontend_threads = parse_count(raw)?,
         "runtime_dir" => config.runtime_dir = Some(PathBuf::from(raw)),
         "log_format" => config.log_format = raw.parse()?,
         "access_log" => config.access_log = raw.parse()?,
@@ -286,6 +291,7 @@ fn flag_layer(args: &ServeArgs) -> Layer {
     put("max_in_flight", args.max_in_flight.map(|v| v.to_string()));
     put("root", args.root.as_ref().map(|p| p.display().to_string()));
     put("worker_threads", args.worker_threads.map(|v| v.to_string()));
+    put("frontend_threads", args.frontend_threads.map(|v| v.to_string()));
     put("runtime_dir", args.runtime_dir.as_ref().map(|p| p.display().to_string()));
     put("log_format", args.log_format.clone());
     put("access_log", args.access_log.clone());

@@ -30,8 +30,15 @@ pub fn run(args: ServeArgs) -> Result<()> {
     crate::logging::init(config.log_format);
     let root = config.root.as_deref().map(check_root).transpose()?;
     let exe = std::env::current_exe().context("locating the rip executable")?;
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    // One thread by default: every client connection, worker connection and the supervisor
+    // share it, so handing a request from one task to the next is a local wake-up rather
+    // than a cross-thread one. Measured faster than a thread per core on 2 cores (README,
+    // Performance); larger machines may want more.
+    let runtime = match config.frontend_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    }
+    .context("starting the runtime")?;
     runtime.block_on(serve(Parent { args, exe, config, root }))
 }
 

@@ -76,7 +76,8 @@ pub fn check_request(parts: &request::Parts) -> Result<(), &'static str> {
 
 /// Rewrites a client request for a worker. Returns whether it is a protocol upgrade, in which
 /// case the `Upgrade` handshake headers are kept end to end.
-pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) -> bool {
+/// `forwarded_for` is the client's address as made by [`forwarded_for`], once per connection.
+pub fn prepare_request(parts: &mut request::Parts, forwarded_for: &HeaderValue) -> bool {
     let upgrade = is_upgrade(&parts.headers);
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     strip_hop_by_hop(&mut parts.headers);
@@ -96,7 +97,7 @@ pub fn prepare_request(parts: &mut request::Parts, peer: IpAddr) -> bool {
         parts.uri = Uri::try_from(origin_form).unwrap_or_else(|_| Uri::from_static("/"));
     }
 
-    parts.headers.insert(&X_FORWARDED_FOR, ip_header(peer));
+    parts.headers.insert(&X_FORWARDED_FOR, forwarded_for.clone());
     parts.headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     // The hop to a worker is always keep-alive HTTP/1.1, whatever the client spoke.
     parts.version = Version::HTTP_11;
@@ -111,7 +112,8 @@ pub fn prepare_response(status: StatusCode, headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
 }
 
-fn ip_header(ip: IpAddr) -> HeaderValue {
+/// The `X-Forwarded-For` value for a client address.
+pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
     let ip = match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
@@ -146,7 +148,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(!prepare_request(&mut p, PEER));
+        assert!(!prepare_request(&mut p, &forwarded_for(PEER)));
         let h = &p.headers;
         for gone in ["connection", "keep-alive", "x-secret", "te", "proxy-authorization"] {
             assert!(!h.contains_key(gone), "{gone} was forwarded");
@@ -181,7 +183,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(prepare_request(&mut p, PEER));
+        assert!(prepare_request(&mut p, &forwarded_for(PEER)));
         assert_eq!(p.headers["connection"], "upgrade");
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["sec-websocket-key"], "k");
@@ -191,7 +193,7 @@ mod tests {
     fn absolute_form_becomes_origin_form_with_its_host() {
         let mut p =
             parts(Request::get("http://example.test:8080/a/b?c").header("host", "other").body(()).unwrap());
-        prepare_request(&mut p, PEER);
+        prepare_request(&mut p, &forwarded_for(PEER));
         assert_eq!(p.uri, "/a/b?c");
         assert_eq!(p.headers["host"], "example.test:8080");
     }
@@ -199,7 +201,7 @@ mod tests {
     #[test]
     fn mapped_ipv6_peers_are_shown_as_ipv4() {
         let mut p = parts(Request::get("/").body(()).unwrap());
-        prepare_request(&mut p, "::ffff:127.0.0.1".parse().unwrap());
+        prepare_request(&mut p, &forwarded_for("::ffff:127.0.0.1".parse().unwrap()));
         assert_eq!(p.headers["x-forwarded-for"], "127.0.0.1");
     }
 

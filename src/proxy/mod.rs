@@ -113,11 +113,12 @@ impl Proxy {
 
     /// The tower service for one client connection.
     pub fn service(&self, peer: SocketAddr) -> ProxyService {
-        ProxyService { proxy: self.clone(), peer: peer.ip() }
+        let peer = Peer { ip: peer.ip(), forwarded_for: headers::forwarded_for(peer.ip()) };
+        ProxyService { proxy: self.clone(), peer: Arc::new(peer) }
     }
 
     /// Serves one client request through a worker.
-    pub async fn handle(&self, req: Request<Incoming>, peer: IpAddr) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let target = self.shared.access_log.as_ref().map(|_| {
@@ -137,7 +138,7 @@ impl Proxy {
         self.shared.metrics.request(response.status().as_u16(), worker.map(|w| w.slot), started.elapsed());
         if let (Some(log), Some(target)) = (&self.shared.access_log, target) {
             let record = Record {
-                peer,
+                peer: peer.ip,
                 method: parts.method,
                 target,
                 status: response.status(),
@@ -155,7 +156,7 @@ impl Proxy {
         &self,
         parts: &mut http::request::Parts,
         body: Incoming,
-        peer: IpAddr,
+        peer: &Peer,
     ) -> Result<(Response<ResponseBody>, WorkerId), ProxyError> {
         let settings = self.shared.settings.load();
         if parts.method == Method::CONNECT {
@@ -166,7 +167,7 @@ impl Proxy {
         if declared_length(&parts.headers).is_some_and(|len| len > max_body) {
             return Err(ProxyError::BodyTooLarge);
         }
-        let upgrade = headers::prepare_request(parts, peer);
+        let upgrade = headers::prepare_request(parts, &peer.forwarded_for);
         let replay = Replay::capture(parts, &body, upgrade);
         let (body, mut body_sent) = RequestBody::client(body, max_body, settings.body_timeout);
         let mut req = Request::new(body);
@@ -342,11 +343,19 @@ impl Replay {
     }
 }
 
+/// The client at the other end of a connection.
+#[derive(Debug)]
+pub struct Peer {
+    pub ip: IpAddr,
+    /// Made once per connection rather than once per request.
+    forwarded_for: http::HeaderValue,
+}
+
 /// The proxy as a tower service for one client connection.
 #[derive(Debug, Clone)]
 pub struct ProxyService {
     proxy: Proxy,
-    peer: IpAddr,
+    peer: Arc<Peer>,
 }
 
 impl tower::Service<Request<Incoming>> for ProxyService {
@@ -360,8 +369,8 @@ impl tower::Service<Request<Incoming>> for ProxyService {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let proxy = self.proxy.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
+        let peer = self.peer.clone();
+        Box::pin(async move { Ok(proxy.handle(req, &peer).await) })
     }
 }
 
@@ -372,7 +381,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let proxy = self.proxy.clone();
-        let peer = self.peer;
-        Box::pin(async move { Ok(proxy.handle(req, peer).await) })
+        let peer = self.peer.clone();
+        Box::pin(async move { Ok(proxy.handle(req, &peer).await) })
     }
 }

@@ -7,3 +7,4 @@ mod example;
 mod serve;
 mod static_files;
 mod framing;
+mod operations;

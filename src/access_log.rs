@@ -112,7 +112,10 @@ async fn write_lines(
             () = reopen.notified() => {
                 if let Sink::File { file, path } = &mut sink {
                     match open(path) {
-                        Ok(new) => *file = new,
+                        Ok(new) => {
+                            *file = new;
+                            tracing::info!(path = %path.display(), "access log reopened");
+                        }
                         Err(e) => warn!(path = %path.display(), error = %e, "access log reopen failed"),
                     }
                 }

@@ -18,11 +18,16 @@ use tracing::debug;
 pub struct Connections {
     tracker: TaskTracker,
     stop: CancellationToken,
+    linger: Duration,
 }
 
 impl Connections {
-    pub fn new(stop: CancellationToken) -> Connections {
-        Connections { tracker: TaskTracker::new(), stop }
+    /// `linger`: how long after `stop` a connection keeps serving before it is closed when
+    /// idle. Closing an idle keep-alive connection races with a request the client may be
+    /// sending on it at that moment; for the time of the linger the owner answers with
+    /// `Connection: close` instead, so busy clients learn to reconnect without losing a request.
+    pub fn new(stop: CancellationToken, linger: Duration) -> Connections {
+        Connections { tracker: TaskTracker::new(), stop, linger }
     }
 
     /// Serves `conn` in a task of its own; `guard` is dropped when the connection ends.
@@ -38,11 +43,16 @@ impl Connections {
         G: Send + 'static,
     {
         let stop = self.stop.clone();
+        let linger = self.linger;
         self.tracker.spawn(async move {
             tokio::pin!(conn);
+            let stopped_then_lingered = async {
+                stop.cancelled().await;
+                tokio::time::sleep(linger).await;
+            };
             let result = tokio::select! {
                 result = conn.as_mut() => result,
-                () = stop.cancelled() => {
+                () = stopped_then_lingered => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

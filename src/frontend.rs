@@ -18,6 +18,11 @@ use crate::proxy::Proxy;
 
 /// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// After the front-end stops accepting, how long open connections keep being served (each
+/// response saying `Connection: close`) before idle ones are closed. Long enough for a busy
+/// keep-alive client to receive one more response and reconnect elsewhere (after an upgrade:
+/// to the new process), short enough not to matter to a shutdown.
+const DRAIN_LINGER: Duration = Duration::from_millis(500);
 /// Largest request head (request line plus headers) read from a client; beyond it, 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most header fields in one request; beyond it, 431.
@@ -38,7 +43,7 @@ pub async fn serve(
     stop: CancellationToken,
     grace: Duration,
 ) -> usize {
-    let connections = Connections::new(stop.clone());
+    let connections = Connections::new(stop.clone(), DRAIN_LINGER);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut builder = http1::Builder::new();
     builder
@@ -72,5 +77,6 @@ pub async fn serve(
         connections.spawn(conn, permit);
     }
     drop(listener);
+    proxy.close_connections_after_responses();
     connections.drain(grace).await
 }

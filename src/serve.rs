@@ -42,6 +42,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(serve(Parent { args, exe, config, root }))
 }
 
+/// The shutdown reason after handing over to a new process.
+const UPGRADED: &str = "upgraded";
+
 /// What `rip serve` was started with; reloads re-read the config from the same sources.
 struct Parent {
     args: ServeArgs,
@@ -152,7 +155,11 @@ async fn serve(parent: Parent) -> Result<()> {
     let reason =
         run_until_stopped(&parent, &mut intents, &supervisor, &proxy, access_log.as_ref(), listener_fd).await;
     info!(reason, "shutting down");
-    notify::stopping();
+    // After an upgrade the new process is the service's main pid; systemd must not hear
+    // that "the service" is stopping.
+    if reason != UPGRADED {
+        notify::stopping();
+    }
     control_task.abort();
     shutdown(stop, frontend, &mut intents, supervisor).await;
     supervisor_task.await.context("waiting for the supervisor")?;
@@ -216,7 +223,6 @@ async fn run_until_stopped(
                 if let Some(log) = access_log {
                     log.reopen();
                 }
-                info!("log files reopened");
             }
             Intent::Upgrade(reply) => {
                 let args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -228,7 +234,7 @@ async fn run_until_stopped(
                         if let Some(reply) = reply {
                             let _ = reply.send(Ok(pid));
                         }
-                        return "upgraded";
+                        return UPGRADED;
                     }
                     Err(e) => {
                         let message = crate::error_chain(&e);

@@ -19,6 +19,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -74,6 +75,8 @@ struct Shared {
     reports: ReportSender,
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
+    /// Set when the front-end stops: every response then closes its connection.
+    closing: AtomicBool,
 }
 
 impl Proxy {
@@ -86,11 +89,17 @@ impl Proxy {
         let pool = Pool::new(settings.balance, settings.max_in_flight);
         pool.configure(settings.max_in_flight, settings.max_requests_jitter);
         let settings = ArcSwap::from_pointee(settings);
-        Proxy { shared: Arc::new(Shared { pool, settings, reports, metrics, access_log }) }
+        let closing = AtomicBool::new(false);
+        Proxy { shared: Arc::new(Shared { pool, settings, reports, metrics, access_log, closing }) }
     }
 
     pub fn pool(&self) -> &Pool {
         &self.shared.pool
+    }
+
+    /// From now on every response tells its client to close the connection.
+    pub fn close_connections_after_responses(&self) {
+        self.shared.closing.store(true, Ordering::Relaxed);
     }
 
     /// Applies settings re-read on reload (the balance strategy stays as started).
@@ -136,6 +145,10 @@ impl Proxy {
             }
         };
         self.shared.metrics.request(response.status().as_u16(), worker.map(|w| w.slot), started.elapsed());
+        if self.shared.closing.load(Ordering::Relaxed) && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            response.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
         if let (Some(log), Some(target)) = (&self.shared.access_log, target) {
             let record = Record {
                 peer: peer.ip,

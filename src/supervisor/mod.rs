@@ -34,6 +34,9 @@ use table::{Slot, Worker};
 
 /// After SIGKILL, how long to wait for the kernel to report the exit before giving up on it.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// After a worker exits, how long to wait for the rest of its stderr (a grandchild may keep
+/// the pipe open; the exit is reported regardless after this).
+const STDERR_WAIT: Duration = Duration::from_millis(500);
 /// How often worker memory and age are checked against their limits.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -221,7 +224,7 @@ impl Supervisor {
             }
         };
         let _ = std::fs::remove_file(&socket);
-        let (mut child, tail) = match process::spawn(&self.spec, id, &socket) {
+        let (mut child, tail, stderr_copier) = match process::spawn(&self.spec, id, &socket) {
             Ok(spawned) => spawned,
             Err(e) => {
                 error!(worker = %id, exe = %self.spec.exe.display(), error = %e, "worker failed to start");
@@ -249,6 +252,10 @@ impl Supervisor {
         let events = self.events_tx.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            // The last lines a dying worker wrote explain its death; let them be read first.
+            if let Some(copier) = stderr_copier {
+                let _ = tokio::time::timeout(STDERR_WAIT, copier).await;
+            }
             let _ = events.send(Event::Exited { id, status });
         });
 
@@ -552,8 +559,7 @@ impl Supervisor {
             return;
         }
         for slot in 0..self.slots.len() {
-            let replacing = self.slots.iter().filter(|s| s.next.is_some()).count();
-            if replacing >= self.settings.surge {
+            if self.replacements_in_progress() >= self.settings.surge {
                 return;
             }
             let s = &self.slots[slot];
@@ -572,6 +578,20 @@ impl Supervisor {
                 self.spawn(slot);
             }
         }
+    }
+
+    /// Replacements starting, plus replaced workers still draining or exiting: while either
+    /// exists, it is one process above the configured number.
+    fn replacements_in_progress(&self) -> usize {
+        let starting = self.slots.iter().filter(|s| s.next.is_some()).count();
+        let leaving = self
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                matches!(w.state, WorkerState::Draining | WorkerState::Stopping) && !self.is_slot_member(**id)
+            })
+            .count();
+        starting + leaving
     }
 
     fn schedule_respawn(&mut self, slot: usize) {

@@ -12,6 +12,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 
 use crate::discovery::WorkerId;
 
@@ -49,8 +50,8 @@ impl Tail {
 }
 
 /// Starts `rip worker` for `id` on `socket`. The worker's stderr is copied to ours line by
-/// line, keeping a tail.
-pub fn spawn(spec: &Spec, id: WorkerId, socket: &Path) -> io::Result<(Child, Tail)> {
+/// line, keeping a tail; the returned task ends when the worker's stderr closes.
+pub fn spawn(spec: &Spec, id: WorkerId, socket: &Path) -> io::Result<(Child, Tail, Option<JoinHandle<()>>)> {
     let mut cmd = Command::new(&spec.exe);
     cmd.arg("worker")
         .arg("--socket")
@@ -77,7 +78,7 @@ pub fn spawn(spec: &Spec, id: WorkerId, socket: &Path) -> io::Result<(Child, Tai
         .kill_on_drop(false);
     let mut child = cmd.spawn()?;
     let tail = Tail::default();
-    if let Some(stderr) = child.stderr.take() {
+    let copier = child.stderr.take().map(|stderr| {
         let tail = tail.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
@@ -87,9 +88,9 @@ pub fn spawn(spec: &Spec, id: WorkerId, socket: &Path) -> io::Result<(Child, Tai
                 let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
                 tail.push(line);
             }
-        });
-    }
-    Ok((child, tail))
+        })
+    });
+    Ok((child, tail, copier))
 }
 
 /// Signals the worker's whole process group; a group that is already gone is not an error.

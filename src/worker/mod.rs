@@ -83,7 +83,9 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let stop = CancellationToken::new();
-    let connections = Connections::new(stop.clone());
+    // The front-end takes a worker out of its pool before stopping it, so a worker's idle
+    // connections carry no more requests and can close at once.
+    let connections = Connections::new(stop.clone(), Duration::ZERO);
     // No header timeout here: the only client is our own front-end, whose pooled keep-alive
     // connections must not be closed under it while idle.
     let mut builder = http1::Builder::new();

@@ -37,6 +37,7 @@ fn app(ctx: &rip::WorkerContext) -> Router {
         .route("/", get(about))
         .route("/api/items", get(list).post(create))
         .route("/api/items/{id}", get(fetch))
+        .route("/api/panic", get(panic_on_purpose))
         .with_state(Notes::default())
         .layer(axum::middleware::map_response(move |mut response: Response| {
             let served_by = served_by.clone();
@@ -93,7 +94,8 @@ async fn about() -> &'static str {
     "A notes API served by rip workers; each worker keeps its own notes in memory.\n\
      GET /api/items             list this worker's notes\n\
      POST /api/items            {\"text\": \"...\", \"done\": false} -> 201 and the note\n\
-     GET /api/items/{id}        one note, or 404\n"
+     GET /api/items/{id}        one note, or 404\n\
+     GET /api/panic             a handler that panics: 500, and the worker serves on\n"
 }
 
 async fn list(State(notes): State<Notes>) -> Json<Vec<Note>> {
@@ -120,6 +122,12 @@ async fn fetch(State(notes): State<Notes>, Path(id): Path<u64>) -> Response {
         Some(note) => Json(note.clone()).into_response(),
         None => error(StatusCode::NOT_FOUND, &format!("no item {id} in this worker")),
     }
+}
+
+/// A handler bug on purpose, to demonstrate panic isolation: rip catches the panic in the
+/// worker and answers 500; the process, and the notes it holds, serve on.
+async fn panic_on_purpose() -> Response {
+    panic!("a bug in a handler, on purpose")
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

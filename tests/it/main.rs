@@ -8,3 +8,4 @@ mod serve;
 mod static_files;
 mod framing;
 mod operations;
+mod faults;

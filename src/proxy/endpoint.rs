@@ -93,6 +93,11 @@ impl Endpoint {
         self.unreachable.store(true, Ordering::Relaxed);
     }
 
+    /// Closes the idle connections, after one failed in a way that suggests the worker died.
+    pub fn forget_idle(&self) {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Takes the worker out of the rotation and closes its idle connections.
     pub fn leave(&self) {
         self.leaving.store(true, Ordering::Relaxed);

@@ -45,6 +45,9 @@ use endpoint::Lease;
 /// Attempts per request, the first included. Each retry goes to a different worker when one
 /// is available; with every worker dying at once, the queue deadline bounds the wait.
 const MAX_ATTEMPTS: usize = 4;
+/// Tries that never reached a worker, per request: each marks a worker unreachable or finds a
+/// pooled connection closed, so a handful covers every worker dying at once.
+const MAX_UNSENT: usize = 16;
 
 /// What the proxy needs from the config. All but `balance` can change on reload.
 #[derive(Debug, Clone, PartialEq)]
@@ -193,7 +196,12 @@ impl Proxy {
 
         let deadline = Instant::now() + settings.queue_timeout;
         let mut avoid: Option<WorkerId> = None;
-        for attempt in 1..=MAX_ATTEMPTS {
+        // Attempts whose request reached a worker (replays), bounded by MAX_ATTEMPTS. Attempts
+        // that never reached one cost nothing but time, bounded by the queue deadline (and by
+        // MAX_UNSENT against a worker that accepts connections it cannot serve).
+        let mut attempt = 1;
+        let mut unsent = 0;
+        loop {
             let Some(endpoint) = self.shared.pool.pick_until(avoid, deadline).await else {
                 return Err(ProxyError::NoWorker);
             };
@@ -211,6 +219,10 @@ impl Proxy {
                     self.shared.pool.touch();
                     warn!(worker = %endpoint.id, attempt, error = %e, "worker unreachable, request retried");
                     self.shared.metrics.retry();
+                    unsent += 1;
+                    if unsent > MAX_UNSENT {
+                        return Err(ProxyError::Upstream);
+                    }
                     continue;
                 }
             };
@@ -233,9 +245,13 @@ impl Proxy {
                     return Ok((self.respond(response, lease, sender, client_upgrade), endpoint.id));
                 }
                 Err(mut err) => {
-                    if let Some(unsent) = err.take_message() {
+                    if let Some(back) = err.take_message() {
                         debug!(worker = %endpoint.id, attempt, "connection not ready, request retried");
-                        req = unsent;
+                        req = back;
+                        unsent += 1;
+                        if unsent > MAX_UNSENT {
+                            return Err(ProxyError::Upstream);
+                        }
                         continue;
                     }
                     let err = err.into_error();
@@ -246,11 +262,15 @@ impl Proxy {
                             body::BodyError::Client => ProxyError::BadBody,
                         });
                     }
+                    // The worker may be dead with more pooled connections to it that still look
+                    // open; the next attempt to it must find out by connecting afresh.
+                    endpoint.forget_idle();
                     match &replay {
                         Some(replay) if attempt < MAX_ATTEMPTS => {
                             warn!(worker = %endpoint.id, attempt, error = %err, "worker failed before responding, request retried");
                             self.shared.metrics.retry();
                             req = replay.rebuild();
+                            attempt += 1;
                         }
                         _ => {
                             warn!(worker = %endpoint.id, error = %err, "worker failed before responding");
@@ -260,7 +280,6 @@ impl Proxy {
                 }
             }
         }
-        Err(ProxyError::Upstream)
     }
 
     fn respond(

@@ -354,6 +354,8 @@ impl Supervisor {
         let stderr = worker.tail.joined();
         if expected || self.stopping {
             info!(worker = %id, pid, status, uptime_ms, "worker exited");
+        } else if worker.killed_as_hung {
+            warn!(worker = %id, pid, status, uptime_ms, "worker exited after hanging");
         } else {
             let _ = self.changes.send(Change::Leave { id, drained: None });
             warn!(worker = %id, pid, status, uptime_ms, stderr, "worker exited unexpectedly");
@@ -368,7 +370,10 @@ impl Supervisor {
             return;
         }
 
-        let healthy = worker.ready_at.is_some_and(|t| t.elapsed() >= backoff::HEALTHY_UPTIME);
+        // A hung worker was killed for one request; its replacement is needed at once, and
+        // one slow request says nothing about whether the app can start.
+        let healthy =
+            worker.killed_as_hung || worker.ready_at.is_some_and(|t| t.elapsed() >= backoff::HEALTHY_UPTIME);
         let slot = &mut self.slots[id.slot];
         if slot.current == Some(id) {
             slot.current = slot.next.take();
@@ -406,6 +411,7 @@ impl Supervisor {
                 if let Some(worker) = self.workers.get_mut(&id) {
                     if worker.state != WorkerState::Stopping {
                         warn!(worker = %id, pid = worker.pid.as_raw(), "worker hung, killed");
+                        worker.killed_as_hung = true;
                         let _ = self.changes.send(Change::Leave { id, drained: None });
                         process::signal(worker.pid, Signal::SIGKILL);
                     }

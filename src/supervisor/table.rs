@@ -65,6 +65,8 @@ pub struct Worker {
     /// The reload epoch the worker was started in.
     pub epoch: u64,
     pub failed_probe: Option<String>,
+    /// Killed by the supervisor because a request on it timed out.
+    pub killed_as_hung: bool,
 }
 
 impl Worker {
@@ -78,6 +80,7 @@ impl Worker {
             cancel,
             epoch,
             failed_probe: None,
+            killed_as_hung: false,
         }
     }
 

@@ -172,7 +172,7 @@ fn a_hung_worker_gets_504_and_is_replaced_while_others_serve() {
         .wait_for_log_from(mark, |l| event_of(l, "worker hung, killed", &hung), WAIT)
         .expect("the hung worker was killed");
     let hung_pid = WorkerEvent::parse(&killed).unwrap().pid;
-    rip.wait_for_log_from(mark, |l| event_of(l, "worker exited unexpectedly", &hung), WAIT)
+    rip.wait_for_log_from(mark, |l| event_of(l, "worker exited after hanging", &hung), WAIT)
         .expect("the hung worker's exit was logged");
     let slot = WorkerEvent::parse(&killed).unwrap().slot();
     let replaced = rip

@@ -38,6 +38,7 @@ fn app(ctx: &rip::WorkerContext) -> Router {
         .route("/api/items", get(list).post(create))
         .route("/api/items/{id}", get(fetch))
         .route("/api/panic", get(panic_on_purpose))
+        .route("/api/echo", get(echo_upgrade))
         .with_state(Notes::default())
         .layer(axum::middleware::map_response(move |mut response: Response| {
             let served_by = served_by.clone();
@@ -128,6 +129,27 @@ async fn fetch(State(notes): State<Notes>, Path(id): Path<u64>) -> Response {
 /// worker and answers 500; the process, and the notes it holds, serve on.
 async fn panic_on_purpose() -> Response {
     panic!("a bug in a handler, on purpose")
+}
+
+/// A protocol upgrade, as WebSocket does it: `Connection: upgrade` plus `Upgrade: echo`
+/// switches the connection to a protocol that echoes every byte. It shows that upgrades pass
+/// through rip's front-end and worker end to end.
+async fn echo_upgrade(mut req: axum::extract::Request) -> Response {
+    if req.headers().get(header::UPGRADE).map(HeaderValue::as_bytes) != Some(b"echo".as_slice()) {
+        return error(StatusCode::BAD_REQUEST, "send Connection: upgrade and Upgrade: echo");
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let (mut read, mut write) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        }
+    });
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    response.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("echo"));
+    response
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -249,3 +249,30 @@ fn json_api_example_exits_0_on_sigterm_and_takes_its_workers_along() {
     assert!(status.success(), "exit status {status}");
     assert_eq!(harness::wait_gone(&workers, WAIT), Vec::<i32>::new());
 }
+
+#[test]
+fn a_protocol_upgrade_passes_through_front_end_and_worker_end_to_end() {
+    use std::io::{Read, Write};
+    let example = Example::start(1);
+    let mut stream = std::net::TcpStream::connect(example.addr).expect("connecting");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+        .write_all(b"GET /api/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).expect("reading the 101"), 1, "closed in the head: {head:?}");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    // Several exchanges, so the tunnel is shown to stay open both ways.
+    for message in [&b"ping"[..], b"a longer message \x00\xff with any bytes", b"last"] {
+        stream.write_all(message).unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        stream.read_exact(&mut echoed).expect("reading the echo");
+        assert_eq!(echoed, message);
+    }
+}

@@ -324,7 +324,7 @@ case_args() {
         get_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;;
         echo_1m) echo "-t2 -c$BODY_CONNS -s $TMP/echo-$BODY_BYTES.lua /echo" ;;
         echo_64k) echo "-t2 -c$BODY_CONNS -s $TMP/echo-$SMALL_BODY_BYTES.lua /echo" ;;
-        close_c100) echo "-t2 -c$CONNS -s $TMP/report.lua -H Connection:close /" ;; # wrk trims after ':'
+        close_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;; # plus the header, in run_wrk
 
         *) die "unknown case $1" ;;
     esac
@@ -337,6 +337,8 @@ run_wrk() {
     read -ra args <<<"$(case_args "$case")"
     path=${args[-1]}
     unset 'args[-1]'
+    # With the space: wrk drops an -H value without ": " and would keep the connection.
+    [[ $case == close_* ]] && args+=(-H "Connection: close")
     # wrk's default 2 s timeout: a request that stalls shows up as an error.
     OUT=$out bash -c 'wrk "$@" >"$OUT" 2>&1; times' wrk --latency -d "${secs}s" \
         "${args[@]}" "http://127.0.0.1:${PORT[$name]}$path" 2>/dev/null |

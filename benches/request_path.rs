@@ -161,33 +161,33 @@ fn start_frontend(socket: &Path, stop: CancellationToken) -> (Runtime, SocketAdd
     (rt, addr)
 }
 
-/// One keep-alive HTTP/1.1 connection, used for sequential requests.
+/// Where a [`Client`] connects.
+#[derive(Clone)]
+enum Target {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// One keep-alive HTTP/1.1 connection, used for sequential requests. The front-end closes
+/// connections idle for `--header-timeout`, as happens to this one while other benchmarks
+/// run, so a closed connection is replaced before the next request.
 struct Client {
+    target: Target,
     sender: SendRequest<Full<Bytes>>,
-    host: String,
 }
 
 impl Client {
     async fn tcp(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.expect("connecting");
-        stream.set_nodelay(true).unwrap();
-        Client::handshake(TokioIo::new(stream), addr.to_string()).await
+        Client::start(Target::Tcp(addr)).await
     }
 
     async fn unix(socket: &Path) -> Client {
-        let stream = UnixStream::connect(socket).await.expect("connecting to the worker socket");
-        Client::handshake(TokioIo::new(stream), "localhost".to_owned()).await
+        Client::start(Target::Unix(socket.to_owned())).await
     }
 
-    async fn handshake<I>(io: I, host: String) -> Client
-    where
-        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    {
-        let (sender, conn) = http1::handshake(io).await.expect("HTTP/1 handshake");
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = Client { sender, host };
+    async fn start(target: Target) -> Client {
+        let sender = connect(&target).await;
+        let mut client = Client { target, sender };
         // Fail before measuring anything if the path is broken.
         assert!(!client.get("/").await.is_empty());
         client
@@ -205,17 +205,49 @@ impl Client {
     }
 
     async fn send(&mut self, method: Method, path: &str, body: Bytes) -> Bytes {
-        self.sender.ready().await.expect("connection closed");
+        if self.sender.ready().await.is_err() {
+            self.sender = connect(&self.target).await;
+            self.sender.ready().await.expect("a new connection is ready");
+        }
+        let host = match &self.target {
+            Target::Tcp(addr) => addr.to_string(),
+            Target::Unix(_) => "localhost".to_owned(),
+        };
         let req = Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::HOST, &self.host)
+            .header(http::header::HOST, host)
             .body(Full::new(body))
             .unwrap();
         let response = self.sender.send_request(req).await.expect("request failed");
         assert_eq!(response.status(), StatusCode::OK);
         response.into_body().collect().await.expect("reading the body").to_bytes()
     }
+}
+
+async fn connect(target: &Target) -> SendRequest<Full<Bytes>> {
+    match target {
+        Target::Tcp(addr) => {
+            let stream = TcpStream::connect(addr).await.expect("connecting");
+            stream.set_nodelay(true).unwrap();
+            handshake(TokioIo::new(stream)).await
+        }
+        Target::Unix(socket) => {
+            let stream = UnixStream::connect(socket).await.expect("connecting to the worker socket");
+            handshake(TokioIo::new(stream)).await
+        }
+    }
+}
+
+async fn handshake<I>(io: I) -> SendRequest<Full<Bytes>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(io).await.expect("HTTP/1 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
 }
 
 /// A private temporary directory for the worker's socket, removed at the end.

@@ -138,7 +138,8 @@ async fn serve(parent: Parent) -> Result<()> {
         metrics.clone(),
         changes_tx,
         reports_rx,
-    );
+    )
+    .context("starting the supervisor")?;
     let controls = Controls { supervisor: supervisor.clone(), proxy: proxy.clone(), intents: intents_tx };
     let control_task = control::serve(&dir.path().join(control::SOCKET_NAME), controls)?;
 

@@ -125,11 +125,13 @@ pub fn start(
     metrics: Arc<Metrics>,
     changes: ChangeSender,
     reports: ReportReceiver,
-) -> (SupervisorHandle, tokio::task::JoinHandle<()>) {
+) -> std::io::Result<(SupervisorHandle, tokio::task::JoinHandle<()>)> {
+    let spawner = process::Spawner::start()?;
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let (events_tx, events) = mpsc::unbounded_channel();
     let (ready_tx, ready) = watch::channel(0);
     let supervisor = Supervisor {
+        spawner,
         slots: Vec::new(),
         settings,
         spec,
@@ -146,12 +148,14 @@ pub fn start(
         reload_waiters: Vec::new(),
     };
     let task = tokio::spawn(supervisor.run(commands, events, reports));
-    (SupervisorHandle { commands: commands_tx, ready }, task)
+    Ok((SupervisorHandle { commands: commands_tx, ready }, task))
 }
 
 /// Things that happened to workers, reported by the tasks watching them.
 #[derive(Debug)]
 enum Event {
+    Spawned { id: WorkerId, pid: i32 },
+    SpawnFailed { id: WorkerId, error: String },
     Exited { id: WorkerId, status: std::io::Result<ExitStatus> },
     Probed { id: WorkerId, result: Result<(), String> },
     Drained { id: WorkerId },
@@ -162,6 +166,7 @@ enum Event {
 struct Supervisor {
     settings: Settings,
     spec: Spec,
+    spawner: process::Spawner,
     dir: Arc<RuntimeDir>,
     metrics: Arc<Metrics>,
     changes: ChangeSender,
@@ -224,33 +229,41 @@ impl Supervisor {
             }
         };
         let _ = std::fs::remove_file(&socket);
-        let (mut child, tail, stderr_copier) = match process::spawn(&self.spec, id, &socket) {
-            Ok(spawned) => spawned,
-            Err(e) => {
-                error!(worker = %id, exe = %self.spec.exe.display(), error = %e, "worker failed to start");
-                let s = &mut self.slots[slot];
-                s.last_exit = Some(format!("failed to start: {e}"));
-                if s.current.is_some() {
-                    self.replacement_failed(slot, format!("new worker {id} failed to start: {e}"));
-                } else {
-                    s.failures += 1;
-                    self.schedule_respawn(slot);
-                }
-                return;
-            }
-        };
-        let pid = Pid::from_raw(child.id().map_or(0, |p| p as i32));
-        info!(worker = %id, pid = pid.as_raw(), "worker spawned");
-
+        let cmd = process::command(&self.spec, id, &socket);
         let s = &mut self.slots[slot];
         if s.current.is_none() {
             s.current = Some(id);
         } else {
             s.next = Some(id);
         }
+        let tail = process::Tail::default();
+        let cancel = CancellationToken::new();
+        // The pid is known once the spawner thread has started the process (Event::Spawned).
+        self.workers.insert(id, Worker::new(Pid::from_raw(0), tail.clone(), cancel.clone(), self.epoch));
 
+        let spawner = self.spawner.clone();
         let events = self.events_tx.clone();
+        let within = self.settings.start_timeout;
         tokio::spawn(async move {
+            let mut child = match spawner.spawn(cmd).await {
+                Ok(child) => child,
+                Err(e) => {
+                    let _ = events.send(Event::SpawnFailed { id, error: e.to_string() });
+                    return;
+                }
+            };
+            let pid = child.id().map_or(0, |p| p as i32);
+            let _ = events.send(Event::Spawned { id, pid });
+            let stderr_copier = process::copy_stderr(&mut child, tail);
+            tokio::spawn({
+                let events = events.clone();
+                async move {
+                    let result = probe::wait_ready(&socket, within, &cancel).await;
+                    if !cancel.is_cancelled() {
+                        let _ = events.send(Event::Probed { id, result });
+                    }
+                }
+            });
             let status = child.wait().await;
             // The last lines a dying worker wrote explain its death; let them be read first.
             if let Some(copier) = stderr_copier {
@@ -258,23 +271,42 @@ impl Supervisor {
             }
             let _ = events.send(Event::Exited { id, status });
         });
+    }
 
-        let cancel = CancellationToken::new();
-        let events = self.events_tx.clone();
-        let within = self.settings.start_timeout;
-        let probe_cancel = cancel.clone();
-        tokio::spawn(async move {
-            let result = probe::wait_ready(&socket, within, &probe_cancel).await;
-            if !probe_cancel.is_cancelled() {
-                let _ = events.send(Event::Probed { id, result });
+    fn on_spawned(&mut self, id: WorkerId, pid: i32) {
+        let Some(worker) = self.workers.get_mut(&id) else { return };
+        worker.pid = Pid::from_raw(pid);
+        info!(worker = %id, pid, "worker spawned");
+        if worker.state == WorkerState::Stopping {
+            // Retired, or shutdown began, while it was being started.
+            process::signal(worker.pid, Signal::SIGTERM);
+        }
+    }
+
+    fn on_spawn_failed(&mut self, id: WorkerId, error: String) {
+        let Some(worker) = self.workers.remove(&id) else { return };
+        worker.cancel.cancel();
+        error!(worker = %id, exe = %self.spec.exe.display(), error, "worker failed to start");
+        let slot = id.slot;
+        let s = &mut self.slots[slot];
+        s.last_exit = Some(format!("failed to start: {error}"));
+        if s.next == Some(id) {
+            s.next = None;
+            self.replacement_failed(slot, format!("new worker {id} failed to start: {error}"));
+        } else if s.current == Some(id) {
+            s.current = None;
+            s.failures += 1;
+            if !self.stopping {
+                self.schedule_respawn(slot);
             }
-        });
-
-        self.workers.insert(id, Worker::new(pid, tail, cancel, self.epoch));
+        }
+        self.publish_ready();
     }
 
     fn on_event(&mut self, event: Event) {
         match event {
+            Event::Spawned { id, pid } => self.on_spawned(id, pid),
+            Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error),
             Event::Probed { id, result } => self.on_probed(id, result),
             Event::Exited { id, status } => self.on_exited(id, status),
             Event::Drained { id } => self.terminate(id),
@@ -710,8 +742,7 @@ impl Supervisor {
     async fn await_exits(&mut self, events: &mut mpsc::UnboundedReceiver<Event>, deadline: Instant) {
         while !self.workers.is_empty() {
             match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(Event::Exited { id, status })) => self.on_exited(id, status),
-                Ok(Some(_)) => {}
+                Ok(Some(event)) => self.on_event(event),
                 Ok(None) | Err(_) => return,
             }
         }

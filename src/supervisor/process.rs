@@ -12,6 +12,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::discovery::WorkerId;
@@ -49,9 +50,8 @@ impl Tail {
     }
 }
 
-/// Starts `rip worker` for `id` on `socket`. The worker's stderr is copied to ours line by
-/// line, keeping a tail; the returned task ends when the worker's stderr closes.
-pub fn spawn(spec: &Spec, id: WorkerId, socket: &Path) -> io::Result<(Child, Tail, Option<JoinHandle<()>>)> {
+/// The `rip worker` command for `id` on `socket`.
+pub fn command(spec: &Spec, id: WorkerId, socket: &Path) -> Command {
     let mut cmd = Command::new(&spec.exe);
     cmd.arg("worker")
         .arg("--socket")
@@ -76,25 +76,61 @@ pub fn spawn(spec: &Spec, id: WorkerId, socket: &Path) -> io::Result<(Child, Tai
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(false);
-    let mut child = cmd.spawn()?;
-    let tail = Tail::default();
-    let copier = child.stderr.take().map(|stderr| {
-        let tail = tail.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                // One short write per line to our own stderr: lines from several workers and
-                // the parent never interleave mid-line.
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
-                tail.push(line);
+    cmd
+}
+
+/// Copies the worker's stderr to ours line by line, keeping a tail in `tail`; the returned
+/// task ends when the worker's stderr closes.
+pub fn copy_stderr(child: &mut Child, tail: Tail) -> Option<JoinHandle<()>> {
+    let stderr = child.stderr.take()?;
+    Some(tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            // One short write per line to our own stderr: lines from several workers and
+            // the parent never interleave mid-line.
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
+            tail.push(line);
+        }
+    }))
+}
+
+/// Starts processes on a thread of its own, for two reasons. Starting a process blocks the
+/// caller until the child has called exec (about a millisecond), which on the front-end's
+/// single thread would stall every request each time a worker is recycled. And the kernel
+/// sends a worker its parent-death signal when the *thread* that started it exits, so that
+/// thread must live as long as the workers: tokio's blocking pool retires idle threads.
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    jobs: std::sync::mpsc::Sender<(Command, oneshot::Sender<io::Result<Child>>)>,
+}
+
+impl Spawner {
+    /// Starts the thread; must be called inside the runtime the children are reaped by.
+    pub fn start() -> io::Result<Spawner> {
+        let (jobs, queue) = std::sync::mpsc::channel::<(Command, oneshot::Sender<io::Result<Child>>)>();
+        let runtime = tokio::runtime::Handle::current();
+        std::thread::Builder::new().name("rip-spawner".into()).spawn(move || {
+            let _entered = runtime.enter();
+            for (mut cmd, reply) in queue {
+                let _ = reply.send(cmd.spawn());
             }
-        })
-    });
-    Ok((child, tail, copier))
+        })?;
+        Ok(Spawner { jobs })
+    }
+
+    pub async fn spawn(&self, cmd: Command) -> io::Result<Child> {
+        let (reply, child) = oneshot::channel();
+        self.jobs.send((cmd, reply)).map_err(|_| io::Error::other("the spawner thread is gone"))?;
+        child.await.map_err(|_| io::Error::other("the spawner thread is gone"))?
+    }
 }
 
 /// Signals the worker's whole process group; a group that is already gone is not an error.
 pub fn signal(pid: Pid, signal: Signal) {
+    // A worker still being started has no pid yet; killpg(0) would signal our own group.
+    if pid.as_raw() <= 0 {
+        return;
+    }
     let _ = killpg(pid, signal);
 }
 

@@ -1,6 +1,6 @@
 //! The ceiling for `benches/compare.sh`: one worker's app served straight on TCP, with no
 //! proxy hop. wrk cannot speak Unix sockets, and a TCP-to-Unix relay would itself be a hop, so
-//! this binary rebuilds what `rip worker` runs around the app (rip's worker service is private):
+//! this binary runs what `rip worker` runs around the app (`rip::worker::serve_connection`):
 //! a current-thread runtime, `/healthz` answered before the router, a served-requests counter,
 //! panic isolation, hyper's HTTP/1 server with keep-alive, one task per connection through
 //! `rip::connections::Connections`. The only difference from a worker is the listener: TCP

@@ -120,25 +120,11 @@ impl Worker {
 /// like `rip serve`'s, with the worker announced the way the supervisor announces it.
 fn start_frontend(socket: &Path, stop: CancellationToken) -> (Runtime, SocketAddr) {
     let config = Config::default();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    // One thread, as `rip serve` runs by default.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (reports, _unread) = tokio::sync::mpsc::unbounded_channel();
-    // Mirrors the mapping in src/serve.rs; see the report for the API that would remove it.
-    // Metrics are always on in `rip serve`; the access log is off by default.
-    let proxy = Proxy::new(
-        proxy::Settings {
-            balance: config.balance,
-            max_requests: config.max_requests,
-            max_requests_jitter: config.max_requests_jitter,
-            timeout: config.timeout,
-            queue_timeout: config.queue_timeout,
-            max_body: config.max_body,
-            body_timeout: config.header_timeout,
-            max_in_flight: config.max_in_flight,
-        },
-        reports,
-        Arc::new(Metrics::default()),
-        None,
-    );
+    // Metrics are always on in `rip serve`; the access log is off here as in compare.sh.
+    let proxy = Proxy::new(proxy::Settings::from(&config), reports, Arc::new(Metrics::default()), None);
     let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
     changes_tx
         .send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket: socket.to_owned() })

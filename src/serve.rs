@@ -63,19 +63,6 @@ fn check_root(root: &Path) -> Result<PathBuf> {
     Ok(real)
 }
 
-fn proxy_settings(config: &Config) -> proxy::Settings {
-    proxy::Settings {
-        balance: config.balance,
-        max_requests: config.max_requests,
-        max_requests_jitter: config.max_requests_jitter,
-        timeout: config.timeout,
-        queue_timeout: config.queue_timeout,
-        max_body: config.max_body,
-        body_timeout: config.header_timeout,
-        max_in_flight: config.max_in_flight,
-    }
-}
-
 fn supervisor_settings(config: &Config) -> supervisor::Settings {
     supervisor::Settings {
         workers: config.workers,
@@ -114,7 +101,7 @@ async fn serve(parent: Parent) -> Result<()> {
 
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
-    let proxy = Proxy::new(proxy_settings(config), reports_tx, metrics.clone(), access_log.clone());
+    let proxy = Proxy::new(proxy::Settings::from(config), reports_tx, metrics.clone(), access_log.clone());
     tokio::spawn({
         let proxy = proxy.clone();
         async move { proxy.follow(changes_rx).await }
@@ -292,7 +279,7 @@ fn reload(
             warn!(key, "this setting changes only with rip upgrade or a restart");
         }
     }
-    proxy.reconfigure(proxy_settings(&config));
+    proxy.reconfigure(proxy::Settings::from(&config));
     let configured = config.workers;
     let mut settings = supervisor_settings(&config);
     if configured == configured_workers {

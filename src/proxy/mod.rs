@@ -65,6 +65,22 @@ pub struct Settings {
     pub max_in_flight: usize,
 }
 
+impl From<&crate::config::Config> for Settings {
+    fn from(config: &crate::config::Config) -> Settings {
+        Settings {
+            balance: config.balance,
+            max_requests: config.max_requests,
+            max_requests_jitter: config.max_requests_jitter,
+            timeout: config.timeout,
+            queue_timeout: config.queue_timeout,
+            max_body: config.max_body,
+            // The same patience for a client's body as for its headers.
+            body_timeout: config.header_timeout,
+            max_in_flight: config.max_in_flight,
+        }
+    }
+}
+
 /// Cheap to clone; all clones share the pool.
 #[derive(Debug, Clone)]
 pub struct Proxy {

@@ -5,6 +5,8 @@
 
 mod service;
 
+pub use service::WorkerService;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -62,6 +64,25 @@ pub fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
     runtime.block_on(serve(args, app))
 }
 
+/// The connection set of a worker. The front-end takes a worker out of its pool before
+/// stopping it, so a worker's idle connections carry no more requests and close at once.
+pub fn connections(stop: CancellationToken) -> Connections {
+    Connections::new(stop, Duration::ZERO)
+}
+
+/// Serves one accepted connection as a worker does: HTTP/1.1 keep-alive and upgrades, and no
+/// header timeout, because the only client is rip's front-end, whose pooled keep-alive
+/// connections must not be closed under it while idle.
+pub fn serve_connection<I>(service: &WorkerService, io: I, connections: &Connections)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder = http1::Builder::new();
+    builder.keep_alive(true);
+    let conn = builder.serve_connection(io, TowerToHyperService::new(service.clone())).with_upgrades();
+    connections.spawn(conn, ());
+}
+
 fn die_with_parent(parent: Option<i32>) -> Result<()> {
     let Some(parent) = parent else { return Ok(()) };
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
@@ -74,8 +95,7 @@ fn die_with_parent(parent: Option<i32>) -> Result<()> {
 
 async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
-    let router = app(&ctx);
-    let service = service::WorkerService::new(router, ctx.served.clone());
+    let service = WorkerService::new(app(&ctx), &ctx);
 
     let _ = std::fs::remove_file(&args.socket);
     let listener =
@@ -83,22 +103,11 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let stop = CancellationToken::new();
-    // The front-end takes a worker out of its pool before stopping it, so a worker's idle
-    // connections carry no more requests and can close at once.
-    let connections = Connections::new(stop.clone(), Duration::ZERO);
-    // No header timeout here: the only client is our own front-end, whose pooled keep-alive
-    // connections must not be closed under it while idle.
-    let mut builder = http1::Builder::new();
-    builder.keep_alive(true);
+    let connections = connections(stop.clone());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
-                        .with_upgrades();
-                    connections.spawn(conn, ());
-                }
+                Ok((stream, _)) => serve_connection(&service, TokioIo::new(stream), &connections),
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;

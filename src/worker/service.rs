@@ -24,8 +24,9 @@ pub struct WorkerService {
 }
 
 impl WorkerService {
-    pub fn new(router: Router, served: Arc<AtomicU64>) -> WorkerService {
-        WorkerService { app: CatchPanicLayer::new().layer(router), served }
+    /// Wraps the app a worker serves; requests are counted in `ctx`.
+    pub fn new(router: Router, ctx: &crate::WorkerContext) -> WorkerService {
+        WorkerService { app: CatchPanicLayer::new().layer(router), served: ctx.served.clone() }
     }
 }
 

@@ -11,28 +11,27 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
-use hyper::header::{CONTENT_TYPE, RETRY_AFTER};
-use hyper::{Method, StatusCode};
+use hyper::header::RETRY_AFTER;
+use hyper::StatusCode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::harness::{
-    full, is_running, log_field, memory, request, runtime, wait_until, Client, Load, LoadReport, Reply, Rip,
-    WhoAmI, WorkerEvent, WAIT,
+    connect_raw, example_binary, is_running, log_field, memory, read_until_closed, runtime, served_by,
+    status_code, wait_until, Client, Load, LoadReport, Reply, Rip, WhoAmI, WorkerEvent, WAIT,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -175,14 +174,7 @@ fn a_hung_worker_gets_504_and_is_replaced_while_others_serve() {
     rip.wait_for_log_from(mark, |l| event_of(l, "worker exited after hanging", &hung), WAIT)
         .expect("the hung worker's exit was logged");
     let slot = WorkerEvent::parse(&killed).unwrap().slot();
-    let replaced = rip
-        .wait_for_log_from(
-            mark,
-            |l| WorkerEvent::parse(l).is_some_and(|e| e.is("worker ready") && e.slot() == slot),
-            WAIT,
-        )
-        .expect("a replacement became ready");
-    let replacement = WorkerEvent::parse(&replaced).unwrap();
+    let replacement = rip.wait_for_replacement(mark, slot, WAIT);
     assert_ne!(replacement.worker, hung);
     assert!(!is_running(hung_pid), "the hung worker {hung_pid} still runs");
 
@@ -562,9 +554,7 @@ fn assert_status(addr: SocketAddr, request: &[u8], want: u16, what: &str) {
     let _ = stream.write_all(request);
     let received = read_until_closed(&mut stream, Duration::from_secs(10));
     let head = String::from_utf8_lossy(&received);
-    let status: Option<u16> =
-        head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|s| s.parse().ok());
-    assert_eq!(status, Some(want), "{what}: got {head:?}");
+    assert_eq!(status_code(&head), Some(want), "{what}: got {head:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -737,13 +727,12 @@ fn a_panic_in_a_user_handler_costs_one_500_not_the_worker() {
 
     let (pid, statuses) = rt.block_on(async {
         let mut client = Client::new(rip.addr());
-        let mut req = request(Method::POST, "/api/items", full(r#"{"text":"survive a panic"}"#));
-        req.headers_mut().insert(CONTENT_TYPE, "application/json".parse().unwrap());
-        let created = client.request(req).await.expect("POST /api/items");
+        let created =
+            client.post_json("/api/items", r#"{"text":"survive a panic"}"#).await.expect("POST /api/items");
         assert_eq!(created.status, StatusCode::CREATED, "{}", created.text());
         let note = created.json();
         let location = format!("/api/items/{}", note["id"]);
-        let pid = worker_pid(&created);
+        let pid = served_by(&created);
 
         let mut statuses = Vec::new();
         for _ in 0..PANICS {
@@ -752,7 +741,7 @@ fn a_panic_in_a_user_handler_costs_one_500_not_the_worker() {
             // The same process still answers, with the note it held before the panic.
             let reply = client.get(&location).await.expect("GET the note");
             assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-            assert_eq!(worker_pid(&reply), pid, "another worker answered after a panic");
+            assert_eq!(served_by(&reply), pid, "another worker answered after a panic");
             assert_eq!(reply.json(), note);
         }
         (pid, statuses)
@@ -1071,43 +1060,7 @@ async fn whoami(addr: SocketAddr) -> WhoAmI {
 async fn served_by_pid(addr: SocketAddr, path: &str) -> i32 {
     let reply = Client::new(addr).get(path).await.expect("GET from the example");
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    worker_pid(&reply)
-}
-
-/// The pid the example names in `x-rip-worker-pid`.
-fn worker_pid(reply: &Reply) -> i32 {
-    reply
-        .headers
-        .get("x-rip-worker-pid")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no x-rip-worker-pid in {:?}", reply.headers))
-}
-
-fn connect_raw(addr: SocketAddr) -> std::net::TcpStream {
-    let stream = std::net::TcpStream::connect(addr).expect("connecting to rip");
-    stream.set_nodelay(true).unwrap();
-    stream
-}
-
-/// Everything the server sends until it closes the connection (a reset counts as a close:
-/// what came before it was read already). Fails if it stays open past `within`.
-fn read_until_closed(stream: &mut std::net::TcpStream, within: Duration) -> Vec<u8> {
-    let deadline = Instant::now() + within;
-    let mut received = Vec::new();
-    let mut buf = [0; 16 * 1024];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        assert!(!left.is_zero(), "still open after {within:?}; got {:?}", String::from_utf8_lossy(&received));
-        stream.set_read_timeout(Some(left)).unwrap();
-        match stream.read(&mut buf) {
-            Ok(0) => return received,
-            Ok(n) => received.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return received,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("reading from rip: {e}"),
-        }
-    }
+    served_by(&reply)
 }
 
 /// A small xorshift generator: which worker dies is random, and the seed is printed so that a
@@ -1132,38 +1085,4 @@ impl Rng {
         self.state ^= self.state << 17;
         (self.state % n as u64) as usize
     }
-}
-
-/// The json_api example, built once per test run for the same profile as the `rip` under
-/// test (as tests/it/example.rs does: `cargo test --test it` does not build examples).
-fn example_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile_dir =
-            Path::new(env!("CARGO_BIN_EXE_rip")).parent().expect("the rip binary is in a directory");
-        let mut cargo =
-            std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cargo
-            .args(["build", "--quiet", "--example", "json_api", "--target-dir"])
-            .arg(profile_dir.parent().expect("the profile directory has a parent"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cargo.arg("--release");
-            }
-            Some(profile) => {
-                cargo.args(["--profile", profile]);
-            }
-        }
-        let out = cargo.output().expect("running cargo to build the example");
-        assert!(
-            out.status.success(),
-            "building the json_api example failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let exe = profile_dir.join("examples/json_api");
-        assert!(exe.is_file(), "cargo built no {}", exe.display());
-        exe
-    })
 }

@@ -5,11 +5,11 @@
 //! answer, 400, and then the close: a second answer would mean that bytes hidden in the first
 //! request were taken for a request of their own.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::harness::Rip;
+use crate::harness::{self, connect_raw, header_value, status_code, Rip};
 
 /// Longest wait for an answer and for the close. Far below the header timeout rip gets (see
 /// [`start`]), so a connection left waiting for the rest of a head fails the test instead of
@@ -36,33 +36,15 @@ fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<Answer> {
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
-    let stream = TcpStream::connect(addr).expect("connecting to rip");
+    let stream = connect_raw(addr);
     stream.set_read_timeout(Some(ANSWER_TIMEOUT)).expect("setting a read timeout");
-    stream.set_nodelay(true).expect("setting nodelay");
     stream
 }
 
+/// Every response rip sends until it closes the connection, which it must within
+/// [`ANSWER_TIMEOUT`].
 fn read_until_closed(stream: &mut TcpStream) -> Vec<Answer> {
-    let deadline = Instant::now() + ANSWER_TIMEOUT;
-    let mut received = Vec::new();
-    let mut buf = [0; 16 * 1024];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => received.extend_from_slice(&buf[..n]),
-            // A close with unread input in rip's buffer comes as a reset; what was answered
-            // before it has been read already.
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                panic!(
-                    "rip did not close the connection within {ANSWER_TIMEOUT:?}; got {:?}",
-                    lossy(&received)
-                )
-            }
-            Err(e) => panic!("reading from rip: {e}"),
-        }
-        assert!(Instant::now() < deadline, "rip kept sending past {ANSWER_TIMEOUT:?}");
-    }
+    let received = harness::read_until_closed(stream, ANSWER_TIMEOUT);
     let mut answers = Vec::new();
     let mut rest = &received[..];
     while !rest.is_empty() {
@@ -98,17 +80,8 @@ fn read_one(stream: &mut TcpStream) -> Answer {
 fn parse_response(bytes: &[u8]) -> Option<(Answer, usize)> {
     let head_len = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = String::from_utf8(bytes[..head_len].to_vec()).expect("a UTF-8 response head");
-    let status = head
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP/1.1 response: {head:?}"));
-    let header = |name: &str| {
-        head.lines().skip(1).find_map(|line| {
-            let (n, v) = line.split_once(':')?;
-            n.eq_ignore_ascii_case(name).then(|| v.trim().to_ascii_lowercase())
-        })
-    };
+    let status = status_code(&head).unwrap_or_else(|| panic!("not an HTTP/1.1 response: {head:?}"));
+    let header = |name: &str| header_value(&head, name).map(str::to_ascii_lowercase);
     let mut at = head_len;
     let mut body = Vec::new();
     if header("transfer-encoding").as_deref() == Some("chunked") {

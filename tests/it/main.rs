@@ -4,8 +4,8 @@
 mod harness;
 
 mod example;
-mod serve;
-mod static_files;
+mod faults;
 mod framing;
 mod operations;
-mod faults;
+mod serve;
+mod static_files;

@@ -8,26 +8,25 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper::header::CONTENT_TYPE;
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Deserialize;
 
 use crate::harness::{
-    full, is_running, log_field, memory, request, runtime, wait_gone, wait_until, Client, Load, LoadReport,
-    Rip, TempDir, WhoAmI, START_TIMEOUT, WAIT,
+    example_binary, is_running, log_addr, log_field, memory, runtime, served_by, wait_gone, wait_until,
+    Client, Load, LoadReport, Process, Rip, TempDir, WhoAmI, START_TIMEOUT, WAIT,
 };
 
 /// Longest a rolling reload, a scale or an upgrade may take to settle: every worker of a
@@ -427,9 +426,10 @@ fn a_worker_over_max_memory_is_recycled_and_its_replacement_serves() {
         let mut client = Client::new(rip.addr());
         let mut owner = None;
         for _ in 0..NOTES {
-            let mut req = request(Method::POST, "/api/items", full(format!(r#"{{"text":"{text}"}}"#)));
-            req.headers_mut().insert(CONTENT_TYPE, "application/json".parse().unwrap());
-            let reply = client.request(req).await.expect("POST /api/items");
+            let reply = client
+                .post_json("/api/items", format!(r#"{{"text":"{text}"}}"#))
+                .await
+                .expect("POST /api/items");
             assert_eq!(reply.status, StatusCode::CREATED);
             let pid = served_by(&reply);
             *stored.entry(pid).or_default() += 1;
@@ -596,7 +596,7 @@ fn a_listener_passed_by_systemd_socket_activation_is_served() {
     assert!(reply.text().starts_with("Hello from rip worker"), "{}", reply.text());
 
     // Workers must not think the socket is theirs.
-    let worker = rip.worker_pid().expect("a spawned worker");
+    let worker = rip.worker_pids().first().copied().expect("a spawned worker");
     let environ = std::fs::read(format!("/proc/{worker}/environ")).expect("reading the worker's environment");
     for var in environ.split(|b| *b == 0) {
         let var = String::from_utf8_lossy(var);
@@ -619,7 +619,7 @@ fn metrics_parse_as_prometheus_text_and_count_the_requests_sent() {
     rip.wait_all_ready();
     let admin: SocketAddr = rip
         .wait_for_log(|l| l.contains(" admin listener started "), WAIT)
-        .and_then(|l| log_field(&l, "addr").and_then(|a| a.parse().ok()))
+        .and_then(|l| log_addr(&l))
         .expect("the admin address is logged");
 
     let (text, ready, live) = runtime().block_on(async {
@@ -885,85 +885,6 @@ impl Drop for Orphan {
     }
 }
 
-/// A process the harness cannot start (it needs a `pre_exec`): stderr captured, killed on
-/// drop, stderr printed if the test failed.
-struct Process {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-    status: Option<ExitStatus>,
-}
-
-impl Process {
-    fn spawn(mut cmd: Command) -> Process {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "info");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("RIP_") {
-                cmd.env_remove(key);
-            }
-        }
-        let mut child = cmd.spawn().expect("starting rip");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        std::thread::spawn({
-            let logs = logs.clone();
-            move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    logs.lock().unwrap().push(line);
-                }
-            }
-        });
-        Process { child, logs, status: None }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Option<String> {
-        let mut found = None;
-        wait_until(timeout, || {
-            found = self.logs().into_iter().find(|l| l.contains(needle));
-            found.is_some() || matches!(self.child.try_wait(), Ok(Some(_)))
-        });
-        found
-    }
-
-    fn worker_pid(&self) -> Option<i32> {
-        self.logs()
-            .iter()
-            .find(|l| l.contains(" worker spawned "))
-            .and_then(|l| log_field(l, "pid")?.parse().ok())
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_until(timeout, || {
-            self.status = self.child.try_wait().expect("waiting for rip");
-            self.status.is_some()
-        });
-        self.status
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if self.status.is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("---- stderr of rip ----");
-            for line in self.logs() {
-                eprintln!("{line}");
-            }
-            eprintln!("---- end of rip's stderr ----");
-        }
-    }
-}
-
 /// Lines logged from `mark` on that contain `needle`.
 fn lines_after(rip: &Rip, mark: usize, needle: &str) -> Vec<String> {
     rip.logs().into_iter().skip(mark).filter(|l| l.contains(needle)).collect()
@@ -1038,52 +959,6 @@ impl NotifySocket {
 
 fn has_state(message: &str, state: &str) -> bool {
     message.lines().any(|l| l == state)
-}
-
-// ---------------------------------------------------------------------------------------
-// The json_api example
-// ---------------------------------------------------------------------------------------
-
-/// The json_api example binary, brought up to date by cargo once per run, as example.rs does
-/// (`cargo test --test it` does not build examples, and an old one may be stale).
-fn example_binary() -> &'static Path {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let profile_dir =
-            Path::new(env!("CARGO_BIN_EXE_rip")).parent().expect("the rip binary is in a directory");
-        let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        cargo
-            .args(["build", "--quiet", "--example", "json_api", "--target-dir"])
-            .arg(profile_dir.parent().expect("the profile directory has a parent"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => {}
-            Some("release") => {
-                cargo.arg("--release");
-            }
-            Some(profile) => {
-                cargo.args(["--profile", profile]);
-            }
-        }
-        let out = cargo.output().expect("running cargo to build the example");
-        assert!(
-            out.status.success(),
-            "building the json_api example failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let exe = profile_dir.join("examples/json_api");
-        assert!(exe.is_file(), "cargo built no {}", exe.display());
-        exe
-    })
-}
-
-/// The worker pid the json_api example names in every response.
-fn served_by(reply: &crate::harness::Reply) -> i32 {
-    reply.headers["x-rip-worker-pid"]
-        .to_str()
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no worker pid in {:?}", reply.headers))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -49,14 +49,7 @@ fn a_killed_worker_is_replaced_and_requests_keep_succeeding() {
         .wait_for_log_from(mark, |l| event_is(l, "worker exited unexpectedly", Some(victim)), WAIT)
         .expect("the killed worker's exit was logged");
     let slot = WorkerEvent::parse(&exited).unwrap().slot();
-    let replaced = rip
-        .wait_for_log_from(
-            mark,
-            |l| WorkerEvent::parse(l).is_some_and(|e| e.is("worker ready") && e.slot() == slot),
-            WAIT,
-        )
-        .expect("a replacement became ready");
-    let replacement = WorkerEvent::parse(&replaced).unwrap().pid;
+    let replacement = rip.wait_for_replacement(mark, slot, WAIT).pid;
     assert_ne!(replacement, victim);
 
     // Requests after the replacement joined the rotation succeed too.

@@ -9,7 +9,7 @@ use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::harness::Rip;
+use crate::harness::{header_value, status_code, Rip};
 
 /// What the file outside the root holds; no response may ever contain it.
 const SECRET: &str = "OUTSIDE-THE-ROOT-7f3a9c";
@@ -60,10 +60,7 @@ struct Raw {
 
 impl Raw {
     fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            key.eq_ignore_ascii_case(name).then(|| value.trim())
-        })
+        header_value(&self.head, name)
     }
 }
 
@@ -77,11 +74,8 @@ fn send(addr: SocketAddr, method: &str, target: &str) -> Raw {
     stream.read_to_end(&mut bytes).unwrap_or_else(|e| panic!("reading the answer to {target}: {e}"));
     let text = String::from_utf8_lossy(&bytes).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in the answer to {target}: {text:?}"));
+    let status =
+        status_code(head).unwrap_or_else(|| panic!("no HTTP status in the answer to {target}: {text:?}"));
     Raw { status, head: head.to_string(), body: body.to_string() }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cli::ServeArgs;
-use crate::proxy::Balance;
+use crate::proxy::{Balance, Upstream};
 
 /// The default config file, read when present and no `--config` is given.
 pub const DEFAULT_CONFIG_FILE: &str = "rip.toml";
@@ -30,6 +30,7 @@ pub struct Config {
     /// Workers replaced at once (recycles and reloads share this budget).
     pub max_surge: usize,
     pub balance: Balance,
+    pub upstream: Upstream,
     pub graceful_timeout: Duration,
     pub timeout: Duration,
     pub queue_timeout: Duration,
@@ -111,6 +112,7 @@ impl Default for Config {
             max_age: Duration::ZERO,
             max_surge: 1,
             balance: Balance::LeastPending,
+            upstream: Upstream::Http2,
             graceful_timeout: Duration::from_secs(30),
             timeout: Duration::from_secs(30),
             queue_timeout: Duration::from_secs(5),
@@ -143,6 +145,7 @@ const KEYS: &[&str] = &[
     "max_age",
     "max_surge",
     "balance",
+    "upstream",
     "graceful_timeout",
     "timeout",
     "queue_timeout",
@@ -229,6 +232,7 @@ fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
         "max_age" => config.max_age = parse_duration(raw)?,
         "max_surge" => config.max_surge = parse_count(raw)?,
         "balance" => config.balance = raw.parse()?,
+        "upstream" => config.upstream = raw.parse()?,
         "graceful_timeout" => config.graceful_timeout = parse_duration(raw)?,
         "timeout" => config.timeout = parse_positive_duration(raw)?,
         "queue_timeout" => config.queue_timeout = parse_duration(raw)?,
@@ -281,6 +285,7 @@ fn flag_layer(args: &ServeArgs) -> Layer {
     put("max_age", args.max_age.clone());
     put("max_surge", args.max_surge.map(|v| v.to_string()));
     put("balance", args.balance.clone());
+    put("upstream", args.upstream.clone());
     put("graceful_timeout", args.graceful_timeout.clone());
     put("timeout", args.timeout.clone());
     put("queue_timeout", args.queue_timeout.clone());

@@ -8,11 +8,53 @@ use std::time::Duration;
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::rt::{Read, Write};
-use hyper::server::conn::http1::UpgradeableConnection;
+use std::future::Future;
+use std::pin::Pin;
+
+use hyper::server::conn::http1;
 use hyper::service::HttpService;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
+
+/// A served connection that can be asked to finish its current requests and close:
+/// HTTP/1 (the front-end) or HTTP/1 and HTTP/2 (workers).
+pub trait Graceful: Future<Output = Result<(), Self::Error>> {
+    type Error: std::fmt::Display + Send;
+    fn shut_down(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    I: Read + Write + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Error = hyper::Error;
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B> Graceful for auto::UpgradeableConnection<'static, I, S, TokioExecutor>
+where
+    I: Read + Write + Unpin + Send + 'static,
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    type Error = Box<dyn StdError + Send + Sync>;
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Connections {
@@ -31,21 +73,15 @@ impl Connections {
     }
 
     /// Serves `conn` in a task of its own; `guard` is dropped when the connection ends.
-    pub fn spawn<I, S, B, G>(&self, conn: UpgradeableConnection<I, S>, guard: G)
+    pub fn spawn<C, G>(&self, conn: C, guard: G)
     where
-        I: Read + Write + Unpin + Send + 'static,
-        S: HttpService<Incoming, ResBody = B> + Send + 'static,
-        S::Future: Send,
-        S::Error: Into<Box<dyn StdError + Send + Sync>>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn StdError + Send + Sync>>,
+        C: Graceful + Send + 'static,
         G: Send + 'static,
     {
         let stop = self.stop.clone();
         let linger = self.linger;
         self.tracker.spawn(async move {
-            tokio::pin!(conn);
+            let mut conn = std::pin::pin!(conn);
             let stopped_then_lingered = async {
                 stop.cancelled().await;
                 tokio::time::sleep(linger).await;
@@ -53,7 +89,7 @@ impl Connections {
             let result = tokio::select! {
                 result = conn.as_mut() => result,
                 () = stopped_then_lingered => {
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().shut_down();
                     conn.await
                 }
             };

@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -62,24 +63,51 @@ struct ClientBody {
     idle_timer: Pin<Box<Sleep>>,
     /// Fired when the whole body was read, so the worker's answer may be timed from then.
     finished: Option<oneshot::Sender<()>>,
+    /// Why the body failed, for the proxy to answer with: over HTTP/2 the error that reaches
+    /// the proxy is the stream's reset, not this body's error.
+    failure: Arc<OnceLock<BodyError>>,
+}
+
+/// What the proxy keeps of a client body it handed to a worker connection.
+#[derive(Debug)]
+pub struct BodyWatch {
+    /// Completes when the body has been read to its end (or failed); `None` once it did.
+    sent: Option<oneshot::Receiver<()>>,
+    failure: Arc<OnceLock<BodyError>>,
+}
+
+impl BodyWatch {
+    /// Waits until the body has been read to its end (or failed); at once after that.
+    pub async fn sent(&mut self) {
+        if let Some(rx) = self.sent.as_mut() {
+            let _ = rx.await;
+            self.sent = None;
+        }
+    }
+
+    /// Why the body failed, if it did.
+    pub fn failure(&self) -> Option<BodyError> {
+        self.failure.get().copied()
+    }
 }
 
 impl RequestBody {
-    /// Wraps a client body. The receiver completes when the body has been read to its end
-    /// (or failed); `None` when there is no body at all.
-    pub fn client(body: Incoming, max: u64, idle: Duration) -> (RequestBody, Option<oneshot::Receiver<()>>) {
+    /// Wraps a client body; `None` for the watch when there is no body at all.
+    pub fn client(body: Incoming, max: u64, idle: Duration) -> (RequestBody, Option<BodyWatch>) {
         if body.is_end_stream() {
             return (RequestBody(Kind::Empty), None);
         }
         let (tx, rx) = oneshot::channel();
+        let failure = Arc::new(OnceLock::new());
         let client = ClientBody {
             body,
             remaining: max,
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
             finished: Some(tx),
+            failure: failure.clone(),
         };
-        (RequestBody(Kind::Client(Box::new(client))), Some(rx))
+        (RequestBody(Kind::Client(Box::new(client))), Some(BodyWatch { sent: Some(rx), failure }))
     }
 
     pub fn empty() -> RequestBody {
@@ -90,6 +118,7 @@ impl RequestBody {
 impl ClientBody {
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.finished.take();
+        let _ = self.failure.set(error);
         Poll::Ready(Some(Err(Box::new(error))))
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
@@ -20,7 +20,78 @@ use crate::discovery::WorkerId;
 /// the front-end's concurrency to reuse connections, small enough to bound file descriptors.
 const MAX_IDLE_PER_WORKER: usize = 512;
 
-pub type Sender = SendRequest<RequestBody>;
+/// A connection to a worker, ready for one request (HTTP/1) or shared (HTTP/2).
+#[derive(Debug)]
+pub enum Sender {
+    H1(SendRequest<RequestBody>),
+    H2(H2Sender),
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<RequestBody>;
+
+type Sent = Result<
+    http::Response<hyper::body::Incoming>,
+    hyper::client::conn::TrySendError<http::Request<RequestBody>>,
+>;
+
+impl Sender {
+    pub fn try_send_request(
+        &mut self,
+        req: http::Request<RequestBody>,
+    ) -> futures_util::future::Either<
+        impl std::future::Future<Output = Sent>,
+        impl std::future::Future<Output = Sent>,
+    > {
+        match self {
+            Sender::H1(s) => futures_util::future::Either::Left(s.try_send_request(req)),
+            Sender::H2(s) => futures_util::future::Either::Right(s.try_send_request(req)),
+        }
+    }
+
+    async fn ready(&mut self) -> hyper::Result<()> {
+        match self {
+            Sender::H1(s) => s.ready().await,
+            Sender::H2(s) => s.ready().await,
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// How the front-end talks to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// One pooled connection per request in flight.
+    Http1,
+    /// One connection per worker carrying every request in flight: one write and one wake-up
+    /// can carry several requests, where HTTP/1 needs a system call pair for each.
+    Http2,
+}
+
+impl Upstream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Upstream::Http1 => "http1",
+            Upstream::Http2 => "http2",
+        }
+    }
+}
+
+impl std::str::FromStr for Upstream {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "http1" => Ok(Upstream::Http1),
+            "http2" => Ok(Upstream::Http2),
+            _ => anyhow::bail!("expected http2 or http1"),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Endpoint {
@@ -35,6 +106,8 @@ pub struct Endpoint {
     unreachable: AtomicBool,
     hung_reported: AtomicBool,
     idle: Mutex<Vec<Sender>>,
+    h2: Mutex<Option<H2Sender>>,
+    upstream: Upstream,
     drained: Notify,
     capacity: Arc<Capacity>,
     /// Extra requests this worker may serve past `--max-requests` (`--max-requests-jitter`).
@@ -42,7 +115,13 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    pub fn new(id: WorkerId, socket: PathBuf, capacity: Arc<Capacity>, jitter: u64) -> Endpoint {
+    pub fn new(
+        id: WorkerId,
+        socket: PathBuf,
+        capacity: Arc<Capacity>,
+        jitter: u64,
+        upstream: Upstream,
+    ) -> Endpoint {
         Endpoint {
             id,
             socket,
@@ -53,6 +132,8 @@ impl Endpoint {
             unreachable: AtomicBool::new(false),
             hung_reported: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+            upstream,
             drained: Notify::new(),
             capacity,
             jitter,
@@ -96,12 +177,13 @@ impl Endpoint {
     /// Closes the idle connections, after one failed in a way that suggests the worker died.
     pub fn forget_idle(&self) {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.h2.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 
     /// Takes the worker out of the rotation and closes its idle connections.
     pub fn leave(&self) {
         self.leaving.store(true, Ordering::Relaxed);
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.forget_idle();
         self.drained.notify_waiters();
     }
 
@@ -124,8 +206,12 @@ impl Endpoint {
         }
     }
 
-    /// A connection ready for a request: an idle one if any is still open, else a new one.
-    pub async fn connection(&self) -> io::Result<Sender> {
+    /// A connection ready for a request. Upgrades always get an HTTP/1 connection of their
+    /// own, since the connection becomes the tunnel.
+    pub async fn connection(&self, upgrade: bool) -> io::Result<Sender> {
+        if self.upstream == Upstream::Http2 && !upgrade {
+            return self.shared_h2().await.map(Sender::H2);
+        }
         while let Some(mut sender) = self.pop_idle() {
             // An idle sender may need one poll to notice its previous response ended; a closed
             // one fails at once.
@@ -134,6 +220,29 @@ impl Endpoint {
             }
         }
         self.connect().await
+    }
+
+    /// The worker's HTTP/2 connection, opened on first use and again after it closed.
+    async fn shared_h2(&self) -> io::Result<H2Sender> {
+        let shared = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(mut sender) = shared {
+            // Waits while the connection is at its stream limit; fails at once if it closed.
+            if sender.ready().await.is_ok() {
+                return Ok(sender);
+            }
+        }
+        let stream = UnixStream::connect(&self.socket).await?;
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .adaptive_window(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            // Ends when the worker closes the connection or every sender is dropped.
+            let _ = conn.await;
+        });
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        Ok(sender)
     }
 
     fn pop_idle(&self) -> Option<Sender> {
@@ -149,11 +258,14 @@ impl Endpoint {
             // request that was on it, if any, sees the error.
             let _ = conn.with_upgrades().await;
         });
-        Ok(sender)
+        Ok(Sender::H1(sender))
     }
 
     /// Returns a connection whose response body ended.
     pub fn give_back(&self, sender: Sender) {
+        if matches!(sender, Sender::H2(_)) {
+            return;
+        }
         if sender.is_closed() || self.leaving.load(Ordering::Relaxed) {
             return;
         }
@@ -188,12 +300,13 @@ mod tests {
     use super::*;
 
     fn endpoint() -> Arc<Endpoint> {
-        let pool = crate::proxy::Pool::new(crate::proxy::Balance::RoundRobin, 0);
+        let pool = crate::proxy::Pool::new(crate::proxy::Balance::RoundRobin, 0, Upstream::Http1);
         Arc::new(Endpoint::new(
             WorkerId { slot: 0, generation: 0 },
             "/nonexistent".into(),
             pool.capacity(),
             0,
+            Upstream::Http1,
         ))
     }
 

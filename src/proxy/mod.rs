@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 
 pub use balance::Balance;
 pub use body::{RequestBody, ResponseBody};
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, Upstream};
 pub use error::ProxyError;
 pub use pool::Pool;
 
@@ -53,6 +53,8 @@ const MAX_UNSENT: usize = 16;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub balance: Balance,
+    /// How the front-end talks to workers; fixed at start like `balance`.
+    pub upstream: Upstream,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
     pub timeout: Duration,
@@ -69,6 +71,7 @@ impl From<&crate::config::Config> for Settings {
     fn from(config: &crate::config::Config) -> Settings {
         Settings {
             balance: config.balance,
+            upstream: config.upstream,
             max_requests: config.max_requests,
             max_requests_jitter: config.max_requests_jitter,
             timeout: config.timeout,
@@ -105,7 +108,7 @@ impl Proxy {
         metrics: Arc<Metrics>,
         access_log: Option<AccessLog>,
     ) -> Proxy {
-        let pool = Pool::new(settings.balance, settings.max_in_flight);
+        let pool = Pool::new(settings.balance, settings.max_in_flight, settings.upstream);
         pool.configure(settings.max_in_flight, settings.max_requests_jitter);
         let settings = ArcSwap::from_pointee(settings);
         let closing = AtomicBool::new(false);
@@ -201,7 +204,7 @@ impl Proxy {
         }
         let upgrade = headers::prepare_request(parts, &peer.forwarded_for);
         let replay = Replay::capture(parts, &body, upgrade);
-        let (body, mut body_sent) = RequestBody::client(body, max_body, settings.body_timeout);
+        let (body, mut watch) = RequestBody::client(body, max_body, settings.body_timeout);
         let mut req = Request::new(body);
         *req.method_mut() = parts.method.clone();
         *req.uri_mut() = parts.uri.clone();
@@ -226,7 +229,7 @@ impl Proxy {
             if endpoint.count_request(settings.max_requests) {
                 let _ = self.shared.reports.send(Report::Exhausted(endpoint.id));
             }
-            let mut sender = match endpoint.connection().await {
+            let mut sender = match endpoint.connection(upgrade).await {
                 Ok(sender) => sender,
                 Err(e) => {
                     // The socket refuses connections: the worker is gone. Stop choosing it
@@ -246,9 +249,8 @@ impl Proxy {
             // The worker is timed from the end of the request body: a client that uploads
             // slowly is the client's problem (the body idle timeout), not a hung worker.
             let answer_deadline = async {
-                if let Some(rx) = body_sent.as_mut() {
-                    let _ = rx.await;
-                    body_sent = None;
+                if let Some(watch) = watch.as_mut() {
+                    watch.sent().await;
                 }
                 tokio::time::sleep(settings.timeout).await;
             };
@@ -271,7 +273,11 @@ impl Proxy {
                         continue;
                     }
                     let err = err.into_error();
-                    if let Some(body_error) = cause::<body::BodyError>(&err) {
+                    let body_error = watch
+                        .as_ref()
+                        .and_then(body::BodyWatch::failure)
+                        .or_else(|| cause::<body::BodyError>(&err));
+                    if let Some(body_error) = body_error {
                         return Err(match body_error {
                             body::BodyError::TooLarge => ProxyError::BodyTooLarge,
                             body::BodyError::Timeout => ProxyError::BodyTimeout,

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::balance::{choose, Balance, Candidate};
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, Upstream};
 use crate::discovery::{Change, WorkerId};
 
 #[derive(Debug)]
@@ -28,6 +28,7 @@ pub struct Pool {
     max_in_flight: AtomicUsize,
     /// Each new worker's request budget is extended by a random amount up to this.
     jitter: AtomicU64,
+    upstream: Upstream,
 }
 
 /// Wakes requests waiting for a worker: on every change of the rotation, and when a request
@@ -60,7 +61,7 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pool {
-    pub fn new(balance: Balance, max_in_flight: usize) -> Pool {
+    pub fn new(balance: Balance, max_in_flight: usize, upstream: Upstream) -> Pool {
         Pool {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             capacity: Arc::new(Capacity { version: watch::Sender::new(0), waiting: AtomicUsize::new(0) }),
@@ -68,6 +69,7 @@ impl Pool {
             balance,
             max_in_flight: AtomicUsize::new(max_in_flight),
             jitter: AtomicU64::new(0),
+            upstream,
         }
     }
 
@@ -136,7 +138,8 @@ impl Pool {
             Change::Ready { id, socket } => {
                 debug!(worker = %id, "worker joined the rotation");
                 let jitter = random_up_to(self.jitter.load(Ordering::Relaxed));
-                let endpoint = Arc::new(Endpoint::new(id, socket, self.capacity.clone(), jitter));
+                let endpoint =
+                    Arc::new(Endpoint::new(id, socket, self.capacity.clone(), jitter, self.upstream));
                 self.update(|list| {
                     list.retain(|e| e.id != id);
                     list.push(endpoint);
@@ -202,7 +205,7 @@ mod tests {
 
     #[tokio::test]
     async fn leave_waits_for_in_flight_requests() {
-        let pool = Pool::new(Balance::RoundRobin, 0);
+        let pool = Pool::new(Balance::RoundRobin, 0, Upstream::Http1);
         ready(&pool, 0);
         ready(&pool, 1);
         let endpoint = pool.snapshot().iter().find(|e| e.id == id(0)).unwrap().clone();
@@ -220,7 +223,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_requests_wake_when_a_worker_joins() {
-        let pool = Arc::new(Pool::new(Balance::LeastPending, 0));
+        let pool = Arc::new(Pool::new(Balance::LeastPending, 0, Upstream::Http1));
         let waiter = tokio::spawn({
             let pool = pool.clone();
             async move { pool.pick_until(None, Instant::now() + Duration::from_secs(10)).await }
@@ -233,14 +236,14 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_gives_up_at_the_deadline() {
-        let pool = Pool::new(Balance::RoundRobin, 0);
+        let pool = Pool::new(Balance::RoundRobin, 0, Upstream::Http1);
         let picked = pool.pick_until(None, Instant::now() + Duration::from_millis(20)).await;
         assert!(picked.is_none());
     }
 
     #[tokio::test]
     async fn a_full_worker_is_skipped_and_waiters_wake_when_it_frees_up() {
-        let pool = Arc::new(Pool::new(Balance::LeastPending, 1));
+        let pool = Arc::new(Pool::new(Balance::LeastPending, 1, Upstream::Http1));
         ready(&pool, 0);
         let lease = pool.pick(None).unwrap().lease();
         assert!(pool.pick(None).is_none(), "a full worker was picked");
@@ -267,7 +270,7 @@ mod tests {
 
     #[tokio::test]
     async fn leave_of_an_unknown_worker_reports_drained_at_once() {
-        let pool = Pool::new(Balance::RoundRobin, 0);
+        let pool = Pool::new(Balance::RoundRobin, 0, Upstream::Http1);
         let (tx, rx) = oneshot::channel();
         pool.apply(Change::Leave { id: id(9), drained: Some(tx) });
         rx.await.unwrap();

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use hyper::server::conn::http1;
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use nix::sys::signal::Signal;
 use nix::sys::stat::{umask, Mode};
@@ -70,16 +71,23 @@ pub fn connections(stop: CancellationToken) -> Connections {
     Connections::new(stop, Duration::ZERO)
 }
 
-/// Serves one accepted connection as a worker does: HTTP/1.1 keep-alive and upgrades, and no
-/// header timeout, because the only client is rip's front-end, whose pooled keep-alive
-/// connections must not be closed under it while idle.
+/// Most concurrent requests on one HTTP/2 connection from the front-end; more wait in the
+/// front-end, which counts them against `--max-in-flight` and `--queue-timeout` anyway.
+const MAX_STREAMS: u32 = 1024;
+
+/// Serves one accepted connection as a worker does: HTTP/2 (how the front-end sends requests)
+/// or HTTP/1.1 (health probes, protocol upgrades, `--upstream http1`), with upgrades and no
+/// header timeout, because the only client is rip's front-end, whose pooled connections must
+/// not be closed under it while idle.
 pub fn serve_connection<I>(service: &WorkerService, io: I, connections: &Connections)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let mut builder = http1::Builder::new();
-    builder.keep_alive(true);
-    let conn = builder.serve_connection(io, TowerToHyperService::new(service.clone())).with_upgrades();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(true);
+    builder.http2().max_concurrent_streams(MAX_STREAMS).adaptive_window(true);
+    let conn =
+        builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service.clone())).into_owned();
     connections.spawn(conn, ());
 }
 

@@ -70,8 +70,17 @@ fn a_killed_worker_is_replaced_and_requests_keep_succeeding() {
 
 #[test]
 fn recycling_every_five_requests_loses_none_of_a_thousand() {
+    recycling_loses_none_of_a_thousand("http2");
+}
+
+#[test]
+fn recycling_over_http1_to_workers_loses_none_of_a_thousand_either() {
+    recycling_loses_none_of_a_thousand("http1");
+}
+
+fn recycling_loses_none_of_a_thousand(upstream: &str) {
     let rt = runtime();
-    let rip = Rip::start(&["--workers", "2", "--max-requests", "5"]);
+    let rip = Rip::start(&["--workers", "2", "--max-requests", "5", "--upstream", upstream]);
     rip.wait_all_ready();
 
     let report = rt.block_on(

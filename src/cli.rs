@@ -113,7 +113,7 @@ pub struct ServeArgs {
     /// How requests are spread over workers: least-pending or round-robin [default: least-pending]
     #[arg(long, value_name = "STRATEGY")]
     pub balance: Option<String>,
-    /// Protocol to workers: http2 (one multiplexed connection each) or http1 (a connection per request in flight) [default: http2]
+    /// Protocol to workers for requests without a body: http2 (one multiplexed connection each) or http1 [default: http2]
     #[arg(long, value_name = "PROTOCOL")]
     pub upstream: Option<String>,
     /// Time in-flight requests get to finish at shutdown, e.g. 30s [default: 30s]

@@ -68,8 +68,12 @@ impl Sender {
 pub enum Upstream {
     /// One pooled connection per request in flight.
     Http1,
-    /// One connection per worker carrying every request in flight: one write and one wake-up
-    /// can carry several requests, where HTTP/1 needs a system call pair for each.
+    /// One connection per worker carrying every request in flight without a body: one write
+    /// and one wake-up can carry several requests, where HTTP/1 needs a system call pair for
+    /// each. Requests with a body, and upgrades, still get an HTTP/1 connection of their own:
+    /// on a shared connection, flow control ties streams together, and a client that
+    /// abandons an upload while its response streams back was seen to stall the whole
+    /// connection.
     Http2,
 }
 
@@ -206,10 +210,9 @@ impl Endpoint {
         }
     }
 
-    /// A connection ready for a request. Upgrades always get an HTTP/1 connection of their
-    /// own, since the connection becomes the tunnel.
-    pub async fn connection(&self, upgrade: bool) -> io::Result<Sender> {
-        if self.upstream == Upstream::Http2 && !upgrade {
+    /// A connection ready for a request; `own` asks for an HTTP/1 connection of its own.
+    pub async fn connection(&self, own: bool) -> io::Result<Sender> {
+        if self.upstream == Upstream::Http2 && !own {
             return self.shared_h2().await.map(Sender::H2);
         }
         while let Some(mut sender) = self.pop_idle() {

@@ -229,7 +229,8 @@ impl Proxy {
             if endpoint.count_request(settings.max_requests) {
                 let _ = self.shared.reports.send(Report::Exhausted(endpoint.id));
             }
-            let mut sender = match endpoint.connection(upgrade).await {
+            // Bodies and tunnels get a connection of their own (see `Upstream::Http2`).
+            let mut sender = match endpoint.connection(upgrade || watch.is_some()).await {
                 Ok(sender) => sender,
                 Err(e) => {
                     // The socket refuses connections: the worker is gone. Stop choosing it

@@ -1,0 +1,221 @@
+//! Recycling: replacing workers for requests, memory, age or a reload, scaling the pool,
+//! and backing off restarts, all within one surge budget.
+//!
+//! Invariant: a replacement is probed ready before the worker it replaces leaves, and at
+//! most `surge` replacements run at once, so capacity never dips below the configured
+//! number of workers and memory never doubles.
+
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::table::{self, Slot, WorkerState};
+use super::{backoff, Event, ReloadResult, Settings, Spec, Supervisor};
+use crate::discovery::WorkerId;
+use crate::metrics::RecycleReason;
+
+impl Supervisor {
+    pub(super) fn want_recycle(&mut self, id: WorkerId, reason: RecycleReason) {
+        let slot = &mut self.slots[id.slot];
+        if slot.current == Some(id) && slot.next.is_none() && slot.recycle_reason.is_none() {
+            slot.recycle_reason = Some(reason);
+            self.start_replacements();
+        }
+    }
+
+    /// Memory and age limits, checked every [`CHECK_INTERVAL`](super::CHECK_INTERVAL).
+    pub(super) fn check_limits(&mut self) {
+        if self.stopping || (self.settings.max_memory.is_none() && self.settings.max_age.is_none()) {
+            return;
+        }
+        let mut due = Vec::new();
+        for (id, w) in &self.workers {
+            if w.state != WorkerState::Ready {
+                continue;
+            }
+            if let Some(limit) = self.settings.max_memory {
+                let rss = table::rss_bytes(w.pid);
+                if rss > limit {
+                    info!(worker = %id, rss, limit, "worker over its memory limit");
+                    due.push((*id, RecycleReason::Memory));
+                    continue;
+                }
+            }
+            if self.settings.max_age.is_some_and(|max| w.started.elapsed() > max) {
+                due.push((*id, RecycleReason::Age));
+            }
+        }
+        for (id, reason) in due {
+            self.want_recycle(id, reason);
+        }
+    }
+
+    pub(super) fn reload(
+        &mut self,
+        settings: Option<(Settings, Spec)>,
+        done: Option<oneshot::Sender<ReloadResult>>,
+    ) {
+        if self.stopping {
+            if let Some(done) = done {
+                let _ = done.send(Err("shutting down".into()));
+            }
+            return;
+        }
+        if let Some((settings, spec)) = settings {
+            let workers = settings.workers;
+            self.settings = settings;
+            self.spec = spec;
+            self.scale(workers);
+        }
+        self.epoch += 1;
+        info!(epoch = self.epoch, workers = self.active_slots(), "reload started");
+        self.reload_waiters.extend(done);
+        self.start_replacements();
+        self.finish_reload_if_done();
+    }
+
+    /// A replacement never became ready. For a recycle, the old worker keeps serving and the
+    /// replacement is retried with backoff. For a reload, the roll stops: workers not yet
+    /// replaced keep serving (an old worker leaves only after its replacement is ready), and
+    /// a broken deploy is not retried in a loop.
+    pub(super) fn replacement_failed(&mut self, slot: usize, reason: String) {
+        let s = &mut self.slots[slot];
+        s.failures += 1;
+        if s.recycle_reason != Some(RecycleReason::Reload) {
+            self.schedule_respawn(slot);
+            return;
+        }
+        warn!(reason, "reload failed, workers not yet replaced keep serving");
+        let epoch = self.epoch;
+        for w in self.workers.values_mut() {
+            w.epoch = epoch;
+        }
+        for s in &mut self.slots {
+            if s.recycle_reason == Some(RecycleReason::Reload) {
+                s.recycle_reason = None;
+            }
+        }
+        for waiter in self.reload_waiters.drain(..) {
+            let _ = waiter.send(Err(reason.clone()));
+        }
+    }
+
+    pub(super) fn finish_reload_if_done(&mut self) {
+        if self.reload_waiters.is_empty() {
+            return;
+        }
+        let done = self.slots.iter().filter(|s| s.active).all(|s| {
+            s.next.is_none()
+                && s.current
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.epoch >= self.epoch && w.state == WorkerState::Ready)
+        });
+        if done {
+            info!(epoch = self.epoch, "reload finished");
+            for waiter in self.reload_waiters.drain(..) {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+
+    fn active_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.active).count()
+    }
+
+    /// Grows or shrinks the pool to `n` workers. New slots start at once; removed slots'
+    /// workers leave the rotation and drain.
+    pub(super) fn scale(&mut self, n: usize) {
+        let n = n.clamp(1, crate::metrics::MAX_SLOTS);
+        let before = self.active_slots();
+        for slot in 0..n.max(self.slots.len()) {
+            if slot >= self.slots.len() {
+                self.slots.push(Slot::default());
+            }
+            let want = slot < n;
+            if want == self.slots[slot].active {
+                continue;
+            }
+            self.slots[slot].active = want;
+            if want {
+                self.slots[slot].failures = 0;
+                if self.slots[slot].current.is_none() && !self.slots[slot].respawn_scheduled {
+                    self.spawn(slot);
+                }
+            } else {
+                let s = &mut self.slots[slot];
+                let leaving: Vec<WorkerId> = s.current.take().into_iter().chain(s.next.take()).collect();
+                s.recycle_reason = None;
+                for id in leaving {
+                    self.retire(id);
+                }
+            }
+        }
+        if before != 0 && before != n {
+            info!(from = before, to = n, "workers scaled");
+        }
+        self.settings.workers = n;
+        self.publish_ready();
+        self.finish_reload_if_done();
+    }
+
+    /// Starts replacements for slots that want one, within the surge budget.
+    pub(super) fn start_replacements(&mut self) {
+        if self.stopping {
+            return;
+        }
+        for slot in 0..self.slots.len() {
+            if self.replacements_in_progress() >= self.settings.surge {
+                return;
+            }
+            let s = &self.slots[slot];
+            if !s.active || s.next.is_some() || s.respawn_scheduled {
+                continue;
+            }
+            let Some(current) = s.current.and_then(|id| self.workers.get(&id)) else { continue };
+            if current.state != WorkerState::Ready {
+                continue;
+            }
+            let outdated = current.epoch < self.epoch;
+            if outdated && self.slots[slot].recycle_reason.is_none() {
+                self.slots[slot].recycle_reason = Some(RecycleReason::Reload);
+            }
+            if outdated || self.slots[slot].recycle_reason.is_some() {
+                self.spawn(slot);
+            }
+        }
+    }
+
+    /// Replacements starting, plus replaced workers still draining or exiting: while either
+    /// exists, it is one process above the configured number.
+    fn replacements_in_progress(&self) -> usize {
+        let starting = self.slots.iter().filter(|s| s.next.is_some()).count();
+        let leaving = self
+            .workers
+            .iter()
+            .filter(|(id, w)| {
+                matches!(w.state, WorkerState::Draining | WorkerState::Stopping) && !self.is_slot_member(**id)
+            })
+            .count();
+        starting + leaving
+    }
+
+    pub(super) fn schedule_respawn(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        if s.respawn_scheduled || !s.active {
+            return;
+        }
+        let delay = backoff::delay(s.failures);
+        if delay.is_zero() {
+            if s.current.is_none() {
+                self.spawn(slot);
+            }
+            return;
+        }
+        s.respawn_scheduled = true;
+        warn!(slot, failures = s.failures, delay_ms = delay.as_millis() as u64, "worker restart backed off");
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(Event::Respawn { slot });
+        });
+    }
+}

@@ -36,7 +36,7 @@ NGINX_KEEPALIVE=${NGINX_KEEPALIVE:-256}   # idle upstream connections per nginx 
 OTHER_MAX=${OTHER_MAX:-0.3}      # a run during which other work kept more cores busy is redone
 RETRIES=${RETRIES:-2}            # ... at most this many times; the last try is kept regardless
 ACCESS_LOG=${ACCESS_LOG:-off}    # off, or on: rip and nginx both log every request to a file
-RIP_ARGS=${RIP_ARGS:-}           # extra flags for every `rip serve`, e.g. "--upstream http1"
+SERVE_ARGS=${SERVE_ARGS:-}       # extra flags for every `rip serve`, e.g. "--upstream http1"
 CASES=${CASES:-"get_c1 get_c100 echo_1m echo_64k close_c100"}
 SETUPS=${SETUPS:-"rip nginx-1 nginx-auto ceiling rip-recycle"}
 
@@ -153,7 +153,7 @@ start_rip() {
     [[ $ACCESS_LOG == on ]] && access=$TMP/$name-access.log
     # rip creates its runtime directory (0700) itself.
     (cd "$TMP" && RUST_LOG=info exec "$RIP" serve --host 127.0.0.1 --port "$port" --workers "$WORKERS" \
-        --runtime-dir "$TMP/$name" --access-log "$access" $RIP_ARGS "$@" >"$TMP/$name.log" 2>&1) &
+        --runtime-dir "$TMP/$name" --access-log "$access" $SERVE_ARGS "$@" >"$TMP/$name.log" 2>&1) &
     STARTED+=($!)
     PORT[$name]=$port FRONT_ROOT[$name]=$! KIND[$name]=rip LOGFILE[$name]=$TMP/$name.log
     wait_until 60 grep -q "all workers ready" "$TMP/$name.log" ||

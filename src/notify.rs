@@ -54,7 +54,3 @@ pub fn stopping() {
 pub fn main_pid(pid: u32) {
     send(&[NotifyState::MainPid(pid)]);
 }
-
-pub fn status(text: &str) {
-    send(&[NotifyState::Status(text)]);
-}

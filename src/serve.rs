@@ -132,7 +132,9 @@ async fn serve(parent: Parent) -> Result<()> {
 
     let stop = CancellationToken::new();
     if let Some(addr) = config.admin {
-        let bound = admin_listener(addr, &metrics, &proxy, &supervisor, &stop).await?;
+        let bound =
+            crate::admin::serve(addr, metrics.clone(), proxy.clone(), supervisor.clone(), stop.clone())
+                .await?;
         info!(addr = %bound, "admin listener started");
     }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
@@ -154,16 +156,6 @@ async fn serve(parent: Parent) -> Result<()> {
     drop(dir);
     info!("rip stopped");
     Ok(())
-}
-
-async fn admin_listener(
-    addr: SocketAddr,
-    metrics: &Arc<Metrics>,
-    proxy: &Proxy,
-    supervisor: &SupervisorHandle,
-    stop: &CancellationToken,
-) -> Result<SocketAddr> {
-    crate::admin::serve(addr, metrics.clone(), proxy.clone(), supervisor.clone(), stop.clone()).await
 }
 
 /// READY=1 for systemd (and the previous rip, during an upgrade) once every worker is ready.
@@ -246,22 +238,13 @@ fn reload(
     current_workers: usize,
     configured_workers: usize,
 ) -> Result<(usize, oneshot::Receiver<ReloadResult>), String> {
-    let config = match crate::config::load(&parent.args) {
-        Ok(config) => config,
-        Err(e) => {
-            let message = format!("config rejected: {}", crate::error_chain(&e));
-            error!(error = message, "reload refused, workers keep serving");
-            return Err(message);
-        }
-    };
-    let root = match config.root.as_deref().map(check_root).transpose() {
-        Ok(root) => root,
-        Err(e) => {
-            let message = format!("config rejected: {}", crate::error_chain(&e));
-            error!(error = message, "reload refused, workers keep serving");
-            return Err(message);
-        }
-    };
+    let checked = crate::config::load(&parent.args)
+        .and_then(|config| Ok((config.root.as_deref().map(check_root).transpose()?, config)));
+    let (root, config) = checked.map_err(|e| {
+        let message = format!("config rejected: {}", crate::error_chain(&e));
+        error!(error = message, "reload refused, workers keep serving");
+        message
+    })?;
     let old = &parent.config;
     let fixed = [
         ("host", old.host != config.host),

@@ -113,7 +113,7 @@ pub struct ServeArgs {
     /// How requests are spread over workers: least-pending or round-robin [default: least-pending]
     #[arg(long, value_name = "STRATEGY")]
     pub balance: Option<String>,
-    /// Protocol to workers for requests without a body: http2 (one multiplexed connection each) or http1 [default: http2]
+    /// How requests reach workers: http2 (one multiplexed connection each), http1, or handoff (client connections passed whole to workers: faster, no per-request failover) [default: http2]
     #[arg(long, value_name = "PROTOCOL")]
     pub upstream: Option<String>,
     /// Time in-flight requests get to finish at shutdown, e.g. 30s [default: 30s]
@@ -189,6 +189,18 @@ pub struct WorkerArgs {
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     pub log_format: String,
+    /// Also take client connections from the front-end over a hand-off channel.
+    #[arg(long)]
+    pub handoff: bool,
+    /// With --handoff: the client header timeout, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// With --handoff: largest request body in bytes; 0 = unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub max_body: u64,
+    /// With --handoff: client connections served at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 impl Cli {

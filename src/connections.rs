@@ -100,6 +100,11 @@ impl Connections {
         });
     }
 
+    /// Runs `task`, which is not a connection yet (a hand-off in progress), as one of the set.
+    pub fn track(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(task);
+    }
+
     /// Waits up to `grace` for every connection to finish; returns how many are still open.
     pub async fn drain(self, grace: Duration) -> usize {
         self.tracker.close();

@@ -1,20 +1,21 @@
 //! The public listener: accepts client connections and serves each with hyper's HTTP/1 server
-//! through the proxy. Invariant: at most `max_connections` client connections are open; past
-//! that, new ones wait in the kernel's accept queue instead of exhausting file descriptors.
+//! through the proxy, or with `--upstream handoff` passes each to a worker. Invariant: at most
+//! `max_connections` client connections are open (or on their way to a worker); past that,
+//! new ones wait in the kernel's accept queue instead of exhausting file descriptors.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::connections::Connections;
 use crate::framing::StrictFraming;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, ProxyError, Upstream};
 
 /// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -22,7 +23,7 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// response saying `Connection: close`) before idle ones are closed. Long enough for a busy
 /// keep-alive client to receive one more response and reconnect elsewhere (after an upgrade:
 /// to the new process), short enough not to matter to a shutdown.
-const DRAIN_LINGER: Duration = Duration::from_millis(500);
+pub const DRAIN_LINGER: Duration = Duration::from_millis(500);
 /// Largest request head (request line plus headers) read from a client; beyond it, 431.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most header fields in one request; beyond it, 431.
@@ -32,6 +33,21 @@ const MAX_HEADERS: usize = 100;
 pub struct Limits {
     pub header_timeout: Duration,
     pub max_connections: usize,
+}
+
+/// hyper's HTTP/1 server as every client connection gets it, in the front-end or (with
+/// `--upstream handoff`) in a worker.
+pub fn client_builder(header_timeout: Duration) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // hyper runs this timer whenever it waits for a request head, so it also closes idle
+        // keep-alive connections and connections that never send a byte.
+        .header_read_timeout(header_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
+    builder
 }
 
 /// Accepts connections until `stop` is cancelled, then gives open ones up to `grace` to
@@ -45,33 +61,19 @@ pub async fn serve(
 ) -> usize {
     let connections = Connections::new(stop.clone(), DRAIN_LINGER);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // hyper runs this timer whenever it waits for a request head, so it also closes idle
-        // keep-alive connections and connections that never send a byte.
-        .header_read_timeout(limits.header_timeout)
-        .max_headers(MAX_HEADERS)
-        .max_header_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
-
-    loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = stop.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    continue;
+    let builder = client_builder(limits.header_timeout);
+    let handoff = proxy.upstream() == Upstream::Handoff;
+    while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop).await {
+        if handoff {
+            let (proxy, builder) = (proxy.clone(), builder.clone());
+            connections.track(async move {
+                if let Err(client) = proxy.hand_off(stream).await {
+                    refuse(&builder, client).await;
                 }
-            },
-            () = stop.cancelled() => break,
-        };
-        let _ = stream.set_nodelay(true);
+                drop(permit);
+            });
+            continue;
+        }
         let stream = StrictFraming::new(stream);
         let conn = builder.serve_connection(TokioIo::new(stream), proxy.service(peer)).with_upgrades();
         connections.spawn(conn, permit);
@@ -79,4 +81,42 @@ pub async fn serve(
     drop(listener);
     proxy.close_connections_after_responses();
     connections.drain(grace).await
+}
+
+/// The next client connection, with its permit; `None` once `stop` is cancelled.
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit)> {
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = stop.cancelled() => return None,
+        };
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer, permit));
+                }
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                }
+            },
+            () = stop.cancelled() => return None,
+        }
+    }
+}
+
+/// Answers a connection no worker took with 503, reading its request first so that the
+/// answer is not lost to a reset.
+async fn refuse(builder: &http1::Builder, client: TcpStream) {
+    let service = hyper::service::service_fn(|_req| async {
+        let mut response = ProxyError::NoWorker.into_response();
+        response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    let _ = builder.serve_connection(TokioIo::new(StrictFraming::new(client)), service).await;
 }

@@ -37,6 +37,8 @@ pub mod discovery;
 pub mod framing;
 /// The parent's public listener: accepts connections and serves them through the proxy.
 pub mod frontend;
+/// `--upstream handoff`: client sockets passed to workers over SCM_RIGHTS.
+pub mod handoff;
 /// The public listening socket: inherited, passed by systemd, or bound.
 pub mod listener;
 /// Log setup shared by the parent and the workers.

@@ -51,7 +51,8 @@ impl RuntimeDir {
     /// The socket of worker `slot` in generation `generation`.
     pub fn socket_path(&self, slot: usize, generation: u64) -> Result<PathBuf> {
         let path = self.path.join(format!("w{slot}.{generation}.sock"));
-        if path.as_os_str().len() > MAX_SOCKET_PATH {
+        // The hand-off channel's name is the longer of the two.
+        if crate::handoff::channel_path(&path).as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
                 "runtime directory {} is too long for Unix sockets; set --runtime-dir to a shorter path",
                 self.path.display()

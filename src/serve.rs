@@ -81,6 +81,11 @@ fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor
         threads: config.worker_threads,
         graceful_ms: config.graceful_timeout.as_millis() as u64,
         log_format: config.log_format.as_str(),
+        handoff: (config.upstream == proxy::Upstream::Handoff).then_some(crate::worker::ClientLimits {
+            header_timeout: config.header_timeout,
+            max_body: config.max_body,
+            max_connections: config.max_connections,
+        }),
     }
 }
 
@@ -99,6 +104,9 @@ async fn serve(parent: Parent) -> Result<()> {
         target => AccessLog::start(target, config.log_format).context("starting the access log")?,
     };
 
+    if config.upstream == proxy::Upstream::Handoff {
+        warn_about_handoff(config, access_log.is_some());
+    }
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let proxy = Proxy::new(proxy::Settings::from(config), reports_tx, metrics.clone(), access_log.clone());
@@ -156,6 +164,17 @@ async fn serve(parent: Parent) -> Result<()> {
     drop(dir);
     info!("rip stopped");
     Ok(())
+}
+
+/// What `--upstream handoff` gives up, said once at start so nobody relies on it unawares.
+fn warn_about_handoff(config: &Config, access_log: bool) {
+    info!("upstream handoff: each client connection is served by one worker; requests are not retried on another worker, and --timeout and --max-in-flight do not apply");
+    if access_log {
+        warn!("the access log stays empty with upstream handoff: workers answer clients directly");
+    }
+    if config.max_in_flight > 0 {
+        warn!("max_in_flight does not apply with upstream handoff");
+    }
 }
 
 /// READY=1 for systemd (and the previous rip, during an upgrade) once every worker is ready.
@@ -240,7 +259,7 @@ fn reload(
 ) -> Result<(usize, oneshot::Receiver<ReloadResult>), String> {
     let checked = crate::config::load(&parent.args)
         .and_then(|config| Ok((config.root.as_deref().map(check_root).transpose()?, config)));
-    let (root, config) = checked.map_err(|e| {
+    let (root, mut config) = checked.map_err(|e| {
         let message = format!("config rejected: {}", crate::error_chain(&e));
         error!(error = message, "reload refused, workers keep serving");
         message
@@ -256,12 +275,17 @@ fn reload(
         ("balance", old.balance != config.balance),
         ("header_timeout", old.header_timeout != config.header_timeout),
         ("max_connections", old.max_connections != config.max_connections),
+        ("upstream", old.upstream != config.upstream),
     ];
     for (key, changed) in fixed {
         if changed {
             warn!(key, "this setting changes only with rip upgrade or a restart");
         }
     }
+    // New workers must speak what the running front-end speaks.
+    config.upstream = old.upstream;
+    config.header_timeout = old.header_timeout;
+    config.max_connections = old.max_connections;
     proxy.reconfigure(proxy::Settings::from(&config));
     let configured = config.workers;
     let mut settings = supervisor_settings(&config);

@@ -1,16 +1,16 @@
 //! One worker as the proxy sees it: its socket, its counters and its pool of keep-alive
-//! connections. Invariant: a connection goes back to the idle pool only after its response
+//! connections (or, with `--upstream handoff`, its hand-off channel). Invariant: a connection goes back to the idle pool only after its response
 //! body ended, so an idle connection is always free for the next request.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::UnixStream;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OnceCell};
 
 use super::body::RequestBody;
 use super::pool::Capacity;
@@ -75,6 +75,10 @@ pub enum Upstream {
     /// abandons an upload while its response streams back was seen to stall the whole
     /// connection.
     Http2,
+    /// No proxying: each client connection is passed to a worker whole (see
+    /// `crate::handoff`), which serves it directly. Faster, at the price of every per-request
+    /// guarantee the front-end gives: retries, `--timeout`, queueing, the access log.
+    Handoff,
 }
 
 impl Upstream {
@@ -82,6 +86,7 @@ impl Upstream {
         match self {
             Upstream::Http1 => "http1",
             Upstream::Http2 => "http2",
+            Upstream::Handoff => "handoff",
         }
     }
 }
@@ -92,7 +97,8 @@ impl std::str::FromStr for Upstream {
         match s {
             "http1" => Ok(Upstream::Http1),
             "http2" => Ok(Upstream::Http2),
-            _ => anyhow::bail!("expected http2 or http1"),
+            "handoff" => Ok(Upstream::Handoff),
+            _ => anyhow::bail!("expected http2, http1 or handoff"),
         }
     }
 }
@@ -111,6 +117,9 @@ pub struct Endpoint {
     hung_reported: AtomicBool,
     idle: Mutex<Vec<Sender>>,
     h2: Mutex<Option<H2Sender>>,
+    /// `--upstream handoff`: where client connections go, opened on first use. Shared with
+    /// the task that listens for the worker's answers on it.
+    channel: OnceCell<Arc<UnixStream>>,
     upstream: Upstream,
     drained: Notify,
     capacity: Arc<Capacity>,
@@ -137,6 +146,7 @@ impl Endpoint {
             hung_reported: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            channel: OnceCell::new(),
             upstream,
             drained: Notify::new(),
             capacity,
@@ -161,12 +171,35 @@ impl Endpoint {
         !self.leaving.load(Ordering::Relaxed) && !self.unreachable.load(Ordering::Relaxed)
     }
 
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Requests this worker may serve before it is recycled; 0 = no limit.
+    pub fn budget(&self, max_requests: u64) -> u64 {
+        if max_requests == 0 {
+            return 0;
+        }
+        max_requests.saturating_add(self.jitter)
+    }
+
     /// Counts a request towards `max_requests`; true exactly once, when the budget is reached.
     pub fn count_request(&self, max_requests: u64) -> bool {
         let sent = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
-        max_requests > 0
-            && sent >= max_requests.saturating_add(self.jitter)
-            && !self.exhausted.swap(true, Ordering::Relaxed)
+        max_requests > 0 && sent >= self.budget(max_requests) && self.mark_exhausted()
+    }
+
+    /// True the first time only: the worker has served its budget.
+    pub fn mark_exhausted(&self) -> bool {
+        !self.exhausted.swap(true, Ordering::Relaxed)
+    }
+
+    /// The hand-off channel, opened by `open` if it is not open yet.
+    pub async fn channel(
+        &self,
+        open: impl std::future::Future<Output = io::Result<Arc<UnixStream>>>,
+    ) -> io::Result<&UnixStream> {
+        self.channel.get_or_try_init(|| open).await.map(|c| &**c)
     }
 
     /// True the first time only, so one hung worker is reported once.
@@ -188,6 +221,9 @@ impl Endpoint {
     pub fn leave(&self) {
         self.leaving.store(true, Ordering::Relaxed);
         self.forget_idle();
+        if let Some(channel) = self.channel.get() {
+            crate::handoff::close_sending(channel);
+        }
         self.drained.notify_waiters();
     }
 

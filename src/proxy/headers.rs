@@ -97,11 +97,16 @@ pub fn prepare_request(parts: &mut request::Parts, forwarded_for: &HeaderValue) 
         parts.uri = Uri::try_from(origin_form).unwrap_or_else(|_| Uri::from_static("/"));
     }
 
-    parts.headers.insert(&X_FORWARDED_FOR, forwarded_for.clone());
-    parts.headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    set_forwarded(&mut parts.headers, forwarded_for);
     // The hop to a worker is always keep-alive HTTP/1.1, whatever the client spoke.
     parts.version = Version::HTTP_11;
     upgrade
+}
+
+/// Replaces whatever `X-Forwarded-For`/`-Proto` the client sent with the truth.
+pub fn set_forwarded(headers: &mut HeaderMap, forwarded_for: &HeaderValue) {
+    headers.insert(&X_FORWARDED_FOR, forwarded_for.clone());
+    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
 }
 
 /// Rewrites a worker's response for the client. A 101 keeps its handshake headers.

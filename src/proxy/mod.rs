@@ -11,7 +11,8 @@ mod balance;
 mod body;
 mod endpoint;
 mod error;
-mod headers;
+mod handoff;
+pub(crate) mod headers;
 mod pool;
 mod upgrade;
 
@@ -117,6 +118,11 @@ impl Proxy {
         let settings = ArcSwap::from_pointee(settings);
         let closing = AtomicBool::new(false);
         Proxy { shared: Arc::new(Shared { pool, settings, reports, metrics, access_log, closing }) }
+    }
+
+    /// How requests reach workers; fixed at start.
+    pub fn upstream(&self) -> Upstream {
+        self.shared.pool.upstream()
     }
 
     pub fn pool(&self) -> &Pool {
@@ -354,7 +360,7 @@ impl Proxy {
     }
 }
 
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 

@@ -73,6 +73,10 @@ impl Pool {
         }
     }
 
+    pub fn upstream(&self) -> Upstream {
+        self.upstream
+    }
+
     /// Applies limits that may change on reload.
     pub fn configure(&self, max_in_flight: usize, jitter: u64) {
         self.max_in_flight.store(max_in_flight, Ordering::Relaxed);

@@ -28,6 +28,8 @@ pub struct Spec {
     pub threads: usize,
     pub graceful_ms: u64,
     pub log_format: &'static str,
+    /// `--upstream handoff`: workers also serve clients directly, within these limits.
+    pub handoff: Option<crate::worker::ClientLimits>,
 }
 
 /// The last lines a worker wrote to stderr.
@@ -70,6 +72,15 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path) -> Command {
         .arg(spec.log_format);
     if let Some(root) = &spec.root {
         cmd.arg("--root").arg(root);
+    }
+    if let Some(limits) = &spec.handoff {
+        cmd.arg("--handoff")
+            .arg("--header-timeout-ms")
+            .arg(limits.header_timeout.as_millis().to_string())
+            .arg("--max-body")
+            .arg(limits.max_body.to_string())
+            .arg("--max-connections")
+            .arg(limits.max_connections.to_string());
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())

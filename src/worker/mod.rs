@@ -3,8 +3,10 @@
 //! `rip serve` that started it: the kernel kills it when the parent dies, and it checks at
 //! start that the parent is still the one that spawned it.
 
+mod handoff;
 mod service;
 
+pub use handoff::ClientLimits;
 pub use service::WorkerService;
 
 use std::path::PathBuf;
@@ -91,6 +93,20 @@ where
     connections.spawn(conn, ());
 }
 
+fn bind(path: &std::path::Path) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+async fn accept_channel(
+    listener: Option<&UnixListener>,
+) -> std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn die_with_parent(parent: Option<i32>) -> Result<()> {
     let Some(parent) = parent else { return Ok(()) };
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).context("setting the parent-death signal")?;
@@ -101,17 +117,32 @@ fn die_with_parent(parent: Option<i32>) -> Result<()> {
     Ok(())
 }
 
+/// After SIGTERM, how long a hand-off channel is still read for connections the front-end
+/// queued before taking this worker out of its rotation. The front-end closes the channel
+/// before it signals, so this only bounds a front-end that died.
+const CHANNEL_DRAIN: Duration = Duration::from_secs(1);
+
 async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
     let service = WorkerService::new(app(&ctx), &ctx);
+    let stop = CancellationToken::new();
+    let clients = args.handoff.then(|| {
+        let limits = ClientLimits {
+            header_timeout: Duration::from_millis(args.header_timeout_ms),
+            max_body: args.max_body,
+            max_connections: args.max_connections,
+        };
+        handoff::Clients::new(service.clone(), ctx.clone(), limits, stop.clone())
+    });
 
-    let _ = std::fs::remove_file(&args.socket);
-    let listener =
-        UnixListener::bind(&args.socket).with_context(|| format!("binding {}", args.socket.display()))?;
+    // The channel first: once the HTTP socket answers the readiness probe, both must work.
+    let channel_path = crate::handoff::channel_path(&args.socket);
+    let channels = clients.is_some().then(|| bind(&channel_path)).transpose()?;
+    let listener = bind(&args.socket)?;
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    let stop = CancellationToken::new();
     let connections = connections(stop.clone());
+    let receivers = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -121,13 +152,29 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            Ok((channel, _)) = accept_channel(channels.as_ref()) => {
+                if let Some(clients) = &clients {
+                    receivers.spawn(clients.clone().receive(channel));
+                }
+            }
             _ = terminate.recv() => break,
         }
     }
     drop(listener);
+    drop(channels);
     let _ = std::fs::remove_file(&args.socket);
+    let _ = std::fs::remove_file(&channel_path);
     stop.cancel();
-    let open = connections.drain(Duration::from_millis(args.graceful_ms)).await;
+    receivers.close();
+    let _ = tokio::time::timeout(CHANNEL_DRAIN, receivers.wait()).await;
+    let grace = Duration::from_millis(args.graceful_ms);
+    let (open, clients_open) = tokio::join!(connections.drain(grace), async {
+        match clients {
+            Some(clients) => clients.drain(grace).await,
+            None => 0,
+        }
+    });
+    let open = open + clients_open;
     let id = crate::discovery::WorkerId { slot: args.id, generation: args.generation };
     if open > 0 {
         warn!(worker = %id, open, "graceful timeout elapsed with requests in flight");

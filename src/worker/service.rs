@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use axum::Router;
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use tower::Layer;
 use tower::Service;
 use tower_http::catch_panic::{CatchPanic, CatchPanicLayer, DefaultResponseForPanic};
@@ -32,7 +31,11 @@ impl WorkerService {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 
-impl Service<Request<Incoming>> for WorkerService {
+impl<B> Service<Request<B>> for WorkerService
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = BoxFuture;
@@ -41,7 +44,7 @@ impl Service<Request<Incoming>> for WorkerService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> BoxFuture {
+    fn call(&mut self, req: Request<B>) -> BoxFuture {
         if req.method() == Method::GET && req.uri().path() == "/healthz" {
             return Box::pin(async { Ok(health()) });
         }

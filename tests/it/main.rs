@@ -6,6 +6,7 @@ mod harness;
 mod example;
 mod faults;
 mod framing;
+mod handoff;
 mod operations;
 mod serve;
 mod static_files;

@@ -99,21 +99,23 @@ fn recycling_loses_none_of_a_thousand(upstream: &str) {
 
 #[test]
 fn sigterm_lets_requests_in_flight_finish_and_leaves_nothing_behind() {
-    stops_gracefully_on(Signal::SIGTERM, 4, 2000);
+    stops_gracefully_on(Signal::SIGTERM, 4, 2000, &[]);
 }
 
 #[test]
 fn sigint_stops_as_gracefully_as_sigterm() {
-    stops_gracefully_on(Signal::SIGINT, 2, 1500);
+    stops_gracefully_on(Signal::SIGINT, 2, 1500, &[]);
 }
 
 /// Sends `requests` × `GET /sleep/<ms>`, waits until every one reached a worker, sends
 /// `signal`, then checks each request got its 200, rip exited 0 and took its workers and
-/// sockets with it.
-fn stops_gracefully_on(signal: Signal, requests: usize, ms: u64) {
+/// sockets with it. `extra`: more flags for `rip serve`.
+pub(crate) fn stops_gracefully_on(signal: Signal, requests: usize, ms: u64, extra: &[&str]) {
     let rt = runtime();
     // Round-robin, so that the /whoami polls below reach every worker in turn.
-    let mut rip = Rip::start(&["--workers", "2", "--balance", "round-robin"]);
+    let mut args = vec!["--workers", "2", "--balance", "round-robin"];
+    args.extend_from_slice(extra);
+    let mut rip = Rip::start(&args);
     rip.wait_all_ready();
     let addr = rip.addr();
 
@@ -157,14 +159,14 @@ fn stops_gracefully_on(signal: Signal, requests: usize, ms: u64) {
 
 /// Polls `/whoami` until the workers' `served` counters show `n` requests beyond the polls
 /// themselves: every request sent before is then in a worker's hands. Needs round-robin so
-/// that the polls visit every worker.
+/// that the polls visit every worker; each poll is a new connection, because with
+/// `--upstream handoff` a connection stays with one worker.
 async fn wait_until_workers_received(addr: SocketAddr, n: usize) {
     let deadline = Instant::now() + WAIT;
-    let mut client = Client::new(addr);
     // Per pid: (latest served, polls it answered).
     let mut seen: HashMap<i32, (u64, u64)> = HashMap::new();
     loop {
-        let reply = client.get("/whoami").await.expect("GET /whoami");
+        let reply = Client::new(addr).get("/whoami").await.expect("GET /whoami");
         let who = WhoAmI::parse(&reply.body).expect("a /whoami answer");
         let entry = seen.entry(who.pid).or_default();
         entry.0 = who.served;

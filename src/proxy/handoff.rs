@@ -1,0 +1,81 @@
+//! `--upstream handoff` on the front-end's side: each accepted client connection goes, whole,
+//! to a worker chosen by the balancer. Invariant: a connection no worker took is given back
+//! to the caller to be answered 503, never dropped unanswered.
+
+use std::io;
+use std::sync::Arc;
+
+use tokio::net::{TcpStream, UnixStream};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::endpoint::Endpoint;
+use super::{Proxy, MAX_UNSENT};
+use crate::discovery::Report;
+use crate::handoff;
+
+impl Proxy {
+    /// Passes `client` to a worker; gives it back when none took it before the queue timeout.
+    pub async fn hand_off(&self, client: TcpStream) -> Result<(), TcpStream> {
+        let settings = self.shared.settings.load_full();
+        let deadline = Instant::now() + settings.queue_timeout;
+        let mut avoid = None;
+        for _ in 0..MAX_UNSENT {
+            let Some(endpoint) = self.shared.pool.pick_until(avoid, deadline).await else { break };
+            avoid = Some(endpoint.id);
+            // In flight until the worker has it, so that a worker is not told to stop while a
+            // connection is on its way to it.
+            let lease = endpoint.lease();
+            match self.send(&endpoint, &client, settings.max_requests).await {
+                Ok(()) => {
+                    endpoint.count_request(0);
+                    drop(lease);
+                    return Ok(());
+                }
+                Err(e) => {
+                    endpoint.mark_unreachable();
+                    self.shared.pool.touch();
+                    self.shared.metrics.retry();
+                    warn!(worker = %endpoint.id, error = %e, "worker refused a connection, offered to another");
+                }
+            }
+        }
+        Err(client)
+    }
+
+    async fn send(&self, endpoint: &Arc<Endpoint>, client: &TcpStream, max_requests: u64) -> io::Result<()> {
+        let channel = endpoint.channel(self.open_channel(endpoint, max_requests)).await?;
+        handoff::send(channel, client).await
+    }
+
+    async fn open_channel(&self, endpoint: &Arc<Endpoint>, max_requests: u64) -> io::Result<Arc<UnixStream>> {
+        let budget = endpoint.budget(max_requests);
+        let channel = Arc::new(handoff::connect(endpoint.socket(), budget).await?);
+        debug!(worker = %endpoint.id, budget, "hand-off channel opened");
+        tokio::spawn(self.clone().listen(endpoint.clone(), channel.clone()));
+        Ok(channel)
+    }
+
+    /// Acts on what the worker says on its channel until it closes it (when it exits).
+    async fn listen(self, endpoint: Arc<Endpoint>, channel: Arc<UnixStream>) {
+        let mut buf = [0u8; 16];
+        loop {
+            if channel.readable().await.is_err() {
+                break;
+            }
+            match channel.try_read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if buf[..n].contains(&handoff::EXHAUSTED) && endpoint.mark_exhausted() {
+                        let _ = self.shared.reports.send(Report::Exhausted(endpoint.id));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+        }
+        // The worker closed its end: it exited, or is about to. Nothing more goes to it.
+        endpoint.mark_unreachable();
+        self.shared.pool.touch();
+    }
+}

@@ -10,6 +10,8 @@
 #   nginx-auto   the same with worker_processes auto (one per core)
 #   ceiling      one worker's app on TCP with no hop: benches/direct.rs, which wraps the demo
 #                app exactly as `rip worker` does (wrk cannot speak Unix sockets)
+#   rip-handoff  `rip serve --workers $WORKERS --upstream handoff`: client connections passed to
+#                workers whole, the optional mode without per-request failover
 #   rip-recycle  `rip serve --workers $WORKERS --max-requests $MAX_REQUESTS` (get_c100 only)
 # Cases: GET / at c=1 and c=$CONNS; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
 # c=$BODY_CONNS; GET / with `Connection: close` at c=$CONNS. Each run is preceded by a $WARMUP s warm-up of the same case;
@@ -38,7 +40,7 @@ RETRIES=${RETRIES:-2}            # ... at most this many times; the last try is 
 ACCESS_LOG=${ACCESS_LOG:-off}    # off, or on: rip and nginx both log every request to a file
 SERVE_ARGS=${SERVE_ARGS:-}       # extra flags for every `rip serve`, e.g. "--upstream http1"
 CASES=${CASES:-"get_c1 get_c100 echo_1m echo_64k close_c100"}
-SETUPS=${SETUPS:-"rip nginx-1 nginx-auto ceiling rip-recycle"}
+SETUPS=${SETUPS:-"rip rip-handoff nginx-1 nginx-auto ceiling rip-recycle"}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # Only flags configure the servers: no RIP_* variables, and no ./rip.toml (they start in $TMP).
@@ -234,6 +236,7 @@ start_ceiling() {
 start_setup() {
     case $1 in
         rip) start_rip rip ;;
+        rip-handoff) start_rip rip-handoff --upstream handoff ;;
         rip-recycle) start_rip rip-recycle --max-requests "$MAX_REQUESTS" ;;
         nginx-1) start_nginx nginx-1 1 ;;
         nginx-auto) start_nginx nginx-auto auto ;;
@@ -492,6 +495,7 @@ case_title() {
 setup_title() {
     case $1 in
         rip) echo "rip serve --workers $WORKERS" ;;
+        rip-handoff) echo "rip serve --workers $WORKERS --upstream handoff" ;;
         rip-recycle) echo "rip serve --workers $WORKERS --max-requests $MAX_REQUESTS" ;;
         nginx-1) echo "nginx wp=1 → $WORKERS rip workers" ;;
         nginx-auto) echo "nginx wp=auto ($(nproc)) → $WORKERS rip workers" ;;

@@ -117,6 +117,9 @@ pub struct Endpoint {
     hung_reported: AtomicBool,
     idle: Mutex<Vec<Sender>>,
     h2: Mutex<Option<H2Sender>>,
+    /// Held while the HTTP/2 connection is being opened, so that requests arriving meanwhile
+    /// wait for it instead of each opening one of their own (a new worker meets a crowd).
+    h2_opening: tokio::sync::Mutex<()>,
     /// `--upstream handoff`: where client connections go, opened on first use. Shared with
     /// the task that listens for the worker's answers on it.
     channel: OnceCell<Arc<UnixStream>>,
@@ -146,6 +149,7 @@ impl Endpoint {
             hung_reported: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_opening: tokio::sync::Mutex::new(()),
             channel: OnceCell::new(),
             upstream,
             drained: Notify::new(),
@@ -263,12 +267,12 @@ impl Endpoint {
 
     /// The worker's HTTP/2 connection, opened on first use and again after it closed.
     async fn shared_h2(&self) -> io::Result<H2Sender> {
-        let shared = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(mut sender) = shared {
-            // Waits while the connection is at its stream limit; fails at once if it closed.
-            if sender.ready().await.is_ok() {
-                return Ok(sender);
-            }
+        if let Some(sender) = self.open_h2().await {
+            return Ok(sender);
+        }
+        let _opening = self.h2_opening.lock().await;
+        if let Some(sender) = self.open_h2().await {
+            return Ok(sender);
         }
         let stream = UnixStream::connect(&self.socket).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -282,6 +286,13 @@ impl Endpoint {
         });
         *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
         Ok(sender)
+    }
+
+    /// The shared HTTP/2 connection if it is open.
+    async fn open_h2(&self) -> Option<H2Sender> {
+        let mut sender = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        // Waits while the connection is at its stream limit; fails at once if it closed.
+        sender.ready().await.ok().map(|()| sender)
     }
 
     fn pop_idle(&self) -> Option<Sender> {

@@ -13,6 +13,7 @@
 #   rip-handoff  `rip serve --workers $WORKERS --upstream handoff`: client connections passed to
 #                workers whole, the optional mode without per-request failover
 #   rip-recycle  `rip serve --workers $WORKERS --max-requests $MAX_REQUESTS` (get_c100 only)
+#   rip-handoff-recycle  the same with `--upstream handoff` (get_c100 only)
 # Cases: GET / at c=1 and c=$CONNS; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
 # c=$BODY_CONNS; GET / with `Connection: close` at c=$CONNS. Each run is preceded by a $WARMUP s warm-up of the same case;
 # the table shows medians over $RUNS runs. Then `rip serve --workers $STARTUP_WORKERS` is
@@ -40,7 +41,7 @@ RETRIES=${RETRIES:-2}            # ... at most this many times; the last try is 
 ACCESS_LOG=${ACCESS_LOG:-off}    # off, or on: rip and nginx both log every request to a file
 SERVE_ARGS=${SERVE_ARGS:-}       # extra flags for every `rip serve`, e.g. "--upstream http1"
 CASES=${CASES:-"get_c1 get_c100 echo_1m echo_64k close_c100"}
-SETUPS=${SETUPS:-"rip rip-handoff nginx-1 nginx-auto ceiling rip-recycle"}
+SETUPS=${SETUPS:-"rip rip-handoff nginx-1 nginx-auto ceiling rip-recycle rip-handoff-recycle"}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # Only flags configure the servers: no RIP_* variables, and no ./rip.toml (they start in $TMP).
@@ -238,6 +239,7 @@ start_setup() {
         rip) start_rip rip ;;
         rip-handoff) start_rip rip-handoff --upstream handoff ;;
         rip-recycle) start_rip rip-recycle --max-requests "$MAX_REQUESTS" ;;
+        rip-handoff-recycle) start_rip rip-handoff-recycle --upstream handoff --max-requests "$MAX_REQUESTS" ;;
         nginx-1) start_nginx nginx-1 1 ;;
         nginx-auto) start_nginx nginx-auto auto ;;
         ceiling) start_ceiling ceiling ;;
@@ -497,6 +499,7 @@ setup_title() {
         rip) echo "rip serve --workers $WORKERS" ;;
         rip-handoff) echo "rip serve --workers $WORKERS --upstream handoff" ;;
         rip-recycle) echo "rip serve --workers $WORKERS --max-requests $MAX_REQUESTS" ;;
+        rip-handoff-recycle) echo "rip serve --workers $WORKERS --upstream handoff --max-requests $MAX_REQUESTS" ;;
         nginx-1) echo "nginx wp=1 → $WORKERS rip workers" ;;
         nginx-auto) echo "nginx wp=auto ($(nproc)) → $WORKERS rip workers" ;;
         ceiling) echo "ceiling: 1 worker's app, no hop" ;;
@@ -530,7 +533,7 @@ report() {
                     n = split(titles, t, ";")
                     for (i = 1; i <= n; i++) { split(t[i], kv, "="); title[kv[1]] = substr(t[i], length(kv[1]) + 2) }
                 }
-                $2 == case && $1 != "rip-recycle" {
+                $2 == case && $1 !~ /-recycle$/ {
                     rows[++k] = $1; for (i = 3; i <= NF; i++) v[$1, i] = $i
                     if ($1 ~ /^nginx/ && $3 > 0 && (best == "" || $3 > v[best, 3])) best = $1
                 }
@@ -561,17 +564,26 @@ report() {
                     else print "\nNo nginx setup completed a request here."
                 }' "$summary"
         done
-        if grep -q "^rip-recycle	" "$summary"; then
+        if grep -q "^rip[a-z-]*-recycle	" "$summary"; then
             echo
             echo "## Recycling cost: GET / at c=$CONNS, \`--max-requests $MAX_REQUESTS\` vs none"
             echo
-            echo "| setup | req/s | p50 | p99 | p99.9 | errors | workers recycled per run | server CPU µs/req |"
-            echo "|---|--:|--:|--:|--:|--:|--:|--:|"
-            awk -F'\t' -v case=get_c100 -v a="$(setup_title rip)" -v b="$(setup_title rip-recycle)" '
-                $2 == case && ($1 == "rip" || $1 == "rip-recycle") {
-                    printf "| %s | %.0f | %.2f | %.2f | %.2f | %d | %s | %.1f |\n",
-                        ($1 == "rip" ? a : b), $3, $4, $5, $6, $7, ($1 == "rip" ? "-" : $13), $8
-                }' "$summary"
+            echo "| setup | req/s | p50 | p99 | p99 ×without | p99.9 | errors | workers recycled per run | server CPU µs/req |"
+            echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+            local s
+            for s in rip rip-recycle rip-handoff rip-handoff-recycle; do
+                awk -F'\t' -v case=get_c100 -v s="$s" -v title="$(setup_title "$s")" '
+                    $2 == case { v[$1] = $0 }
+                    END {
+                        if (!(s in v)) exit
+                        split(v[s], r, "\t")
+                        base = s; sub(/-recycle$/, "", base)
+                        ratio = "-"
+                        if (base != s && (base in v)) { split(v[base], b, "\t"); if (b[5] > 0) ratio = sprintf("%.2f", r[5] / b[5]) }
+                        printf "| %s | %.0f | %.2f | %.2f | %s | %.2f | %d | %s | %.1f |\n",
+                            title, r[3], r[4], r[5], ratio, r[6], r[7], (base == s ? "-" : r[13]), r[8]
+                    }' "$summary"
+            done
         fi
         if [[ -s $TMP/startup.tsv ]]; then
             echo
@@ -622,14 +634,16 @@ main() {
     local setups=0 cases=0 s c
     for s in $SETUPS; do setups=$((setups + 1)); done
     for c in $CASES; do cases=$((cases + 1)); done
-    log "measuring: about $(((setups - 1) * cases + 1))×$RUNS runs of $((WARMUP + DURATION)) s, then $RUNS startups"
+    local recycling=0
+    for s in $SETUPS; do [[ $s == *-recycle ]] && recycling=$((recycling + 1)); done
+    log "measuring: about $(((setups - recycling) * cases + recycling))×$RUNS runs of $((WARMUP + DURATION)) s, then $RUNS startups"
     for s in $SETUPS; do start_setup "$s"; done
     log "all setups up: $(for s in $SETUPS; do printf '%s=127.0.0.1:%s ' "$s" "${PORT[$s]}"; done)"
     local run
     for c in $CASES; do
         for ((run = 1; run <= RUNS; run++)); do
             for s in $SETUPS; do
-                [[ $s == rip-recycle && $c != get_c100 ]] && continue
+                [[ $s == *-recycle && $c != get_c100 ]] && continue
                 log "$c run $run/$RUNS: $s"
                 measure_clean "$s" "$c" "$run"
             done

@@ -195,6 +195,14 @@ impl Scanner {
                     };
                 }
                 _ => {
+                    if self.skips_to_line_end() {
+                        // Most of a head is field values, and none of their bytes matters
+                        // until the line ends.
+                        match memchr::memchr2(b'\r', b'\n', &bytes[i..]) {
+                            Some(at) => i += at,
+                            None => return None,
+                        }
+                    }
                     if let Err(violation) = self.step(bytes[i]) {
                         bytes[i] = POISON;
                         self.state = State::Off;
@@ -205,6 +213,11 @@ impl Scanner {
             }
         }
         None
+    }
+
+    /// In a line whose bytes leave the state as it is until its CR or LF.
+    fn skips_to_line_end(&self) -> bool {
+        !self.cr && matches!(self.state, State::Value | State::RequestLine | State::Trailer)
     }
 
     fn step(&mut self, b: u8) -> Result<(), Violation> {

@@ -195,13 +195,10 @@ impl Scanner {
                     };
                 }
                 _ => {
-                    if self.skips_to_line_end() {
-                        // Most of a head is field values, and none of their bytes matters
-                        // until the line ends.
-                        match memchr::memchr2(b'\r', b'\n', &bytes[i..]) {
-                            Some(at) => i += at,
-                            None => return None,
-                        }
+                    match self.next_relevant(&bytes[i..]) {
+                        Some(Some(at)) => i += at,
+                        Some(None) => return None,
+                        None => {}
                     }
                     if let Err(violation) = self.step(bytes[i]) {
                         bytes[i] = POISON;
@@ -215,9 +212,19 @@ impl Scanner {
         None
     }
 
-    /// In a line whose bytes leave the state as it is until its CR or LF.
-    fn skips_to_line_end(&self) -> bool {
-        !self.cr && matches!(self.state, State::Value | State::RequestLine | State::Trailer)
+    /// Where in `rest` the next byte that can change the state is, when the state is one
+    /// whose bytes mostly do not matter: `Some(None)` if none is in `rest`, `None` if every
+    /// byte matters here. Most of a head is field values and names framing does not watch.
+    fn next_relevant(&self, rest: &[u8]) -> Option<Option<usize>> {
+        if self.cr {
+            return None;
+        }
+        match self.state {
+            State::Value | State::RequestLine | State::Trailer => Some(memchr::memchr2(b'\r', b'\n', rest)),
+            // A name that can no longer be a watched one: only its end matters.
+            State::Name { fields: 0, .. } => Some(memchr::memchr3(b':', b'\r', b'\n', rest)),
+            _ => None,
+        }
     }
 
     fn step(&mut self, b: u8) -> Result<(), Violation> {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # rip next to nginx and next to the no-hop ceiling, on this machine, in one run:
 #
-#     benches/compare.sh            # about 5 minutes with the defaults below
+#     benches/compare.sh            # about 9 minutes with the defaults below
 #     DURATION=10 RUNS=5 benches/compare.sh    # steadier numbers, about 15 minutes
 #
 # Setups, all up at once and measured in turn (interleaved, so that drift hits each alike):
@@ -14,7 +14,7 @@
 #                workers whole, the optional mode without per-request failover
 #   rip-recycle  `rip serve --workers $WORKERS --max-requests $MAX_REQUESTS` (get_c100 only)
 #   rip-handoff-recycle  the same with `--upstream handoff` (get_c100 only)
-# Cases: GET / at c=1 and c=$CONNS; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
+# Cases: GET / at c=1 and c=$CONNS, and at c=$CONNS with a browser's request head; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
 # c=$BODY_CONNS; GET / with `Connection: close` at c=$CONNS. Each run is preceded by a $WARMUP s warm-up of the same case;
 # the table shows medians over $RUNS runs. Then `rip serve --workers $STARTUP_WORKERS` is
 # started $RUNS times to time startup from outside.
@@ -40,7 +40,7 @@ OTHER_MAX=${OTHER_MAX:-0.3}      # a run during which other work kept more cores
 RETRIES=${RETRIES:-2}            # ... at most this many times; the last try is kept regardless
 ACCESS_LOG=${ACCESS_LOG:-off}    # off, or on: rip and nginx both log every request to a file
 SERVE_ARGS=${SERVE_ARGS:-}       # extra flags for every `rip serve`, e.g. "--upstream http1"
-CASES=${CASES:-"get_c1 get_c100 echo_1m echo_64k close_c100"}
+CASES=${CASES:-"get_c1 get_c100 browser_c100 echo_1m echo_64k close_c100"}
 SETUPS=${SETUPS:-"rip rip-handoff nginx-1 nginx-auto ceiling rip-recycle rip-handoff-recycle"}
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -321,6 +321,17 @@ EOF
           echo 'wrk.headers["Content-Type"] = "application/octet-stream"'
           cat "$TMP/report.lua"; } >"$TMP/echo-$bytes.lua"
     done
+    # A head as a browser sends it (about 600 bytes), where wrk's own is 40: parsing and
+    # checking headers is most of a proxy's work per request.
+    { cat <<'EOF'
+wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"
+wrk.headers["Accept"] = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,image/apng,*/*;q=0.8"
+wrk.headers["Accept-Language"] = "en-US,en;q=0.9,de;q=0.8"
+wrk.headers["Accept-Encoding"] = "gzip, deflate, br, zstd"
+wrk.headers["Cookie"] = "session=8f14e45fceea167a5a36dedd4bea2543; prefs=theme%3Ddark%26lang%3Den; _ga=GA1.1.1234567890.1700000000; csrftoken=Zx9yP2qR7sT4uV1wX8yZ3aB6cD0eF5gH"
+wrk.headers["Referer"] = "http://127.0.0.1/some/previous/page?with=query&and=more"
+EOF
+      cat "$TMP/report.lua"; } >"$TMP/browser.lua"
 }
 
 # wrk arguments for a case, without the URL's host.
@@ -328,6 +339,7 @@ case_args() {
     case $1 in
         get_c1) echo "-t1 -c1 -s $TMP/report.lua /" ;;
         get_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;;
+        browser_c100) echo "-t2 -c$CONNS -s $TMP/browser.lua /" ;;
         echo_1m) echo "-t2 -c$BODY_CONNS -s $TMP/echo-$BODY_BYTES.lua /echo" ;;
         echo_64k) echo "-t2 -c$BODY_CONNS -s $TMP/echo-$SMALL_BODY_BYTES.lua /echo" ;;
         close_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;; # plus the header, in run_wrk
@@ -488,6 +500,7 @@ case_title() {
     case $1 in
         get_c1) echo "GET / — c=1 (wrk -t1 -c1)" ;;
         get_c100) echo "GET / — c=$CONNS (wrk -t2 -c$CONNS)" ;;
+        browser_c100) echo "GET / with a browser's request head (about 600 bytes of headers) — c=$CONNS (wrk -t2 -c$CONNS)" ;;
         echo_1m) echo "POST /echo, $BODY_BYTES-byte body streamed back — c=$BODY_CONNS (wrk -t2 -c$BODY_CONNS)" ;;
         echo_64k) echo "POST /echo, $SMALL_BODY_BYTES-byte body streamed back — c=$BODY_CONNS (wrk -t2 -c$BODY_CONNS)" ;;
         close_c100) echo "GET / with Connection: close (a new TCP connection per request) — c=$CONNS" ;;

@@ -43,8 +43,20 @@ const AFTERWARDS: usize = 50;
 
 #[test]
 fn sighup_replaces_every_worker_under_load_without_a_failed_request() {
+    sighup_under_load(&[]);
+}
+
+#[test]
+fn sighup_with_connections_handed_to_workers_fails_no_request_either() {
+    sighup_under_load(&["--upstream", "handoff"]);
+}
+
+/// `extra`: more flags for `rip serve`.
+fn sighup_under_load(extra: &[&str]) {
     let rt = runtime();
-    let rip = Rip::start(&["--workers", "2", "--access-log", "off"]);
+    let mut args = vec!["--workers", "2", "--access-log", "off"];
+    args.extend_from_slice(extra);
+    let rip = Rip::start(&args);
     rip.wait_all_ready();
     let control = Control::of(&rip);
     let before = settle(&control, rip.pid(), 2);
@@ -238,7 +250,7 @@ impl Deployed {
 #[test]
 fn upgrade_under_load_hands_over_to_a_new_serve_and_the_old_one_exits_0() {
     let rt = runtime();
-    let mut run = upgrade_under_load(&rt);
+    let mut run = upgrade_under_load(&rt, &[]);
     let (rip, new) = (&run.rip, run.new_serve.0);
 
     let new_control = Control::at(rip.runtime_dir(), new);
@@ -278,8 +290,16 @@ fn upgrade_under_load_hands_over_to_a_new_serve_and_the_old_one_exits_0() {
 #[test]
 fn upgrade_under_load_loses_no_request() {
     let rt = runtime();
-    let run = upgrade_under_load(&rt);
+    let run = upgrade_under_load(&rt, &[]);
     no_failures(&run.report);
+}
+
+#[test]
+fn upgrade_with_connections_handed_to_workers_loses_no_request() {
+    let rt = runtime();
+    let run = upgrade_under_load(&rt, &["--upstream", "handoff"]);
+    no_failures(&run.report);
+    assert!(!run.report.pids().is_disjoint(&run.old_workers), "the old workers answered nothing");
 }
 
 // Regression: after the handover the new process is the main pid; the old one must not
@@ -287,7 +307,7 @@ fn upgrade_under_load_loses_no_request() {
 #[test]
 fn after_an_upgrade_the_old_serve_tells_systemd_nothing_more() {
     let rt = runtime();
-    let mut run = upgrade_under_load(&rt);
+    let mut run = upgrade_under_load(&rt, &[]);
     let messages = run.notify.drain();
     let mainpid = format!("MAINPID={}", run.new_serve.0);
     let handover = messages.iter().position(|m| has_state(m, &mainpid));
@@ -314,12 +334,13 @@ struct Upgraded {
 }
 
 /// Starts rip with two workers, runs `rip upgrade` under load, and waits until the old serve
-/// has exited and requests flowed through the new one.
-fn upgrade_under_load(rt: &tokio::runtime::Runtime) -> Upgraded {
+/// has exited and requests flowed through the new one. `extra`: more flags for `rip serve`.
+fn upgrade_under_load(rt: &tokio::runtime::Runtime, extra: &[&str]) -> Upgraded {
     let notify = NotifySocket::bind();
     let rip = Rip::builder()
         .env("NOTIFY_SOCKET", notify.path())
         .args(&["--workers", "2", "--access-log", "off"])
+        .args(extra)
         .start();
     rip.wait_all_ready();
     let old = rip.pid();

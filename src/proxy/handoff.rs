@@ -26,13 +26,21 @@ impl Proxy {
             // In flight until the worker has it, so that a worker is not told to stop while a
             // connection is on its way to it.
             let lease = endpoint.lease();
-            match self.send(&endpoint, &client, settings.max_requests).await {
-                Ok(()) => {
+            // A worker that stopped taking connections (at its connection cap, or stuck) lets
+            // its channel fill up; the client then waits no longer than for a worker at all.
+            let sent =
+                tokio::time::timeout_at(deadline, self.send(&endpoint, &client, settings.max_requests));
+            match sent.await {
+                Ok(Ok(())) => {
                     endpoint.count_request(0);
                     drop(lease);
                     return Ok(());
                 }
-                Err(e) => {
+                Err(_) => {
+                    warn!(worker = %endpoint.id, "worker took no connection before the queue timeout");
+                    break;
+                }
+                Ok(Err(e)) => {
                     endpoint.mark_unreachable();
                     self.shared.pool.touch();
                     self.shared.metrics.retry();

@@ -30,8 +30,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::harness::{
-    connect_raw, example_binary, is_running, log_field, memory, read_until_closed, runtime, served_by,
-    status_code, wait_until, Client, Load, LoadReport, Reply, Rip, WhoAmI, WorkerEvent, WAIT,
+    assert_status, connect_raw, example_binary, is_running, log_field, memory, read_until_closed, runtime,
+    served_by, wait_until, Client, Load, LoadReport, Reply, Rip, WhoAmI, WorkerEvent, WAIT,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -543,18 +543,6 @@ fn oversized_heads_get_431_and_oversized_bodies_get_413_before_reaching_a_worker
     println!(
         "faults: limits huge_head=431 many_headers=431 content_length=413 chunked=413 worker_saw_413=false"
     );
-}
-
-/// Sends `request` on a new connection and checks the first answer's status, and that the
-/// connection is then closed.
-#[track_caller]
-fn assert_status(addr: SocketAddr, request: &[u8], want: u16, what: &str) {
-    let mut stream = connect_raw(addr);
-    // rip may answer and close before the whole request is written: that is fine.
-    let _ = stream.write_all(request);
-    let received = read_until_closed(&mut stream, Duration::from_secs(10));
-    let head = String::from_utf8_lossy(&received);
-    assert_eq!(status_code(&head), Some(want), "{what}: got {head:?}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,16 +3,13 @@
 //! stop, replacement of a dead worker.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use nix::sys::signal::Signal;
 
 use crate::harness::{
-    connect_raw, read_until_closed, request, runtime, send_signal, status_code, wait_until, Client, Load,
-    Rip, WhoAmI, WorkerEvent, WAIT,
+    assert_status, request, runtime, send_signal, wait_until, Client, Load, Rip, WhoAmI, WorkerEvent, WAIT,
 };
 
 const HANDOFF: [&str; 2] = ["--upstream", "handoff"];
@@ -85,15 +82,6 @@ fn hostile_requests_are_refused_by_the_worker_as_the_front_end_would() {
     // The worker survived all of it.
     let reply = runtime().block_on(Client::new(addr).post("/echo", vec![b'k'; 1024])).unwrap();
     assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, 1024));
-}
-
-#[track_caller]
-fn assert_status(addr: SocketAddr, raw: &[u8], want: u16, what: &str) {
-    let mut stream = connect_raw(addr);
-    let _ = stream.write_all(raw);
-    let received = read_until_closed(&mut stream, Duration::from_secs(10));
-    let head = String::from_utf8_lossy(&received);
-    assert_eq!(status_code(&head), Some(want), "{what}: got {head:?}");
 }
 
 #[test]

@@ -38,6 +38,18 @@ pub fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<u8> {
     }
 }
 
+/// Sends `request` on a new connection and checks the first answer's status, and that the
+/// connection is then closed.
+#[track_caller]
+pub fn assert_status(addr: SocketAddr, request: &[u8], want: u16, what: &str) {
+    let mut stream = connect_raw(addr);
+    // rip may answer and close before the whole request is written: that is fine.
+    let _ = stream.write_all(request);
+    let received = read_until_closed(&mut stream, Duration::from_secs(10));
+    let head = String::from_utf8_lossy(&received);
+    assert_eq!(status_code(&head), Some(want), "{what}: got {head:?}");
+}
+
 /// The status code of a response that starts with `HTTP/1.1 `.
 pub fn status_code(head: &str) -> Option<u16> {
     head.strip_prefix("HTTP/1.1 ").and_then(|rest| rest.get(..3)).and_then(|code| code.parse().ok())

@@ -2,9 +2,9 @@
 //! front-end (`rip::frontend::serve` + `rip::proxy::Proxy`) to a worker on a Unix socket, all
 //! in one process, against the same client talking to the worker directly.
 //!
-//! The layout mirrors a deployment on one machine: the front-end on a multi-thread runtime
-//! with one thread per core (as `rip serve` builds it), the worker on a current-thread runtime
-//! of its own thread (as `rip worker` does), and the client on a third. What is left out: the
+//! The layout mirrors a deployment on one machine: the front-end on a current-thread runtime
+//! of its own thread (as `rip serve` builds it by default), the worker on another (as
+//! `rip worker` does), and the client on a third. What is left out: the
 //! supervisor (the pool is fed its `Change::Ready` by hand) and the process boundary.
 //!
 //! Groups, each measured per request over one keep-alive connection:
@@ -32,7 +32,6 @@ use rip::frontend::{self, Limits};
 use rip::metrics::Metrics;
 use rip::proxy::{self, Proxy};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
-use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 use worker_like::WorkerLike;
@@ -47,10 +46,10 @@ fn main() {
     let stop = CancellationToken::new();
 
     let worker = Worker::start(&socket, stop.clone());
-    let (frontend_rt, frontend_addr) = start_frontend(&socket, stop.clone());
+    let frontend = Frontend::start(&socket, stop.clone());
 
     let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut through_proxy = client_rt.block_on(Client::tcp(frontend_addr));
+    let mut through_proxy = client_rt.block_on(Client::tcp(frontend.addr));
     let mut direct_tcp = client_rt.block_on(Client::tcp(worker.tcp));
     let mut direct_unix = client_rt.block_on(Client::unix(&socket));
 
@@ -75,7 +74,7 @@ fn main() {
 
     drop((through_proxy, direct_tcp, direct_unix));
     stop.cancel();
-    drop(frontend_rt);
+    let _ = frontend.thread.join();
     let _ = worker.thread.join();
 }
 
@@ -116,35 +115,47 @@ impl Worker {
     }
 }
 
-/// The real front-end and proxy with rip's default settings, on a multi-thread runtime sized
-/// like `rip serve`'s, with the worker announced the way the supervisor announces it.
-fn start_frontend(socket: &Path, stop: CancellationToken) -> (Runtime, SocketAddr) {
-    let config = Config::default();
-    // One thread, as `rip serve` runs by default.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let (reports, _unread) = tokio::sync::mpsc::unbounded_channel();
-    // Metrics are always on in `rip serve`; the access log is off here as in compare.sh.
-    let proxy = Proxy::new(proxy::Settings::from(&config), reports, Arc::new(Metrics::default()), None);
-    let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-    changes_tx
-        .send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket: socket.to_owned() })
-        .unwrap();
-    let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
-    let addr = rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn({
-            let proxy = proxy.clone();
-            async move {
-                // Keeps the channel open for the whole run, as the supervisor does.
-                let _changes_tx = changes_tx;
-                proxy.follow(changes_rx).await
-            }
+/// The real front-end and proxy with rip's default settings, on a thread and current-thread
+/// runtime of its own as `rip serve` runs them, with the worker announced the way the
+/// supervisor announces it.
+struct Frontend {
+    addr: SocketAddr,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Frontend {
+    fn start(socket: &Path, stop: CancellationToken) -> Frontend {
+        let socket = socket.to_owned();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let config = Config::default();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let (reports, _unread) = tokio::sync::mpsc::unbounded_channel();
+                // Metrics are always on in `rip serve`; the access log is off here as in
+                // compare.sh.
+                let proxy =
+                    Proxy::new(proxy::Settings::from(&config), reports, Arc::new(Metrics::default()), None);
+                let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
+                changes_tx.send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket }).unwrap();
+                tokio::spawn({
+                    let proxy = proxy.clone();
+                    async move {
+                        // Keeps the channel open for the whole run, as the supervisor does.
+                        let _changes_tx = changes_tx;
+                        proxy.follow(changes_rx).await
+                    }
+                });
+                let limits =
+                    Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
+                let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                frontend::serve(listener, proxy, limits, stop, GRACE).await;
+            });
         });
-        tokio::spawn(frontend::serve(listener, proxy, limits, stop, GRACE));
-        addr
-    });
-    (rt, addr)
+        let addr = addr_rx.recv().expect("the front-end thread started");
+        Frontend { addr, thread }
+    }
 }
 
 /// Where a [`Client`] connects.

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,9 +21,11 @@ use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::Service;
 use tracing::{debug, warn};
 
@@ -32,6 +35,62 @@ use crate::framing::StrictFraming;
 use crate::handoff::{self, Received};
 use crate::proxy::headers;
 use crate::proxy::ProxyError;
+
+/// After SIGTERM, how long the hand-off channels are still read for connections the
+/// front-end queued before taking this worker out of its rotation. The front-end closes its
+/// channel before it signals, so this only bounds a front-end that died.
+const CHANNEL_DRAIN: Duration = Duration::from_secs(1);
+
+/// A worker's side of the hand-off: the channel socket, the tasks reading channels, and the
+/// client connections they brought.
+pub struct Handoff {
+    clients: Clients,
+    path: PathBuf,
+    accepting: JoinHandle<()>,
+    receivers: TaskTracker,
+}
+
+impl Handoff {
+    /// Binds the channel socket next to the worker's `socket` and starts taking channels.
+    pub fn start(
+        socket: &Path,
+        service: WorkerService,
+        ctx: WorkerContext,
+        limits: ClientLimits,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Handoff> {
+        let path = handoff::channel_path(socket);
+        let listener = super::bind(&path)?;
+        let clients = Clients::new(service, ctx, limits, stop);
+        let receivers = TaskTracker::new();
+        let accepting = tokio::spawn(accept_channels(listener, clients.clone(), receivers.clone()));
+        Ok(Handoff { clients, path, accepting, receivers })
+    }
+
+    /// Takes no more channels, serves what the front-end had queued, then gives client
+    /// connections up to `grace`. Returns how many were still open.
+    pub async fn stop(self, grace: Duration) -> usize {
+        self.accepting.abort();
+        let _ = std::fs::remove_file(&self.path);
+        self.receivers.close();
+        let _ = tokio::time::timeout(CHANNEL_DRAIN, self.receivers.wait()).await;
+        self.clients.drain(grace).await
+    }
+}
+
+async fn accept_channels(listener: UnixListener, clients: Clients, receivers: TaskTracker) {
+    loop {
+        match listener.accept().await {
+            Ok((channel, _)) => {
+                receivers.spawn(clients.clone().receive(channel));
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(super::ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
 
 /// What the front-end enforces on client connections, enforced here instead.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,7 +104,7 @@ pub struct ClientLimits {
 
 /// The client connections of one worker. Cheap to clone.
 #[derive(Clone)]
-pub struct Clients {
+struct Clients {
     shared: Arc<Shared>,
 }
 
@@ -65,7 +124,7 @@ struct Shared {
 impl Clients {
     /// `stop`: once cancelled, responses close their connections, and idle ones are closed
     /// after the front-end's drain linger.
-    pub fn new(
+    fn new(
         service: WorkerService,
         ctx: WorkerContext,
         limits: ClientLimits,
@@ -86,7 +145,7 @@ impl Clients {
     }
 
     /// Serves the connections that come over `channel` until the front-end closes it.
-    pub async fn receive(self, mut channel: UnixStream) {
+    async fn receive(self, mut channel: UnixStream) {
         match handoff::read_budget(&mut channel).await {
             Ok(budget) => self.shared.budget.store(budget, Ordering::Relaxed),
             Err(e) => return debug!(error = %e, "hand-off channel closed before its budget"),
@@ -141,7 +200,7 @@ impl Clients {
     }
 
     /// Waits up to `grace` for client connections to finish; returns how many are still open.
-    pub async fn drain(self, grace: Duration) -> usize {
+    async fn drain(self, grace: Duration) -> usize {
         self.shared.connections.clone().drain(grace).await
     }
 

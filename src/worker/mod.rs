@@ -7,6 +7,7 @@ mod handoff;
 mod service;
 
 pub use handoff::ClientLimits;
+use handoff::Handoff;
 pub use service::WorkerService;
 
 use std::path::PathBuf;
@@ -93,17 +94,20 @@ where
     connections.spawn(conn, ());
 }
 
+/// Binds a Unix socket at `path`, replacing a stale one.
 fn bind(path: &std::path::Path) -> Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
 }
 
-async fn accept_channel(
-    listener: Option<&UnixListener>,
-) -> std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
-    match listener {
-        Some(listener) => listener.accept().await,
-        None => std::future::pending().await,
+/// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+fn client_limits(args: &WorkerArgs) -> ClientLimits {
+    ClientLimits {
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        max_body: args.max_body,
+        max_connections: args.max_connections,
     }
 }
 
@@ -117,60 +121,40 @@ fn die_with_parent(parent: Option<i32>) -> Result<()> {
     Ok(())
 }
 
-/// After SIGTERM, how long a hand-off channel is still read for connections the front-end
-/// queued before taking this worker out of its rotation. The front-end closes the channel
-/// before it signals, so this only bounds a front-end that died.
-const CHANNEL_DRAIN: Duration = Duration::from_secs(1);
-
 async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
     let service = WorkerService::new(app(&ctx), &ctx);
     let stop = CancellationToken::new();
-    let clients = args.handoff.then(|| {
-        let limits = ClientLimits {
-            header_timeout: Duration::from_millis(args.header_timeout_ms),
-            max_body: args.max_body,
-            max_connections: args.max_connections,
-        };
-        handoff::Clients::new(service.clone(), ctx.clone(), limits, stop.clone())
-    });
-
     // The channel first: once the HTTP socket answers the readiness probe, both must work.
-    let channel_path = crate::handoff::channel_path(&args.socket);
-    let channels = clients.is_some().then(|| bind(&channel_path)).transpose()?;
+    let handoff = if args.handoff {
+        let limits = client_limits(&args);
+        Some(Handoff::start(&args.socket, service.clone(), ctx.clone(), limits, stop.clone())?)
+    } else {
+        None
+    };
     let listener = bind(&args.socket)?;
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
     let connections = connections(stop.clone());
-    let receivers = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => serve_connection(&service, TokioIo::new(stream), &connections),
                 Err(e) => {
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
             },
-            Ok((channel, _)) = accept_channel(channels.as_ref()) => {
-                if let Some(clients) = &clients {
-                    receivers.spawn(clients.clone().receive(channel));
-                }
-            }
             _ = terminate.recv() => break,
         }
     }
     drop(listener);
-    drop(channels);
     let _ = std::fs::remove_file(&args.socket);
-    let _ = std::fs::remove_file(&channel_path);
     stop.cancel();
-    receivers.close();
-    let _ = tokio::time::timeout(CHANNEL_DRAIN, receivers.wait()).await;
     let grace = Duration::from_millis(args.graceful_ms);
     let (open, clients_open) = tokio::join!(connections.drain(grace), async {
-        match clients {
-            Some(clients) => clients.drain(grace).await,
+        match handoff {
+            Some(handoff) => handoff.stop(grace).await,
             None => 0,
         }
     });

@@ -71,6 +71,7 @@ fn supervisor_settings(config: &Config) -> supervisor::Settings {
         surge: config.max_surge,
         max_memory: (config.max_memory > 0).then_some(config.max_memory),
         max_age: (!config.max_age.is_zero()).then_some(config.max_age),
+        liveness: (config.upstream == proxy::Upstream::Handoff).then_some(config.timeout),
     }
 }
 
@@ -168,7 +169,7 @@ async fn serve(parent: Parent) -> Result<()> {
 
 /// What `--upstream handoff` gives up, said once at start so nobody relies on it unawares.
 fn warn_about_handoff(config: &Config, access_log: bool) {
-    info!("upstream handoff: each client connection is served by one worker; requests are not retried on another worker, and --timeout and --max-in-flight do not apply");
+    info!("upstream handoff: each client connection is served by one worker; requests are not retried on another worker, --max-in-flight does not apply, and --timeout bounds a worker's answer to its liveness probe instead of each request");
     if access_log {
         warn!("the access log stays empty with upstream handoff: workers answer clients directly");
     }

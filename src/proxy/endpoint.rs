@@ -1,6 +1,7 @@
 //! One worker as the proxy sees it: its socket, its counters and its pool of keep-alive
-//! connections (or, with `--upstream handoff`, its hand-off channel). Invariant: a connection goes back to the idle pool only after its response
-//! body ended, so an idle connection is always free for the next request.
+//! connections (or, with `--upstream handoff`, its hand-off channel). Invariant: a connection
+//! goes back to the idle pool only after its response body ended, so an idle connection is
+//! always free for the next request.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -77,7 +78,7 @@ pub enum Upstream {
     Http2,
     /// No proxying: each client connection is passed to a worker whole (see
     /// `crate::handoff`), which serves it directly. Faster, at the price of every per-request
-    /// guarantee the front-end gives: retries, `--timeout`, queueing, the access log.
+    /// guarantee the front-end gives: retries, a 504 per request, queueing, the access log.
     Handoff,
 }
 

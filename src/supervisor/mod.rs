@@ -9,6 +9,7 @@
 
 mod backoff;
 mod lifecycle;
+mod liveness;
 mod probe;
 mod process;
 mod recycle;
@@ -49,6 +50,9 @@ pub struct Settings {
     pub max_memory: Option<u64>,
     /// Recycle a worker older than this.
     pub max_age: Option<Duration>,
+    /// Kill and replace a ready worker that does not answer a health probe within this; see
+    /// `liveness`.
+    pub liveness: Option<Duration>,
 }
 
 /// The outcome of a rolling reload: Ok once every worker was replaced and is ready.
@@ -64,7 +68,8 @@ pub struct SupervisorHandle {
 #[derive(Debug)]
 enum Command {
     Stop(oneshot::Sender<()>),
-    Reload { settings: Option<(Settings, Spec)>, done: Option<oneshot::Sender<ReloadResult>> },
+    // Boxed: by far the largest command, and rare.
+    Reload { settings: Option<Box<(Settings, Spec)>>, done: Option<oneshot::Sender<ReloadResult>> },
     Scale(usize),
     Status(oneshot::Sender<Vec<WorkerStatus>>),
 }
@@ -83,7 +88,7 @@ impl SupervisorHandle {
     /// new worker failed to start; the workers not yet replaced then keep serving.
     pub fn begin_reload(&self, settings: Option<(Settings, Spec)>) -> oneshot::Receiver<ReloadResult> {
         let (tx, rx) = oneshot::channel();
-        let _ = self.commands.send(Command::Reload { settings, done: Some(tx) });
+        let _ = self.commands.send(Command::Reload { settings: settings.map(Box::new), done: Some(tx) });
         rx
     }
 
@@ -155,6 +160,7 @@ enum Event {
     Exited { id: WorkerId, status: std::io::Result<ExitStatus> },
     Probed { id: WorkerId, result: Result<(), String> },
     Drained { id: WorkerId },
+    Alive { id: WorkerId, result: Result<(), String> },
     Respawn { slot: usize },
     KillTimer { id: WorkerId },
 }
@@ -192,9 +198,12 @@ impl Supervisor {
             tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
                 Some(report) = reports.recv() => self.on_report(report),
-                _ = checks.tick() => self.check_limits(),
+                _ = checks.tick() => {
+                    self.check_limits();
+                    self.probe_liveness();
+                }
                 command = commands.recv() => match command {
-                    Some(Command::Reload { settings, done }) => self.reload(settings, done),
+                    Some(Command::Reload { settings, done }) => self.reload(settings.map(|s| *s), done),
                     Some(Command::Scale(n)) => self.scale(n),
                     Some(Command::Status(reply)) => {
                         let _ = reply.send(self.status());
@@ -220,6 +229,7 @@ impl Supervisor {
             Event::Probed { id, result } => self.on_probed(id, result),
             Event::Exited { id, status } => self.on_exited(id, status),
             Event::Drained { id } => self.terminate(id),
+            Event::Alive { id, result } => self.on_alive(id, result),
             Event::Respawn { slot } => {
                 self.slots[slot].respawn_scheduled = false;
                 if self.stopping || !self.slots[slot].active {
@@ -251,15 +261,19 @@ impl Supervisor {
         }
         match report {
             Report::Exhausted(id) => self.want_recycle(id, RecycleReason::Requests),
-            Report::Hung(id) => {
-                if let Some(worker) = self.workers.get_mut(&id) {
-                    if worker.state != WorkerState::Stopping {
-                        warn!(worker = %id, pid = worker.pid.as_raw(), "worker hung, killed");
-                        worker.killed_as_hung = true;
-                        let _ = self.changes.send(Change::Leave { id, drained: None });
-                        process::signal(worker.pid, Signal::SIGKILL);
-                    }
-                }
+            Report::Hung(id) => self.kill_hung(id),
+        }
+    }
+
+    /// Takes a worker that stopped answering out of the rotation and kills it; its exit is
+    /// then handled like a crash, and the slot refilled at once.
+    fn kill_hung(&mut self, id: WorkerId) {
+        if let Some(worker) = self.workers.get_mut(&id) {
+            if worker.state != WorkerState::Stopping {
+                warn!(worker = %id, pid = worker.pid.as_raw(), "worker hung, killed");
+                worker.killed_as_hung = true;
+                let _ = self.changes.send(Change::Leave { id, drained: None });
+                process::signal(worker.pid, Signal::SIGKILL);
             }
         }
     }

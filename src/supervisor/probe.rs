@@ -42,6 +42,11 @@ pub async fn wait_ready(socket: &Path, within: Duration, cancel: &CancellationTo
 
 /// One probe.
 pub async fn check(socket: &Path) -> Result<(), String> {
+    check_within(socket, PROBE_TIMEOUT).await
+}
+
+/// One probe that fails if the worker has not answered within `within`.
+pub async fn check_within(socket: &Path, within: Duration) -> Result<(), String> {
     let attempt = async {
         let mut stream = UnixStream::connect(socket).await.map_err(|e| e.to_string())?;
         stream.write_all(REQUEST).await.map_err(|e| e.to_string())?;
@@ -53,5 +58,7 @@ pub async fn check(socket: &Path) -> Result<(), String> {
             Err(format!("health check answered {:?}", String::from_utf8_lossy(&head)))
         }
     };
-    tokio::time::timeout(PROBE_TIMEOUT, attempt).await.map_err(|_| "health check timed out".to_string())?
+    tokio::time::timeout(within, attempt)
+        .await
+        .map_err(|_| format!("no answer to a health check within {} ms", within.as_millis()))?
 }

@@ -65,8 +65,11 @@ pub struct Worker {
     /// The reload epoch the worker was started in.
     pub epoch: u64,
     pub failed_probe: Option<String>,
-    /// Killed by the supervisor because a request on it timed out.
+    /// Killed by the supervisor because a request on it timed out, or it failed its liveness
+    /// probe.
     pub killed_as_hung: bool,
+    /// A liveness probe is in flight.
+    pub liveness_probing: bool,
 }
 
 impl Worker {
@@ -81,6 +84,7 @@ impl Worker {
             epoch,
             failed_probe: None,
             killed_as_hung: false,
+            liveness_probing: false,
         }
     }
 

@@ -140,3 +140,39 @@ fn a_killed_worker_is_replaced_and_new_connections_are_served() {
         "the kill was not logged"
     );
 }
+
+#[test]
+fn a_worker_stuck_in_a_request_fails_its_liveness_probe_and_is_replaced() {
+    let rt = runtime();
+    let rip = start(&["--workers", "2", "--timeout", "1s"]);
+    let addr = rip.addr();
+
+    // Blocks the thread of the worker that gets this connection, far past --timeout.
+    let mark = rip.log_mark();
+    let stuck = rt.spawn(async move { Client::new(addr).get("/block/30000").await });
+    let failed = rip
+        .wait_for_log_from(
+            mark,
+            |l| WorkerEvent::parse(l).is_some_and(|e| e.is("worker failed its liveness probe")),
+            WAIT,
+        )
+        .expect("no worker failed its liveness probe");
+    let failed = WorkerEvent::parse(&failed).unwrap();
+    let replacement = rip.wait_for_replacement(mark, failed.slot(), WAIT).pid;
+    assert_ne!(replacement, failed.pid);
+
+    // The stuck request's connection ended with its worker, long before the 30 s.
+    let outcome = rt.block_on(stuck).unwrap();
+    assert!(outcome.is_err(), "the stuck request was answered: {:?}", outcome.map(|r| r.status));
+    // New connections are served, by the survivor and the replacement.
+    let pids: BTreeSet<i32> = rt.block_on(async {
+        let mut pids = BTreeSet::new();
+        for _ in 0..20 {
+            let reply = Client::new(addr).get("/whoami").await.expect("GET /whoami on a new connection");
+            pids.insert(WhoAmI::parse(&reply.body).expect("a /whoami answer").pid);
+        }
+        pids
+    });
+    assert!(pids.contains(&replacement), "the replacement {replacement} never answered: {pids:?}");
+    assert!(!pids.contains(&failed.pid), "the stuck worker answered: {pids:?}");
+}

@@ -45,12 +45,18 @@ fn main() {
     let socket = dir.0.join("w0.sock");
     let stop = CancellationToken::new();
 
-    let worker = Worker::start(&socket, stop.clone());
-    let frontend = Frontend::start(&socket, stop.clone());
+    let worker = Server::start({
+        let (socket, stop) = (socket.clone(), stop.clone());
+        move |addr| serve_worker(socket, stop, addr)
+    });
+    let frontend = Server::start({
+        let (socket, stop) = (socket.clone(), stop.clone());
+        move |addr| serve_frontend(socket, stop, addr)
+    });
 
     let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut through_proxy = client_rt.block_on(Client::tcp(frontend.addr));
-    let mut direct_tcp = client_rt.block_on(Client::tcp(worker.tcp));
+    let mut direct_tcp = client_rt.block_on(Client::tcp(worker.addr));
     let mut direct_unix = client_rt.block_on(Client::unix(&socket));
 
     let mut c = Criterion::default().configure_from_args();
@@ -78,84 +84,72 @@ fn main() {
     let _ = worker.thread.join();
 }
 
-/// The worker-equivalent on its own thread and current-thread runtime, serving the same
-/// service on the Unix socket (for the proxy) and on TCP (for the ceiling).
-struct Worker {
-    tcp: SocketAddr,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Worker {
-    fn start(socket: &Path, stop: CancellationToken) -> Worker {
-        let socket = socket.to_owned();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let unix = UnixListener::bind(&socket).expect("binding the worker socket");
-                let tcp = TcpListener::bind("127.0.0.1:0").await.expect("binding the worker's TCP port");
-                addr_tx.send(tcp.local_addr().unwrap()).unwrap();
-                let service = WorkerLike::demo();
-                let connections = worker_like::connections(stop.clone());
-                loop {
-                    tokio::select! {
-                        Ok((stream, _)) = unix.accept() => service.serve(TokioIo::new(stream), &connections),
-                        Ok((stream, _)) = tcp.accept() => {
-                            let _ = stream.set_nodelay(true);
-                            service.serve(TokioIo::new(stream), &connections);
-                        }
-                        () = stop.cancelled() => break,
-                    }
-                }
-                connections.drain(GRACE).await;
-            });
-        });
-        let tcp = addr_rx.recv().expect("the worker thread started");
-        Worker { tcp, thread }
-    }
-}
-
-/// The real front-end and proxy with rip's default settings, on a thread and current-thread
-/// runtime of its own as `rip serve` runs them, with the worker announced the way the
-/// supervisor announces it.
-struct Frontend {
+/// A server on a thread and current-thread runtime of its own, as `rip serve` and
+/// `rip worker` each run; `addr` is the TCP address it reported once listening.
+struct Server {
     addr: SocketAddr,
     thread: std::thread::JoinHandle<()>,
 }
 
-impl Frontend {
-    fn start(socket: &Path, stop: CancellationToken) -> Frontend {
-        let socket = socket.to_owned();
+impl Server {
+    /// Runs `serve` on a new thread; it reports its TCP address through the sender it gets.
+    fn start<F, Fut>(serve: F) -> Server
+    where
+        F: FnOnce(std::sync::mpsc::Sender<SocketAddr>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()>,
+    {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
-            let config = Config::default();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
-                let (reports, _unread) = tokio::sync::mpsc::unbounded_channel();
-                // Metrics are always on in `rip serve`; the access log is off here as in
-                // compare.sh.
-                let proxy =
-                    Proxy::new(proxy::Settings::from(&config), reports, Arc::new(Metrics::default()), None);
-                let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-                changes_tx.send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket }).unwrap();
-                tokio::spawn({
-                    let proxy = proxy.clone();
-                    async move {
-                        // Keeps the channel open for the whole run, as the supervisor does.
-                        let _changes_tx = changes_tx;
-                        proxy.follow(changes_rx).await
-                    }
-                });
-                let limits =
-                    Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
-                let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                frontend::serve(listener, proxy, limits, stop, GRACE).await;
-            });
+            rt.block_on(serve(addr_tx));
         });
-        let addr = addr_rx.recv().expect("the front-end thread started");
-        Frontend { addr, thread }
+        let addr = addr_rx.recv().expect("the server thread started");
+        Server { addr, thread }
     }
+}
+
+/// The worker-equivalent, serving the same service on the Unix socket (for the proxy) and on
+/// TCP (for the ceiling).
+async fn serve_worker(socket: PathBuf, stop: CancellationToken, addr: std::sync::mpsc::Sender<SocketAddr>) {
+    let unix = UnixListener::bind(&socket).expect("binding the worker socket");
+    let tcp = TcpListener::bind("127.0.0.1:0").await.expect("binding the worker's TCP port");
+    addr.send(tcp.local_addr().unwrap()).unwrap();
+    let service = WorkerLike::demo();
+    let connections = worker_like::connections(stop.clone());
+    loop {
+        tokio::select! {
+            Ok((stream, _)) = unix.accept() => service.serve(TokioIo::new(stream), &connections),
+            Ok((stream, _)) = tcp.accept() => {
+                let _ = stream.set_nodelay(true);
+                service.serve(TokioIo::new(stream), &connections);
+            }
+            () = stop.cancelled() => break,
+        }
+    }
+    connections.drain(GRACE).await;
+}
+
+/// The real front-end and proxy with rip's default settings, with the worker announced the
+/// way the supervisor announces it.
+async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::sync::mpsc::Sender<SocketAddr>) {
+    let config = Config::default();
+    let (reports, _unread) = tokio::sync::mpsc::unbounded_channel();
+    // Metrics are always on in `rip serve`; the access log is off here as in compare.sh.
+    let proxy = Proxy::new(proxy::Settings::from(&config), reports, Arc::new(Metrics::default()), None);
+    let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
+    changes_tx.send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket }).unwrap();
+    tokio::spawn({
+        let proxy = proxy.clone();
+        async move {
+            // Keeps the channel open for the whole run, as the supervisor does.
+            let _changes_tx = changes_tx;
+            proxy.follow(changes_rx).await
+        }
+    });
+    let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
+    addr.send(listener.local_addr().unwrap()).unwrap();
+    frontend::serve(listener, proxy, limits, stop, GRACE).await;
 }
 
 /// Where a [`Client`] connects.

@@ -149,7 +149,8 @@ async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::syn
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
     addr.send(listener.local_addr().unwrap()).unwrap();
-    frontend::serve(listener, proxy, limits, stop, GRACE).await;
+    let router = frontend::router(&proxy, None);
+    frontend::serve(listener, proxy, router, limits, stop, GRACE).await;
 }
 
 /// Where a [`Client`] connects.

@@ -187,8 +187,8 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 30_000)]
     pub graceful_ms: u64,
     /// Log format: text or json.
-    #[arg(long, default_value = "text")]
-    pub log_format: String,
+    #[arg(long, default_value = "text", value_parser = parse_log_format)]
+    pub log_format: crate::config::LogFormat,
     /// Also take client connections from the front-end over a hand-off channel.
     #[arg(long)]
     pub handoff: bool,
@@ -232,6 +232,10 @@ impl Cli {
             },
         }
     }
+}
+
+fn parse_log_format(s: &str) -> Result<crate::config::LogFormat, String> {
+    s.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
 /// Reduces clap's multi-line message to its first line, without the `error: ` prefix.

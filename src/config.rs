@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cli::ServeArgs;
-use crate::proxy::{Balance, Upstream};
+use crate::proxy::{Strategy, Upstream};
 
 /// The default config file, read when present and no `--config` is given.
 pub const DEFAULT_CONFIG_FILE: &str = "rip.toml";
@@ -29,7 +29,7 @@ pub struct Config {
     pub max_age: Duration,
     /// Workers replaced at once (recycles and reloads share this budget).
     pub max_surge: usize,
-    pub balance: Balance,
+    pub balance: Strategy,
     pub upstream: Upstream,
     pub graceful_timeout: Duration,
     pub timeout: Duration,
@@ -111,7 +111,7 @@ impl Default for Config {
             max_memory: 0,
             max_age: Duration::ZERO,
             max_surge: 1,
-            balance: Balance::LeastPending,
+            balance: Strategy::LeastPending,
             upstream: Upstream::Http2,
             graceful_timeout: Duration::from_secs(30),
             timeout: Duration::from_secs(30),

@@ -1,21 +1,65 @@
 //! The public listener: accepts client connections and serves each with hyper's HTTP/1 server
-//! through the proxy, or with `--upstream handoff` passes each to a worker. Invariant: at most
+//! through the front-end's axum router — the user's edge routes and layers, falling back to
+//! the proxy stack — or with `--upstream handoff` passes each to a worker. Invariant: at most
 //! `max_connections` client connections are open (or on their way to a worker); past that,
 //! new ones wait in the kernel's accept queue instead of exhausting file descriptors.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use axum::Router;
+use http::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tower::Service;
 use tracing::warn;
 
 use crate::connections::Connections;
 use crate::framing::StrictFraming;
-use crate::proxy::{Proxy, ProxyError, Upstream};
+use crate::proxy::{Peer, Proxy, ProxyError, Upstream};
+
+/// What a user's binary adds at the edge: it gets the router whose fallback is the proxy to
+/// the workers and returns it with routes the parent answers itself and tower layers that
+/// wrap every request, the workers' included.
+pub type Edge = Arc<dyn Fn(Router) -> Router + Send + Sync>;
+
+/// The front-end's router: the proxy stack as the fallback, under the user's edge.
+pub fn router(proxy: &Proxy, edge: Option<&Edge>) -> Router {
+    let router = Router::new().fallback_service(proxy.stack());
+    match edge {
+        Some(edge) => edge(router),
+        None => router,
+    }
+}
+
+/// The router as one client connection serves it: every request carries the peer the
+/// listener saw, as axum's `ConnectInfo` for edge handlers and as a [`Peer`] for the proxy.
+#[derive(Clone)]
+struct Connection {
+    router: Router,
+    peer: Arc<Peer>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Connection {
+    type Response = axum::response::Response;
+    type Error = Infallible;
+    type Future = axum::routing::future::RouteFuture<Infallible>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let extensions = req.extensions_mut();
+        extensions.insert(ConnectInfo(self.peer.addr));
+        extensions.insert(self.peer.clone());
+        // A router is always ready; it is cloned (an Arc) because `call` takes `&mut`.
+        self.router.clone().call(req)
+    }
+}
 
 /// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -55,6 +99,7 @@ pub fn client_builder(header_timeout: Duration) -> http1::Builder {
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
+    router: Router,
     limits: Limits,
     stop: CancellationToken,
     grace: Duration,
@@ -75,7 +120,8 @@ pub async fn serve(
             continue;
         }
         let stream = StrictFraming::new(stream);
-        let conn = builder.serve_connection(TokioIo::new(stream), proxy.service(peer)).with_upgrades();
+        let service = Connection { router: router.clone(), peer: Arc::new(Peer::new(peer)) };
+        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         connections.spawn(conn, permit);
     }
     drop(listener);
@@ -88,7 +134,7 @@ async fn accept(
     listener: &TcpListener,
     permits: &Arc<Semaphore>,
     stop: &CancellationToken,
-) -> Option<(TcpStream, std::net::SocketAddr, OwnedSemaphorePermit)> {
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
     loop {
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),

@@ -14,6 +14,24 @@
 //!     rip::main_with(app)
 //! }
 //! ```
+//!
+//! [`Rip`] is the same with more to say: a factory that is a closure or `async` (a database
+//! pool opened before the worker reports ready), and edge routes and tower layers that the
+//! parent applies in front of every worker:
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let greeting = std::env::var("GREETING").unwrap_or_else(|_| "hello".into());
+//!     rip::Rip::new_async(move |_ctx| {
+//!         let greeting = greeting.clone();
+//!         async move { Ok(Router::new().route("/", get(move || async move { greeting }))) }
+//!     })
+//!     .edge(|proxy| proxy.route("/edge", get(|| async { "answered by the parent" })))
+//!     .run()
+//! }
+//! ```
 
 /// One line per request, written off the request path.
 pub mod access_log;
@@ -62,36 +80,104 @@ pub mod upgrade;
 /// `rip worker`: serve the app on a Unix socket and drain when told to.
 pub mod worker;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 pub use worker::WorkerContext;
 
-/// Builds the app a worker serves. Called once per worker process.
-pub type AppFactory = fn(&WorkerContext) -> axum::Router;
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// Runs rip with `app` as the application: parses the command line, sets up logging and
-/// dispatches to `serve` or `worker`. Errors are printed once as `rip: <chain>`.
-pub fn main_with(app: AppFactory) -> ExitCode {
-    let cli = match cli::Cli::parse_args() {
-        Ok(cli) => cli,
-        Err(code) => return code,
-    };
-    let result = match cli.command {
-        cli::Command::Serve(args) => serve::run(*args),
-        cli::Command::Worker(args) => worker::run(args, app),
-        cli::Command::Status(args) => commands::status(&args),
-        cli::Command::Reload(args) => commands::reload(&args),
-        cli::Command::Scale(args) => commands::scale(&args),
-        cli::Command::Upgrade(args) => commands::upgrade(&args),
-        cli::Command::Stop(args) => commands::stop(&args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("rip: {}", error_chain(&err));
-            ExitCode::FAILURE
+/// How a worker gets its app; called once in each worker process.
+#[derive(Clone)]
+pub(crate) enum AppFactory {
+    /// Called on the worker's main thread inside its runtime's context (so `tokio::spawn`
+    /// works) but outside `block_on` (so a factory that blocks on a runtime of its own does
+    /// not panic).
+    Sync(Arc<dyn Fn(&WorkerContext) -> axum::Router + Send + Sync>),
+    /// Awaited on the worker's runtime before its socket is bound, so the worker is ready
+    /// only once it resolves; an error is a start failure.
+    Async(Arc<dyn Fn(WorkerContext) -> BoxFuture<anyhow::Result<axum::Router>> + Send + Sync>),
+}
+
+/// rip with your app: `Rip::new(app).run()` in `main` gives your binary `serve`, `status`,
+/// `reload` and the rest, with `app` served by every worker.
+///
+/// State in the app lives in each worker process: with several workers, what one worker
+/// keeps in memory the others do not see. Keep shared state in a store outside the workers
+/// (a database, Redis, files), or serve with `--workers 1`.
+#[must_use = "a Rip does nothing until `run` is called"]
+pub struct Rip {
+    app: AppFactory,
+    edge: Option<frontend::Edge>,
+}
+
+impl Rip {
+    /// Every worker serves the router `app` builds for it.
+    pub fn new<F>(app: F) -> Rip
+    where
+        F: Fn(&WorkerContext) -> axum::Router + Send + Sync + 'static,
+    {
+        Rip { app: AppFactory::Sync(Arc::new(app)), edge: None }
+    }
+
+    /// Every worker serves the router `app` resolves to; the worker is not ready (and gets
+    /// no request) before it does. An error stops that worker as a failed start, its message
+    /// in the log, and a failing deploy backs off as any other start failure.
+    pub fn new_async<F, Fut>(app: F) -> Rip
+    where
+        F: Fn(WorkerContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<axum::Router>> + Send + 'static,
+    {
+        let app = move |ctx: WorkerContext| -> BoxFuture<anyhow::Result<axum::Router>> { Box::pin(app(ctx)) };
+        Rip { app: AppFactory::Async(Arc::new(app)), edge: None }
+    }
+
+    /// Routes and tower layers at the edge, in the parent: `edge` gets the front-end's
+    /// router, whose fallback forwards to the workers, and returns it with what it adds —
+    /// `.layer(...)` wraps every request, workers' included; `.route(...)` is answered by
+    /// the parent without a worker.
+    pub fn edge<F>(mut self, edge: F) -> Rip
+    where
+        F: Fn(axum::Router) -> axum::Router + Send + Sync + 'static,
+    {
+        self.edge = Some(Arc::new(edge));
+        self
+    }
+
+    /// Parses the command line and runs the subcommand. Errors are printed once as
+    /// `rip: <chain>`, with a non-zero exit code.
+    pub fn run(self) -> ExitCode {
+        let cli = match cli::Cli::parse_args() {
+            Ok(cli) => cli,
+            Err(code) => return code,
+        };
+        let result = match cli.command {
+            cli::Command::Serve(args) => serve::run(*args, self.edge),
+            cli::Command::Worker(args) => worker::run(args, self.app),
+            cli::Command::Status(args) => commands::status(&args),
+            cli::Command::Reload(args) => commands::reload(&args),
+            cli::Command::Scale(args) => commands::scale(&args),
+            cli::Command::Upgrade(args) => commands::upgrade(&args),
+            cli::Command::Stop(args) => commands::stop(&args),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("rip: {}", error_chain(&err));
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// Runs rip with `app` as the application: `Rip::new(app).run()`.
+pub fn main_with<F>(app: F) -> ExitCode
+where
+    F: Fn(&WorkerContext) -> axum::Router + Send + Sync + 'static,
+{
+    Rip::new(app).run()
 }
 
 /// Formats an error and its causes on one line, outermost first.

@@ -17,7 +17,7 @@ use crate::access_log::AccessLog;
 use crate::cli::ServeArgs;
 use crate::config::Config;
 use crate::control::{self, Controls};
-use crate::frontend::{self, Limits};
+use crate::frontend::{self, Edge, Limits};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::runtime_dir::RuntimeDir;
@@ -25,9 +25,9 @@ use crate::signals::{self, Intent, IntentReceiver, Scale};
 use crate::supervisor::{self, ReloadResult, SupervisorHandle};
 use crate::{listener, notify, upgrade};
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: ServeArgs, edge: Option<Edge>) -> Result<()> {
     let config = crate::config::load(&args)?;
-    crate::logging::init(config.log_format);
+    crate::logging::warn_if_filtered(crate::logging::init(config.log_format));
     let root = config.root.as_deref().map(check_root).transpose()?;
     let exe = std::env::current_exe().context("locating the rip executable")?;
     // One thread by default: every client connection, worker connection and the supervisor
@@ -39,7 +39,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     }
     .context("starting the runtime")?;
-    runtime.block_on(serve(Parent { args, exe, config, root }))
+    runtime.block_on(serve(Parent { args, exe, config, root, edge }))
 }
 
 /// The shutdown reason after handing over to a new process.
@@ -51,6 +51,8 @@ struct Parent {
     exe: PathBuf,
     config: Config,
     root: Option<PathBuf>,
+    /// The user's edge routes and layers, if their binary has any.
+    edge: Option<Edge>,
 }
 
 /// The root must be a readable directory; workers would otherwise answer 404 to everything.
@@ -81,7 +83,7 @@ fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor
         root,
         threads: config.worker_threads,
         graceful_ms: config.graceful_timeout.as_millis() as u64,
-        log_format: config.log_format.as_str(),
+        log_format: config.log_format,
         handoff: (config.upstream == proxy::Upstream::Handoff).then_some(crate::worker::ClientLimits {
             header_timeout: config.header_timeout,
             max_body: config.max_body,
@@ -147,8 +149,15 @@ async fn serve(parent: Parent) -> Result<()> {
         info!(addr = %bound, "admin listener started");
     }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
-    let frontend =
-        tokio::spawn(frontend::serve(listener, proxy.clone(), limits, stop.clone(), config.graceful_timeout));
+    let router = frontend::router(&proxy, parent.edge.as_ref());
+    let frontend = tokio::spawn(frontend::serve(
+        listener,
+        proxy.clone(),
+        router,
+        limits,
+        stop.clone(),
+        config.graceful_timeout,
+    ));
     tokio::spawn(announce_ready(supervisor.clone(), config.workers, local));
 
     let reason =

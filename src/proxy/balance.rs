@@ -1,155 +1,150 @@
-//! Which worker gets the next request. Pure: it sees counters, not connections, so every
-//! strategy is tested as a table. Invariant: a worker that is leaving or unreachable is never
-//! chosen, and an exhausted worker (past `--max-requests`, replacement not ready yet) is chosen
-//! only when no fresh worker is usable, so recycling never drops capacity to zero.
+//! The load-balancing layer: picks the worker for each attempt from the pool that the
+//! supervisor's discovery messages keep (`pool.rs`, by the pure rule in `strategy.rs`), waits
+//! for one up to `--queue-timeout` when none is usable, takes a lease that counts the request
+//! in flight on it until its response body ends, and counts it against the worker's
+//! `--max-requests`, reporting the worker exhausted exactly once.
+//!
+//! tower's `balance::p2c` does not fit: it picks two workers at random and compares their
+//! load, where rip scans all of its few workers (fresh before exhausted before the one that
+//! just failed), and it has no notion of a worker kept only as a fallback while its
+//! replacement starts, of waiting for a worker with a deadline, or of a lease that outlives
+//! the service call until the body ends.
 
-use std::str::FromStr;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use anyhow::bail;
+use http::Response;
+use tokio::time::Instant;
+use tower::Service;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Balance {
-    /// Each request to the next worker in turn.
-    RoundRobin,
-    /// The worker with the fewest requests in flight; ties go round-robin. A stuck worker
-    /// piles up in-flight requests and so stops receiving new ones.
-    LeastPending,
+use super::{Cause, Dispatch, Failed, Forward, LiveSettings, Pool, ResponseBody};
+use crate::discovery::{Report, ReportSender};
+
+#[derive(Debug, Clone)]
+pub struct Balance<S> {
+    inner: S,
+    pool: Arc<Pool>,
+    settings: LiveSettings,
+    reports: ReportSender,
 }
 
-impl Balance {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Balance::RoundRobin => "round-robin",
-            Balance::LeastPending => "least-pending",
-        }
+impl<S> Balance<S> {
+    pub fn new(inner: S, pool: Arc<Pool>, settings: LiveSettings, reports: ReportSender) -> Self {
+        Balance { inner, pool, settings, reports }
     }
 }
 
-impl FromStr for Balance {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "round-robin" => Ok(Balance::RoundRobin),
-            "least-pending" => Ok(Balance::LeastPending),
-            _ => bail!("expected least-pending or round-robin"),
-        }
-    }
-}
+impl<S> Service<Forward> for Balance<S>
+where
+    S: Service<Dispatch, Response = Response<ResponseBody>, Error = Failed> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Failed;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Failed>> + Send>>;
 
-/// What the balancer knows of one worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Candidate {
-    pub in_flight: usize,
-    /// Past its request budget; kept only as a fallback.
-    pub exhausted: bool,
-    /// Leaving the rotation, or refused a connection.
-    pub unusable: bool,
-}
-
-/// Picks an index below `n`, where `candidate(i)` describes worker `i`, scanning from `start`
-/// (a rotating counter) so that ties and round-robin spread evenly. `avoid` is a worker that
-/// just failed this request.
-pub fn choose(
-    balance: Balance,
-    n: usize,
-    candidate: impl Fn(usize) -> Candidate,
-    start: usize,
-    avoid: Option<usize>,
-) -> Option<usize> {
-    if n == 0 {
-        return None;
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
+        Poll::Ready(Ok(()))
     }
-    // Rank: lower is better. Fresh before exhausted before the worker that just failed.
-    let rank = |i: usize| -> Option<(u8, usize)> {
-        let c = candidate(i);
-        if c.unusable {
-            return None;
-        }
-        let tier = u8::from(c.exhausted) + 2 * u8::from(avoid == Some(i));
-        let load = match balance {
-            Balance::RoundRobin => 0,
-            Balance::LeastPending => c.in_flight,
-        };
-        Some((tier, load))
-    };
-    let mut best: Option<(usize, (u8, usize))> = None;
-    for k in 0..n {
-        let i = (start + k) % n;
-        if let Some(r) = rank(i) {
-            if best.is_none_or(|(_, b)| r < b) {
-                best = Some((i, r));
-                if r == (0, 0) {
-                    break;
-                }
+
+    fn call(&mut self, forward: Forward) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let pool = self.pool.clone();
+        let reports = self.reports.clone();
+        let settings = self.settings.load();
+        let (queue_timeout, max_requests) = (settings.queue_timeout, settings.max_requests);
+        Box::pin(async move {
+            let deadline = Instant::now() + queue_timeout;
+            let Some(endpoint) = pool.pick_until(forward.avoid, deadline).await else {
+                return Err(Failed::new(Cause::NoWorker, None));
+            };
+            let lease = endpoint.lease();
+            if endpoint.count_request(max_requests) {
+                let _ = reports.send(Report::Exhausted(endpoint.id));
             }
-        }
+            inner.call(Dispatch { forward, lease }).await
+        })
     }
-    best.map(|(i, _)| i)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::{Change, WorkerId};
+    use crate::proxy::{RequestBody, Settings, Strategy, Upstream};
+    use arc_swap::ArcSwap;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+    use tower::{service_fn, ServiceExt};
 
-    fn choose(balance: Balance, cs: &[Candidate], start: usize, avoid: Option<usize>) -> Option<usize> {
-        super::choose(balance, cs.len(), |i| cs[i], start, avoid)
+    fn id(slot: usize) -> WorkerId {
+        WorkerId { slot, generation: 0 }
     }
 
-    fn c(in_flight: usize) -> Candidate {
-        Candidate { in_flight, exhausted: false, unusable: false }
+    fn setup(
+        workers: usize,
+        max_requests: u64,
+    ) -> (
+        impl Service<Forward, Response = Response<ResponseBody>, Error = Failed> + Clone,
+        mpsc::UnboundedReceiver<Report>,
+    ) {
+        let pool = Arc::new(Pool::new(Strategy::LeastPending, 0, Upstream::Http1));
+        for slot in 0..workers {
+            pool.apply(Change::Ready { id: id(slot), socket: format!("/nonexistent/{slot}").into() });
+        }
+        let config = crate::config::Config {
+            max_requests,
+            queue_timeout: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let settings = Arc::new(ArcSwap::from_pointee(Settings::from(&config)));
+        let (reports, rx) = mpsc::unbounded_channel();
+        // The worker that answered, as the response's body says.
+        let inner = service_fn(|dispatch: Dispatch| async move {
+            Ok(Response::new(ResponseBody::empty().from_worker(dispatch.endpoint().id)))
+        });
+        (Balance::new(inner, pool, settings, reports), rx)
     }
 
-    #[test]
-    fn round_robin_rotates_with_start() {
-        let cs = [c(5), c(0), c(9)];
-        let picks: Vec<_> = (0..6).map(|s| choose(Balance::RoundRobin, &cs, s, None).unwrap()).collect();
-        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+    fn forward(avoid: Option<WorkerId>) -> Forward {
+        let mut forward = Forward::new(http::Request::new(RequestBody::empty()));
+        forward.avoid = avoid;
+        forward
     }
 
-    #[test]
-    fn least_pending_avoids_the_busy_worker() {
-        let cs = [c(7), c(1), c(3)];
-        for start in 0..3 {
-            assert_eq!(choose(Balance::LeastPending, &cs, start, None), Some(1));
+    #[tokio::test]
+    async fn requests_spread_over_idle_workers_and_avoid_the_one_that_failed() {
+        let (svc, _) = setup(3, 0);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(svc.clone().oneshot(forward(None)).await.unwrap().body().worker().unwrap().slot);
+        }
+        seen.sort();
+        assert_eq!(seen, [0, 1, 2]);
+        for _ in 0..5 {
+            let picked = svc.clone().oneshot(forward(Some(id(1)))).await.unwrap().body().worker();
+            assert_ne!(picked, Some(id(1)));
         }
     }
 
-    #[test]
-    fn least_pending_ties_rotate() {
-        let cs = [c(0), c(0), c(0)];
-        let picks: Vec<_> = (0..3).map(|s| choose(Balance::LeastPending, &cs, s, None).unwrap()).collect();
-        assert_eq!(picks, [0, 1, 2]);
+    #[tokio::test]
+    async fn with_no_worker_the_request_waits_for_the_queue_deadline_then_fails() {
+        let (svc, _) = setup(0, 0);
+        let started = Instant::now();
+        let failed = svc.oneshot(forward(None)).await.unwrap_err();
+        assert!(matches!(failed.cause, Cause::NoWorker));
+        assert!(started.elapsed() >= Duration::from_millis(20));
     }
 
-    #[test]
-    fn unusable_workers_are_never_chosen() {
-        let dead = Candidate { unusable: true, ..c(0) };
-        assert_eq!(choose(Balance::RoundRobin, &[dead, dead], 0, None), None);
-        assert_eq!(choose(Balance::LeastPending, &[dead, c(50)], 0, None), Some(1));
-        assert_eq!(choose(Balance::RoundRobin, &[], 0, None), None);
-    }
-
-    #[test]
-    fn exhausted_workers_are_a_fallback_only() {
-        let tired = Candidate { exhausted: true, ..c(0) };
-        for balance in [Balance::RoundRobin, Balance::LeastPending] {
-            assert_eq!(choose(balance, &[tired, c(10)], 0, None), Some(1));
-            assert_eq!(choose(balance, &[tired, tired], 1, None), Some(1));
+    #[tokio::test]
+    async fn a_worker_is_reported_exhausted_once_at_its_budget() {
+        let (svc, mut reports) = setup(1, 3);
+        for _ in 0..5 {
+            svc.clone().oneshot(forward(None)).await.unwrap();
         }
-    }
-
-    #[test]
-    fn the_worker_that_failed_is_tried_last() {
-        for balance in [Balance::RoundRobin, Balance::LeastPending] {
-            assert_eq!(choose(balance, &[c(0), c(3)], 0, Some(0)), Some(1));
-            assert_eq!(choose(balance, &[c(0)], 0, Some(0)), Some(0));
-        }
-    }
-
-    #[test]
-    fn strategy_names_parse() {
-        assert_eq!("round-robin".parse::<Balance>().unwrap(), Balance::RoundRobin);
-        assert_eq!("least-pending".parse::<Balance>().unwrap(), Balance::LeastPending);
-        assert!("random".parse::<Balance>().is_err());
+        assert_eq!(reports.try_recv().unwrap(), Report::Exhausted(id(0)));
+        assert!(reports.try_recv().is_err());
     }
 }

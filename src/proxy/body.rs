@@ -11,11 +11,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use super::endpoint::{Lease, Sender};
 use crate::access_log::{AccessLog, Record};
+use crate::discovery::WorkerId;
+
+/// A client's request body as the front-end's router hands it over.
+pub type ClientBody = axum::body::Body;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -48,40 +52,43 @@ pub struct RequestBody(Kind);
 
 #[derive(Debug)]
 enum Kind {
-    Client(Box<ClientBody>),
+    Client(Box<Passing>),
     /// No body: a replayed request, or a client request without one.
     Empty,
 }
 
 #[derive(Debug)]
-struct ClientBody {
-    body: Incoming,
+struct Passing {
+    body: ClientBody,
     /// Bytes still allowed by `--max-body`.
     remaining: u64,
     /// Longest pause between two pieces of the body.
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
-    /// Fired when the whole body was read, so the worker's answer may be timed from then.
-    finished: Option<oneshot::Sender<()>>,
-    /// Why the body failed, for the proxy to answer with: over HTTP/2 the error that reaches
-    /// the proxy is the stream's reset, not this body's error.
-    failure: Arc<OnceLock<BodyError>>,
+    progress: Arc<Progress>,
 }
 
-/// What the proxy keeps of a client body it handed to a worker connection.
-#[derive(Debug)]
-pub struct BodyWatch {
-    /// Completes when the body has been read to its end (or failed); `None` once it did.
-    sent: Option<oneshot::Receiver<()>>,
-    failure: Arc<OnceLock<BodyError>>,
+/// How far a client body on its way to a worker has got, shared with the layers above the
+/// connection that reads it: the deadline times the worker from the body's end, and the
+/// retry layer answers with the body's own failure — over HTTP/2 the error that reaches the
+/// proxy is the stream's reset, not this body's error.
+#[derive(Debug, Default)]
+pub struct Progress {
+    ended: std::sync::atomic::AtomicBool,
+    ended_notify: Notify,
+    failure: OnceLock<BodyError>,
 }
 
-impl BodyWatch {
+impl Progress {
     /// Waits until the body has been read to its end (or failed); at once after that.
-    pub async fn sent(&mut self) {
-        if let Some(rx) = self.sent.as_mut() {
-            let _ = rx.await;
-            self.sent = None;
+    pub async fn ended(&self) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let notified = self.ended_notify.notified();
+            if self.ended.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -89,36 +96,47 @@ impl BodyWatch {
     pub fn failure(&self) -> Option<BodyError> {
         self.failure.get().copied()
     }
+
+    fn end(&self) {
+        if !self.ended.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.ended_notify.notify_waiters();
+        }
+    }
 }
 
 impl RequestBody {
-    /// Wraps a client body; `None` for the watch when there is no body at all.
-    pub fn client(body: Incoming, max: u64, idle: Duration) -> (RequestBody, Option<BodyWatch>) {
+    /// Wraps a client body, holding it to `max` bytes and to pauses no longer than `idle`.
+    pub fn client(body: ClientBody, max: u64, idle: Duration) -> RequestBody {
         if body.is_end_stream() {
-            return (RequestBody(Kind::Empty), None);
+            return RequestBody(Kind::Empty);
         }
-        let (tx, rx) = oneshot::channel();
-        let failure = Arc::new(OnceLock::new());
-        let client = ClientBody {
+        let passing = Passing {
             body,
             remaining: max,
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
-            finished: Some(tx),
-            failure: failure.clone(),
+            progress: Arc::default(),
         };
-        (RequestBody(Kind::Client(Box::new(client))), Some(BodyWatch { sent: Some(rx), failure }))
+        RequestBody(Kind::Client(Box::new(passing)))
     }
 
     pub fn empty() -> RequestBody {
         RequestBody(Kind::Empty)
     }
+
+    /// The body's progress; `None` when there is no body to wait for.
+    pub fn progress(&self) -> Option<Arc<Progress>> {
+        match &self.0 {
+            Kind::Client(passing) => Some(passing.progress.clone()),
+            Kind::Empty => None,
+        }
+    }
 }
 
-impl ClientBody {
+impl Passing {
     fn fail(&mut self, error: BodyError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.finished.take();
-        let _ = self.failure.set(error);
+        let _ = self.progress.failure.set(error);
+        self.progress.end();
         Poll::Ready(Some(Err(Box::new(error))))
     }
 }
@@ -147,17 +165,13 @@ impl Body for RequestBody {
                 let deadline = Instant::now() + client.idle;
                 client.idle_timer.as_mut().reset(deadline);
                 if client.body.is_end_stream() {
-                    if let Some(tx) = client.finished.take() {
-                        let _ = tx.send(());
-                    }
+                    client.progress.end();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(_))) => client.fail(BodyError::Client),
             Poll::Ready(None) => {
-                if let Some(tx) = client.finished.take() {
-                    let _ = tx.send(());
-                }
+                client.progress.end();
                 Poll::Ready(None)
             }
             Poll::Pending => match client.idle_timer.as_mut().poll(cx) {
@@ -188,6 +202,8 @@ impl Body for RequestBody {
 pub struct ResponseBody {
     inner: Inner,
     logged: Option<Box<Logged>>,
+    /// The worker that answered; none for rip's own answers.
+    worker: Option<WorkerId>,
 }
 
 #[derive(Debug)]
@@ -214,19 +230,34 @@ impl Drop for ResponseBody {
 impl ResponseBody {
     /// A worker's response body; `lease` and `sender` are released when it ends.
     pub fn upstream(body: Incoming, lease: Lease, sender: Sender) -> ResponseBody {
-        let mut this =
-            ResponseBody { inner: Inner::Upstream { body, done: Some((lease, sender)) }, logged: None };
+        let worker = Some(lease.endpoint().id);
+        let mut this = ResponseBody {
+            inner: Inner::Upstream { body, done: Some((lease, sender)) },
+            logged: None,
+            worker,
+        };
         this.release_if_ended();
         this
     }
 
     pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
         let bytes = bytes.into();
-        ResponseBody { inner: Inner::Full((!bytes.is_empty()).then_some(bytes)), logged: None }
+        ResponseBody { inner: Inner::Full((!bytes.is_empty()).then_some(bytes)), logged: None, worker: None }
     }
 
     pub fn empty() -> ResponseBody {
-        ResponseBody { inner: Inner::Full(None), logged: None }
+        ResponseBody { inner: Inner::Full(None), logged: None, worker: None }
+    }
+
+    /// The same body, marked as answered by `worker` (a tunnel's 101, which has no body).
+    pub fn from_worker(mut self, worker: WorkerId) -> ResponseBody {
+        self.worker = Some(worker);
+        self
+    }
+
+    /// The worker that answered, if one did.
+    pub fn worker(&self) -> Option<WorkerId> {
+        self.worker
     }
 
     /// Writes `record` to `log` once the body is done.

@@ -212,8 +212,11 @@ impl Endpoint {
         !self.hung_reported.swap(true, Ordering::Relaxed)
     }
 
+    /// Stops choosing this worker until the supervisor replaces it, and wakes requests
+    /// waiting for a worker so that they look elsewhere.
     pub fn mark_unreachable(&self) {
         self.unreachable.store(true, Ordering::Relaxed);
+        self.capacity.touch();
     }
 
     /// Closes the idle connections, after one failed in a way that suggests the worker died.
@@ -351,7 +354,7 @@ mod tests {
     use super::*;
 
     fn endpoint() -> Arc<Endpoint> {
-        let pool = crate::proxy::Pool::new(crate::proxy::Balance::RoundRobin, 0, Upstream::Http1);
+        let pool = crate::proxy::Pool::new(crate::proxy::Strategy::RoundRobin, 0, Upstream::Http1);
         Arc::new(Endpoint::new(
             WorkerId { slot: 0, generation: 0 },
             "/nonexistent".into(),

@@ -1,10 +1,89 @@
-//! Why a request could not be served, and the one place that maps that to an HTTP answer.
+//! Why a request could not be served. Two small types: [`Failed`], how one attempt on a
+//! worker went wrong, which answers the retry layer's one question (`is_retryable`); and
+//! [`ProxyError`], what the client is told, mapped to an HTTP answer in exactly one place
+//! ([`ProxyError::into_response`]).
 
 use std::time::Duration;
 
 use http::{header, HeaderValue, Response, StatusCode};
 
-use super::body::ResponseBody;
+use super::body::{BodyError, ResponseBody};
+use super::Forward;
+use crate::discovery::WorkerId;
+
+/// How one attempt failed. When the request never reached the worker, it comes back whole
+/// in `unsent`, so that it can go to another worker whatever its method or body.
+#[derive(Debug)]
+pub struct Failed {
+    pub cause: Cause,
+    /// The worker the attempt went to, if one was chosen.
+    pub worker: Option<WorkerId>,
+    pub unsent: Option<Box<Forward>>,
+}
+
+#[derive(Debug)]
+pub enum Cause {
+    /// No worker became usable before the queue deadline.
+    NoWorker,
+    /// The worker's socket refused the connection: the process is gone.
+    Unreachable(std::io::Error),
+    /// The pooled connection closed before the request was written.
+    NotReady,
+    /// The client's body failed while it was being passed on.
+    Body(BodyError),
+    /// The worker took the request and then failed before response headers came back.
+    Worker(hyper::Error),
+    /// The worker did not answer within `--timeout`.
+    Timeout(Duration),
+}
+
+impl Failed {
+    pub fn new(cause: Cause, worker: Option<WorkerId>) -> Failed {
+        Failed { cause, worker, unsent: None }
+    }
+
+    pub fn unsent(cause: Cause, worker: Option<WorkerId>, forward: Forward) -> Failed {
+        Failed { cause, worker, unsent: Some(Box::new(forward)) }
+    }
+
+    /// May the request be sent again? Always when it never reached a worker, since nothing
+    /// was done; after a worker failed with it, only when it can be replayed (an idempotent
+    /// request without a body), since the worker may have acted on anything else. A timeout
+    /// or a broken client body is never retried: the first means the worker is stuck with
+    /// it, the second that there is nothing whole left to send.
+    pub fn is_retryable(&self, replayable: bool) -> bool {
+        match self.cause {
+            Cause::Unreachable(_) | Cause::NotReady => self.unsent.is_some(),
+            Cause::Worker(_) => replayable,
+            Cause::NoWorker | Cause::Body(_) | Cause::Timeout(_) => false,
+        }
+    }
+
+    /// What the client is told when the request is not tried again.
+    pub fn into_proxy_error(self) -> ProxyError {
+        match self.cause {
+            Cause::NoWorker => ProxyError::NoWorker,
+            Cause::Unreachable(_) | Cause::NotReady | Cause::Worker(_) => ProxyError::Upstream,
+            Cause::Body(BodyError::TooLarge) => ProxyError::BodyTooLarge,
+            Cause::Body(BodyError::Timeout) => ProxyError::BodyTimeout,
+            Cause::Body(BodyError::Client) => ProxyError::BadBody,
+            Cause::Timeout(elapsed) => ProxyError::Timeout(elapsed),
+        }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::NoWorker => f.write_str("no worker available"),
+            Cause::Unreachable(e) => write!(f, "worker unreachable: {e}"),
+            Cause::NotReady => f.write_str("connection closed before the request was sent"),
+            Cause::Body(e) => write!(f, "{e}"),
+            Cause::Worker(e) => write!(f, "{e}"),
+            Cause::Timeout(elapsed) => write!(f, "no answer within {} ms", elapsed.as_millis()),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub enum ProxyError {

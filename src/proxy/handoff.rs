@@ -43,7 +43,6 @@ impl Proxy {
                 }
                 Ok(Err(e)) => {
                     endpoint.mark_unreachable();
-                    self.shared.pool.touch();
                     self.shared.metrics.retry();
                     warn!(worker = %endpoint.id, error = %e, "worker refused a connection, offered to another");
                 }
@@ -85,6 +84,5 @@ impl Proxy {
         }
         // The worker closed its end: it exited, or is about to. Nothing more goes to it.
         endpoint.mark_unreachable();
-        self.shared.pool.touch();
     }
 }

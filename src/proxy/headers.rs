@@ -9,6 +9,10 @@ use http::{request, StatusCode, Uri, Version};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The client's address and port as the front-end saw them, for the worker's
+/// `ConnectInfo<SocketAddr>`. Set by the front-end on every request (replacing whatever a
+/// client sent), and taken off again by the worker before the app sees the request.
+pub static PEER: HeaderName = HeaderName::from_static("x-rip-peer");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -76,8 +80,9 @@ pub fn check_request(parts: &request::Parts) -> Result<(), &'static str> {
 
 /// Rewrites a client request for a worker. Returns whether it is a protocol upgrade, in which
 /// case the `Upgrade` handshake headers are kept end to end.
-/// `forwarded_for` is the client's address as made by [`forwarded_for`], once per connection.
-pub fn prepare_request(parts: &mut request::Parts, forwarded_for: &HeaderValue) -> bool {
+/// `forwarded_for` and `peer` are the client's address as made by [`forwarded_for`] and
+/// [`peer_value`], once per connection.
+pub fn prepare_request(parts: &mut request::Parts, forwarded_for: &HeaderValue, peer: &HeaderValue) -> bool {
     let upgrade = is_upgrade(&parts.headers);
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     strip_hop_by_hop(&mut parts.headers);
@@ -98,6 +103,7 @@ pub fn prepare_request(parts: &mut request::Parts, forwarded_for: &HeaderValue) 
     }
 
     set_forwarded(&mut parts.headers, forwarded_for);
+    parts.headers.insert(&PEER, peer.clone());
     // The hop to a worker is always keep-alive HTTP/1.1, whatever the client spoke.
     parts.version = Version::HTTP_11;
     upgrade
@@ -117,13 +123,23 @@ pub fn prepare_response(status: StatusCode, headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
 }
 
-/// The `X-Forwarded-For` value for a client address.
-pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
-    let ip = match ip {
+/// The [`PEER`] value for a client address.
+pub fn peer_value(addr: std::net::SocketAddr) -> HeaderValue {
+    let addr = std::net::SocketAddr::new(unmapped(addr.ip()), addr.port());
+    HeaderValue::from_str(&addr.to_string()).expect("a socket address is a valid header value")
+}
+
+/// IPv4 clients of a dual-stack listener, shown as the IPv4 addresses they are.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
-    };
-    HeaderValue::from_str(&ip.to_string()).expect("an IP address is a valid header value")
+    }
+}
+
+/// The `X-Forwarded-For` value for a client address.
+pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&unmapped(ip).to_string()).expect("an IP address is a valid header value")
 }
 
 #[cfg(test)]
@@ -136,6 +152,7 @@ mod tests {
     }
 
     const PEER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 2, 3));
+    static PEER_VALUE: HeaderValue = HeaderValue::from_static("10.1.2.3:9");
 
     #[test]
     fn hop_by_hop_headers_are_removed_and_forwarding_headers_replaced() {
@@ -153,7 +170,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(!prepare_request(&mut p, &forwarded_for(PEER)));
+        assert!(!prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE));
         let h = &p.headers;
         for gone in ["connection", "keep-alive", "x-secret", "te", "proxy-authorization"] {
             assert!(!h.contains_key(gone), "{gone} was forwarded");
@@ -188,7 +205,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(prepare_request(&mut p, &forwarded_for(PEER)));
+        assert!(prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE));
         assert_eq!(p.headers["connection"], "upgrade");
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["sec-websocket-key"], "k");
@@ -198,7 +215,7 @@ mod tests {
     fn absolute_form_becomes_origin_form_with_its_host() {
         let mut p =
             parts(Request::get("http://example.test:8080/a/b?c").header("host", "other").body(()).unwrap());
-        prepare_request(&mut p, &forwarded_for(PEER));
+        prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE);
         assert_eq!(p.uri, "/a/b?c");
         assert_eq!(p.headers["host"], "example.test:8080");
     }
@@ -206,7 +223,7 @@ mod tests {
     #[test]
     fn mapped_ipv6_peers_are_shown_as_ipv4() {
         let mut p = parts(Request::get("/").body(()).unwrap());
-        prepare_request(&mut p, &forwarded_for("::ffff:127.0.0.1".parse().unwrap()));
+        prepare_request(&mut p, &forwarded_for("::ffff:127.0.0.1".parse().unwrap()), &PEER_VALUE);
         assert_eq!(p.headers["x-forwarded-for"], "127.0.0.1");
     }
 

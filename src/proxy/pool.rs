@@ -12,8 +12,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::balance::{choose, Balance, Candidate};
 use super::endpoint::{Endpoint, Upstream};
+use super::strategy::{choose, Candidate, Strategy};
 use crate::discovery::{Change, WorkerId};
 
 #[derive(Debug)]
@@ -23,7 +23,7 @@ pub struct Pool {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     capacity: Arc<Capacity>,
     next: AtomicUsize,
-    balance: Balance,
+    strategy: Strategy,
     /// Requests in flight per worker before it counts as full; 0 = no limit.
     max_in_flight: AtomicUsize,
     /// Each new worker's request budget is extended by a random amount up to this.
@@ -61,12 +61,12 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pool {
-    pub fn new(balance: Balance, max_in_flight: usize, upstream: Upstream) -> Pool {
+    pub fn new(strategy: Strategy, max_in_flight: usize, upstream: Upstream) -> Pool {
         Pool {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             capacity: Arc::new(Capacity { version: watch::Sender::new(0), waiting: AtomicUsize::new(0) }),
             next: AtomicUsize::new(0),
-            balance,
+            strategy,
             max_in_flight: AtomicUsize::new(max_in_flight),
             jitter: AtomicU64::new(0),
             upstream,
@@ -108,7 +108,7 @@ impl Pool {
             let full = cap > 0 && in_flight >= cap;
             Candidate { in_flight, exhausted: e.is_exhausted(), unusable: full || !e.is_usable() }
         };
-        choose(self.balance, endpoints.len(), candidate, start, avoid).map(|i| endpoints[i].clone())
+        choose(self.strategy, endpoints.len(), candidate, start, avoid).map(|i| endpoints[i].clone())
     }
 
     /// Like [`pick`](Self::pick), waiting until `deadline` for a worker to become usable.
@@ -209,7 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn leave_waits_for_in_flight_requests() {
-        let pool = Pool::new(Balance::RoundRobin, 0, Upstream::Http1);
+        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
         ready(&pool, 0);
         ready(&pool, 1);
         let endpoint = pool.snapshot().iter().find(|e| e.id == id(0)).unwrap().clone();
@@ -227,7 +227,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_requests_wake_when_a_worker_joins() {
-        let pool = Arc::new(Pool::new(Balance::LeastPending, 0, Upstream::Http1));
+        let pool = Arc::new(Pool::new(Strategy::LeastPending, 0, Upstream::Http1));
         let waiter = tokio::spawn({
             let pool = pool.clone();
             async move { pool.pick_until(None, Instant::now() + Duration::from_secs(10)).await }
@@ -240,14 +240,14 @@ mod tests {
 
     #[tokio::test]
     async fn waiting_gives_up_at_the_deadline() {
-        let pool = Pool::new(Balance::RoundRobin, 0, Upstream::Http1);
+        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
         let picked = pool.pick_until(None, Instant::now() + Duration::from_millis(20)).await;
         assert!(picked.is_none());
     }
 
     #[tokio::test]
     async fn a_full_worker_is_skipped_and_waiters_wake_when_it_frees_up() {
-        let pool = Arc::new(Pool::new(Balance::LeastPending, 1, Upstream::Http1));
+        let pool = Arc::new(Pool::new(Strategy::LeastPending, 1, Upstream::Http1));
         ready(&pool, 0);
         let lease = pool.pick(None).unwrap().lease();
         assert!(pool.pick(None).is_none(), "a full worker was picked");
@@ -274,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn leave_of_an_unknown_worker_reports_drained_at_once() {
-        let pool = Pool::new(Balance::RoundRobin, 0, Upstream::Http1);
+        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
         let (tx, rx) = oneshot::channel();
         pool.apply(Change::Leave { id: id(9), drained: Some(tx) });
         rx.await.unwrap();

@@ -27,7 +27,7 @@ pub struct Spec {
     pub root: Option<PathBuf>,
     pub threads: usize,
     pub graceful_ms: u64,
-    pub log_format: &'static str,
+    pub log_format: crate::config::LogFormat,
     /// `--upstream handoff`: workers also serve clients directly, within these limits.
     pub handoff: Option<crate::worker::ClientLimits>,
 }
@@ -69,7 +69,7 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path) -> Command {
         .arg("--graceful-ms")
         .arg(spec.graceful_ms.to_string())
         .arg("--log-format")
-        .arg(spec.log_format);
+        .arg(spec.log_format.as_str());
     if let Some(root) = &spec.root {
         cmd.arg("--root").arg(root);
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use http::{header, HeaderValue, Method, Request, Response};
+use http::{header, HeaderValue, Request, Response};
 use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -34,7 +34,6 @@ use crate::connections::Connections;
 use crate::framing::StrictFraming;
 use crate::handoff::{self, Received};
 use crate::proxy::headers;
-use crate::proxy::ProxyError;
 
 /// After SIGTERM, how long the hand-off channels are still read for connections the
 /// front-end queued before taking this worker out of its rotation. The front-end closes its
@@ -193,7 +192,7 @@ impl Clients {
             return;
         };
         let service =
-            ClientService { clients: self.clone(), forwarded_for: headers::forwarded_for(peer.ip()) };
+            ClientService { clients: self.clone(), peer, forwarded_for: headers::forwarded_for(peer.ip()) };
         let io = TokioIo::new(StrictFraming::new(stream));
         let conn = self.shared.builder.serve_connection(io, service).with_upgrades();
         self.shared.connections.spawn(conn, permit);
@@ -218,6 +217,7 @@ impl Clients {
 /// One client connection's service: the front-end's checks, then the app.
 struct ClientService {
     clients: Clients,
+    peer: std::net::SocketAddr,
     forwarded_for: HeaderValue,
 }
 
@@ -231,21 +231,15 @@ impl hyper::service::Service<Request<Incoming>> for ClientService {
     fn call(&self, req: Request<Incoming>) -> BoxFuture {
         let (mut parts, body) = req.into_parts();
         let max_body = self.clients.shared.max_body;
-        let refused = if parts.method == Method::CONNECT {
-            Some(ProxyError::MethodNotAllowed)
-        } else if let Err(why) = headers::check_request(&parts) {
-            Some(ProxyError::BadRequest(why))
-        } else if crate::proxy::declared_length(&parts.headers).is_some_and(|len| len > max_body) {
-            Some(ProxyError::BodyTooLarge)
-        } else {
-            None
-        };
-        if let Some(err) = refused {
+        if let Some(err) = crate::proxy::refusal(&parts, max_body) {
             debug!(method = %parts.method, path = parts.uri.path(), error = ?err, "request refused");
             let response = err.into_response().map(Body::new);
             return Box::pin(async move { Ok(response) });
         }
         headers::set_forwarded(&mut parts.headers, &self.forwarded_for);
+        // The client is right here: its address needs no header, and one it sent is forged.
+        parts.headers.remove(&headers::PEER);
+        parts.extensions.insert(axum::extract::ConnectInfo(self.peer));
         // A chunked body past the limit fails to read, which axum's extractors answer 413.
         let body = if max_body == u64::MAX {
             Body::new(body)

@@ -10,6 +10,7 @@ pub use handoff::ClientLimits;
 use handoff::Handoff;
 pub use service::WorkerService;
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,21 +42,53 @@ pub struct WorkerContext {
     /// Static file root, when `rip serve --root` was given.
     pub root: Option<PathBuf>,
     served: Arc<AtomicU64>,
+    draining: CancellationToken,
 }
 
 impl WorkerContext {
     pub fn new(id: usize, generation: u64, root: Option<PathBuf>) -> WorkerContext {
-        WorkerContext { id, generation, root, served: Arc::new(AtomicU64::new(0)) }
+        WorkerContext {
+            id,
+            generation,
+            root,
+            served: Arc::new(AtomicU64::new(0)),
+            draining: CancellationToken::new(),
+        }
     }
 
     /// Requests this worker has served so far, health probes excluded.
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
+
+    /// Completes when this worker starts to drain (it was told to stop: a recycle, a reload,
+    /// a shutdown). Requests in flight still finish; long-lived ones — a WebSocket, a
+    /// server-sent event stream — should end now, politely (a WebSocket close with 1001,
+    /// "going away"), and background work should wrap up before `--graceful-timeout`.
+    pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
+        let token = self.draining.clone();
+        async move { token.cancelled().await }
+    }
+
+    /// Whether this worker has started to drain.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Starts the drain that [`draining`](Self::draining) waits for (rip calls this on
+    /// SIGTERM; tests of an app may call it themselves).
+    pub fn start_draining(&self) {
+        self.draining.cancel();
+    }
 }
 
-pub fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
-    crate::logging::init(args.log_format.parse().unwrap_or(crate::config::LogFormat::Text));
+/// The worker's name in its log lines and errors.
+fn worker_id(args: &WorkerArgs) -> crate::discovery::WorkerId {
+    crate::discovery::WorkerId { slot: args.id, generation: args.generation }
+}
+
+pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
+    crate::logging::init(args.log_format);
     die_with_parent(args.parent)?;
     // Sockets this process creates are for its own user only.
     umask(Mode::from_bits_truncate(0o077));
@@ -65,7 +98,17 @@ pub fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
     }
     .context("starting the worker runtime")?;
-    runtime.block_on(serve(args, app))
+    let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
+    let router = match app {
+        AppFactory::Sync(app) => {
+            let _entered = runtime.enter();
+            app(&ctx)
+        }
+        AppFactory::Async(app) => runtime
+            .block_on(app(ctx.clone()))
+            .with_context(|| format!("starting the app in worker {}", worker_id(&args)))?,
+    };
+    runtime.block_on(serve(args, ctx, router))
 }
 
 /// The connection set of a worker. The front-end takes a worker out of its pool before
@@ -121,9 +164,8 @@ fn die_with_parent(parent: Option<i32>) -> Result<()> {
     Ok(())
 }
 
-async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
-    let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
-    let service = WorkerService::new(app(&ctx), &ctx);
+async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Result<()> {
+    let service = WorkerService::new(router, &ctx);
     let stop = CancellationToken::new();
     // The channel first: once the HTTP socket answers the readiness probe, both must work.
     let handoff = if args.handoff {
@@ -148,6 +190,9 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
             _ = terminate.recv() => break,
         }
     }
+    // The app hears first, so that long-lived requests can end politely while the
+    // connections drain.
+    ctx.start_draining();
     drop(listener);
     let _ = std::fs::remove_file(&args.socket);
     stop.cancel();
@@ -159,7 +204,7 @@ async fn serve(args: WorkerArgs, app: AppFactory) -> Result<()> {
         }
     });
     let open = open + clients_open;
-    let id = crate::discovery::WorkerId { slot: args.id, generation: args.generation };
+    let id = worker_id(&args);
     if open > 0 {
         warn!(worker = %id, open, "graceful timeout elapsed with requests in flight");
     }

@@ -1,6 +1,7 @@
 //! What wraps every app in a worker: `GET /healthz` answered by rip itself (the supervisor's
-//! readiness probe must not depend on the app's routes), a served-requests counter, and panic
-//! isolation so that a panicking handler costs one 500, not the worker.
+//! readiness probe must not depend on the app's routes), a served-requests counter, panic
+//! isolation so that a panicking handler costs one 500, not the worker, and the client's
+//! address as axum's `ConnectInfo<SocketAddr>`, from the peer the front-end saw.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,7 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::net::SocketAddr;
+
 use axum::body::Body;
+use axum::extract::ConnectInfo;
 use axum::Router;
 use http::{Method, Request, Response, StatusCode};
 use tower::Layer;
@@ -44,11 +48,12 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> BoxFuture {
+    fn call(&mut self, mut req: Request<B>) -> BoxFuture {
         if req.method() == Method::GET && req.uri().path() == "/healthz" {
             return Box::pin(async { Ok(health()) });
         }
         self.served.fetch_add(1, Ordering::Relaxed);
+        set_connect_info(&mut req);
         let future = self.app.call(req);
         Box::pin(async move {
             match future.await {
@@ -57,6 +62,23 @@ where
             }
         })
     }
+}
+
+/// Puts the client's address where axum's `ConnectInfo<SocketAddr>` extractor looks, unless
+/// the connection put it there already (a client handed over whole, with `--upstream
+/// handoff`). It comes from the front-end's peer header, which is then removed: the app sees
+/// the client's request, not rip's plumbing. A request that did not come through a front-end
+/// (a worker run by hand behind another proxy) gets the unspecified address rather than a 500
+/// from the extractor.
+fn set_connect_info<B>(req: &mut Request<B>) {
+    let peer = req.headers_mut().remove(&crate::proxy::headers::PEER);
+    if req.extensions().get::<ConnectInfo<SocketAddr>>().is_some() {
+        return;
+    }
+    let addr = peer
+        .and_then(|v| v.to_str().ok().and_then(|s| s.parse().ok()))
+        .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    req.extensions_mut().insert(ConnectInfo(addr));
 }
 
 fn health() -> Response<Body> {

@@ -14,6 +14,9 @@
 #                workers whole, the optional mode without per-request failover
 #   rip-recycle  `rip serve --workers $WORKERS --max-requests $MAX_REQUESTS` (get_c100 only)
 #   rip-handoff-recycle  the same with `--upstream handoff` (get_c100 only)
+#   rip-base     `rip serve --workers $WORKERS` from the binary at $BASE_RIP (another build, e.g.
+#                the commit before a change), to measure a change side by side in one run:
+#                BASE_RIP=/path/to/old/rip SETUPS="rip-base rip nginx-auto" benches/compare.sh
 # Cases: GET / at c=1 and c=$CONNS, and at c=$CONNS with a browser's request head; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
 # c=$BODY_CONNS; GET / with `Connection: close` at c=$CONNS. Each run is preceded by a $WARMUP s warm-up of the same case;
 # the table shows medians over $RUNS runs. Then `rip serve --workers $STARTUP_WORKERS` is
@@ -155,7 +158,7 @@ start_rip() {
     local access=off
     [[ $ACCESS_LOG == on ]] && access=$TMP/$name-access.log
     # rip creates its runtime directory (0700) itself.
-    (cd "$TMP" && RUST_LOG=info exec "$RIP" serve --host 127.0.0.1 --port "$port" --workers "$WORKERS" \
+    (cd "$TMP" && RUST_LOG=info exec "${BIN:-$RIP}" serve --host 127.0.0.1 --port "$port" --workers "$WORKERS" \
         --runtime-dir "$TMP/$name" --access-log "$access" $SERVE_ARGS "$@" >"$TMP/$name.log" 2>&1) &
     STARTED+=($!)
     PORT[$name]=$port FRONT_ROOT[$name]=$! KIND[$name]=rip LOGFILE[$name]=$TMP/$name.log
@@ -237,6 +240,9 @@ start_ceiling() {
 start_setup() {
     case $1 in
         rip) start_rip rip ;;
+        rip-base)
+            [[ -x ${BASE_RIP:-} ]] || die "rip-base needs BASE_RIP=<path of a rip binary>"
+            BIN=$BASE_RIP start_rip rip-base ;;
         rip-handoff) start_rip rip-handoff --upstream handoff ;;
         rip-recycle) start_rip rip-recycle --max-requests "$MAX_REQUESTS" ;;
         rip-handoff-recycle) start_rip rip-handoff-recycle --upstream handoff --max-requests "$MAX_REQUESTS" ;;
@@ -466,6 +472,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if
 
 # Medians per setup and case of the derived metrics, one line each:
 # setup case rps p50_ms p99_ms p999_ms errors cpu_us_req wrk_us_req cores front_mb workers_mb recycled mb_s
+#   other_cores switches rps_min rps_max cpu_min cpu_max (the last four: the spread over the runs)
 summarize() {
     local name case col
     for case in $CASES; do
@@ -474,6 +481,8 @@ summarize() {
             local rows
             rows=$(grep "^$name	$case	" "$RESULTS")
             metric() { awk -F'\t' -v tck="$CLK_TCK" "{ $1 }" <<<"$rows" | median; }
+            lowest() { awk -F'\t' -v tck="$CLK_TCK" "{ $1 }" <<<"$rows" | sort -g | head -1; }
+            highest() { awk -F'\t' -v tck="$CLK_TCK" "{ $1 }" <<<"$rows" | sort -g | tail -1; }
             local rps p50 p99 p999 err cpu wrkcpu cores mbs rec
             rps=$(metric 'print $4 / ($5 / 1e6)')
             p50=$(metric 'print $7 / 1000')
@@ -490,8 +499,11 @@ summarize() {
             other=$(metric 'o = ($20 - $15 - $16 * tck / 1000) / tck / ($5 / 1e6); print (o < 0 ? 0 : o)')
             switches=$(metric 'print ($4 ? $21 / $4 : 0)')
             col=$(tail -1 <<<"$rows" | awk -F'\t' '{ printf "%.1f\t%s", $17 / 1024, ($18 == "" ? "-" : $18) }')
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$case" "$rps" "$p50" \
-                "$p99" "$p999" "$err" "$cpu" "$wrkcpu" "$cores" "$col" "$rec" "$mbs" "$other" "$switches"
+            local spread
+            spread=$(printf '%s\t%s\t%s\t%s' "$(lowest 'print $4 / ($5 / 1e6)')" "$(highest 'print $4 / ($5 / 1e6)')" \
+                "$(lowest 'print ($4 ? $15 * 1e6 / tck / $4 : 0)')" "$(highest 'print ($4 ? $15 * 1e6 / tck / $4 : 0)')")
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$case" "$rps" "$p50" \
+                "$p99" "$p999" "$err" "$cpu" "$wrkcpu" "$cores" "$col" "$rec" "$mbs" "$other" "$switches" "$spread"
         done
     done
 }
@@ -510,6 +522,7 @@ case_title() {
 setup_title() {
     case $1 in
         rip) echo "rip serve --workers $WORKERS" ;;
+        rip-base) echo "rip serve --workers $WORKERS, base build ($BASE_RIP)" ;;
         rip-handoff) echo "rip serve --workers $WORKERS --upstream handoff" ;;
         rip-recycle) echo "rip serve --workers $WORKERS --max-requests $MAX_REQUESTS" ;;
         rip-handoff-recycle) echo "rip serve --workers $WORKERS --upstream handoff --max-requests $MAX_REQUESTS" ;;
@@ -556,7 +569,7 @@ report() {
                     if (best != "" && v["ceiling", 3] > 0 && v[best, 3] < 0.05 * v["ceiling", 3]) {
                         none = title[best]; best = ""
                     }
-                    printf "| setup | req/s | req/s ×nginx | req/s ×ceiling |%s p50 ms | p99 ms | p99.9 ms | p99 ×nginx | errors | server CPU µs/req | CPU ×nginx | server cores busy | context switches/req | wrk CPU µs/req | other cores busy | RSS front-end MB | RSS workers MB |\n", (is_body ? " MB/s |" : "")
+                    printf "| setup | req/s (min–max) | req/s ×nginx | req/s ×ceiling |%s p50 ms | p99 ms | p99.9 ms | p99 ×nginx | errors | server CPU µs/req (min–max) | CPU ×nginx | server cores busy | context switches/req | wrk CPU µs/req | other cores busy | RSS front-end MB | RSS workers MB |\n", (is_body ? " MB/s |" : "")
                     printf "|---|--:|--:|--:|%s--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n", (is_body ? "--:|" : "")
                     for (j = 1; j <= k; j++) {
                         s = rows[j]
@@ -565,11 +578,11 @@ report() {
                             continue
                         }
                         bestrps = (best == "" ? "" : v[best, 3]); ceil = v["ceiling", 3]
-                        printf "| %s | %.0f | %s | %s |%s %.2f | %.2f | %.2f | %s | %d | %.1f | %s | %.2f | %.2f | %.1f | %.2f | %s | %s |\n",
-                            title[s], v[s, 3], ratio(v[s, 3], bestrps), ratio(v[s, 3], ceil),
+                        printf "| %s | %.0f (%.0f–%.0f) | %s | %s |%s %.2f | %.2f | %.2f | %s | %d | %.1f (%.1f–%.1f) | %s | %.2f | %.2f | %.1f | %.2f | %s | %s |\n",
+                            title[s], v[s, 3], v[s, 17], v[s, 18], ratio(v[s, 3], bestrps), ratio(v[s, 3], ceil),
                             (is_body ? sprintf(" %.0f |", v[s, 14]) : ""),
                             v[s, 4], v[s, 5], v[s, 6], ratio(v[s, 5], (best == "" ? "" : v[best, 5])),
-                            v[s, 7], v[s, 8], ratio(v[s, 8], (best == "" ? "" : v[best, 8])), v[s, 10], v[s, 16], v[s, 9], v[s, 15],
+                            v[s, 7], v[s, 8], v[s, 19], v[s, 20], ratio(v[s, 8], (best == "" ? "" : v[best, 8])), v[s, 10], v[s, 16], v[s, 9], v[s, 15],
                             (s == "ceiling" ? "-" : v[s, 11]), v[s, 12]
                     }
                     if (best != "") printf "\nnginx best here: %s.\n", title[best]

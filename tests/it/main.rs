@@ -3,10 +3,19 @@
 
 mod harness;
 
+mod backoff;
+mod chaos;
 mod example;
-mod faults;
 mod framing;
+mod handlers;
 mod handoff;
-mod operations;
+mod limits;
+mod observability;
+mod pool;
+mod refusals;
+mod reload;
 mod serve;
+mod slow_clients;
 mod static_files;
+mod systemd;
+mod upgrade;

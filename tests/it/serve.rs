@@ -1,4 +1,4 @@
-//! rip serve end to end: spread, replacement, recycling, shutdown, streaming, bad config.
+//! rip serve end to end: spread, replacement, recycling, shutdown, streaming, forwarded headers.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -265,80 +265,6 @@ fn request_headers_are_forwarded_without_hop_by_hop_or_forged_ones() {
         let connection = connection.as_str().unwrap_or_default().to_ascii_lowercase();
         assert!(!connection.contains("x-hop"), "client's Connection forwarded: {seen}");
     }
-}
-
-// ---------------------------------------------------------------------------------------
-// Bad config: one `rip: ` line naming the culprit, a non-zero exit, nothing left running.
-// ---------------------------------------------------------------------------------------
-
-#[test]
-fn an_unknown_key_in_the_config_file_is_named() {
-    let rip = Rip::builder();
-    let file = rip.dir().join("rip.toml");
-    std::fs::write(&file, "wrokers = 2\n").unwrap();
-    let names = ["wrokers", file.to_str().unwrap()];
-    refuses(rip.arg("--config").arg(&file), &names);
-}
-
-#[test]
-fn a_bad_value_in_the_config_file_is_named() {
-    let rip = Rip::builder();
-    let file = rip.dir().join("rip.toml");
-    std::fs::write(&file, "workers = \"many\"\n").unwrap();
-    let names = ["workers", "many", file.to_str().unwrap()];
-    refuses(rip.arg("--config").arg(&file), &names);
-}
-
-#[test]
-fn zero_workers_is_refused() {
-    refuses(Rip::builder().args(&["--workers", "0"]), &["--workers"]);
-}
-
-#[test]
-fn an_unknown_flag_is_refused() {
-    refuses(Rip::builder().arg("--no-such-flag"), &["--no-such-flag"]);
-}
-
-#[test]
-fn a_port_in_use_is_named() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = taken.local_addr().unwrap().port();
-    let rip = Rip::builder().args(&["--port", &port.to_string()]);
-    refuses(rip, &[&format!("127.0.0.1:{port}")]);
-}
-
-#[test]
-fn a_missing_root_is_named() {
-    let rip = Rip::builder();
-    let root = rip.dir().join("no-such-root");
-    let names = [root.to_str().unwrap()];
-    refuses(rip.arg("--root").arg(&root), &names);
-}
-
-#[test]
-fn a_bad_workers_variable_is_named() {
-    refuses(Rip::builder().env("RIP_WORKERS", "abc"), &["RIP_WORKERS", "abc"]);
-}
-
-/// Runs rip expecting it to refuse to start: exactly one stderr line, `rip: ...`, mentioning
-/// each of `names`, a non-zero exit code, no panic, no worker.
-fn refuses(rip: crate::harness::RipBuilder, names: &[&str]) {
-    // A backtrace, if anything printed one, would show.
-    let mut rip = rip.env("RUST_BACKTRACE", "1").spawn();
-    let status = rip.wait_exit(WAIT);
-    let logs = rip.logs();
-
-    assert!(status.code().is_some_and(|c| c != 0), "rip exited with {status}; stderr: {logs:#?}");
-    assert_eq!(logs.len(), 1, "want exactly one line on stderr: {logs:#?}");
-    let line = &logs[0];
-    assert!(line.starts_with("rip: "), "{line:?}");
-    for name in names {
-        assert!(line.contains(name), "{line:?} does not name {name:?}");
-    }
-    for bad in ["panicked", "backtrace", "RUST_BACKTRACE"] {
-        assert!(!line.contains(bad), "{line:?}");
-    }
-    assert!(rip.worker_pids().is_empty());
 }
 
 /// Pids from every `worker ready` line so far.

@@ -65,6 +65,12 @@ impl WhoAmI {
     }
 }
 
+/// What `GET /whoami` answers, on a connection of its own.
+pub async fn whoami(addr: SocketAddr) -> WhoAmI {
+    let reply = Client::new(addr).get("/whoami").await.expect("GET /whoami");
+    WhoAmI::parse(&reply.body).unwrap_or_else(|| panic!("not a /whoami answer: {}", reply.text()))
+}
+
 /// One HTTP/1.1 keep-alive connection to rip, reopened when the server closed it. Requests
 /// without a `Host` get `Host: <addr>`.
 #[derive(Debug)]

@@ -2,11 +2,14 @@
 //! `rip::main_with`: the binary, up to date for the build under test, and the worker that
 //! answered, which the example names in every response.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use super::http::Reply;
+use hyper::StatusCode;
+
+use super::http::{Client, Reply};
 
 /// The json_api example binary, built once per test run. `cargo test` builds examples, but
 /// `cargo test --test it` does not, and a binary left from an earlier build may be stale; so
@@ -52,4 +55,11 @@ pub fn served_by(reply: &Reply) -> i32 {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no x-rip-worker-pid in {:?}", reply.headers))
+}
+
+/// The pid of the example's worker that answers `GET path`.
+pub async fn served_by_pid(addr: SocketAddr, path: &str) -> i32 {
+    let reply = Client::new(addr).get(path).await.expect("GET from the example");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    served_by(&reply)
 }

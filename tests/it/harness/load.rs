@@ -1,6 +1,6 @@
 //! Bounded load on loopback: [`Load`] runs keep-alive clients until a count, a deadline or a
 //! stop, and reports what every request got. The count and the deadline are never optional,
-//! so no load loop runs unbounded.
+//! so no load loop runs unbounded. [`no_failures`] and [`summary`] hold a report to account.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -69,6 +69,9 @@ pub struct LoadReport {
     /// The deadline passed before `total` requests were sent.
     pub timed_out: bool,
 }
+
+/// Requests that must succeed after an operation finished, to show traffic still flows.
+pub const AFTERWARDS: usize = 50;
 
 /// Transport errors kept in a report; the count is in `failed`.
 const KEPT_ERRORS: usize = 20;
@@ -181,6 +184,24 @@ impl Load {
         }
         report
     }
+}
+
+/// Asserts that every request of `report` succeeded and the load ended before its deadline.
+pub fn no_failures(report: &LoadReport) {
+    assert_eq!(
+        report.failed, 0,
+        "{} of {} requests failed: {:?} {:?}",
+        report.failed, report.sent, report.statuses, report.errors
+    );
+    assert!(!report.timed_out, "the load hit its deadline");
+}
+
+/// A load report in a few lines, for assertion messages.
+pub fn summary(report: &LoadReport) -> String {
+    format!(
+        "sent={} ok={} failed={} statuses={:?} timed_out={} errors={:?}",
+        report.sent, report.ok, report.failed, report.statuses, report.timed_out, report.errors
+    )
 }
 
 /// An error and its causes on one line.

@@ -1,11 +1,14 @@
-//! Reading what rip logs on stderr: the capture every guard shares, fields of a text log line,
-//! and the supervisor's worker events. The capture keeps every line from the first, so a
+//! Reading what rip logs on stderr: the capture every guard shares, fields of a text log line
+//! (and the message of a JSON one), the supervisor's worker events, and the lines logged after
+//! a mark. The capture keeps every line from the first, so a
 //! test can wait for a line logged after a mark without missing one logged before it looked.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use super::Rip;
 
 /// A process's stderr, line by line, filled by a thread of its own.
 #[derive(Debug, Default)]
@@ -162,4 +165,15 @@ pub(super) fn spawned_pids(lines: &[String]) -> Vec<i32> {
         }
     }
     pids
+}
+
+/// Lines logged from `mark` on that contain `needle`.
+pub fn lines_after(rip: &Rip, mark: usize, needle: &str) -> Vec<String> {
+    rip.logs().into_iter().skip(mark).filter(|l| l.contains(needle)).collect()
+}
+
+/// The `message` of a JSON log line.
+pub fn json_message(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v["message"].as_str().map(str::to_string)
 }

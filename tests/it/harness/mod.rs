@@ -14,42 +14,58 @@
 //!
 //! Every wait here is a loop on a condition with a deadline; none is a bare sleep.
 //!
-//! By topic: `rip` (the guard), `process` (other processes, signals, waiting), `logs` (reading
-//! rip's stderr), `http` (the client), `raw` (bytes on a socket), `pattern` (checkable bodies),
-//! `load` (bounded load), `json_api` (the library example), `temp_dir`. Everything is
-//! re-exported here, so tests `use crate::harness::...` without knowing the split.
+//! By topic: `rip` (the guard), `process` (other processes, signals, waiting), `workers` (a
+//! serve's workers and what they are doing), `logs` (reading rip's stderr), `control` (the
+//! `rip <command>` clients), `deploy` (replacing a binary under a running rip), `notify`
+//! (systemd's notify socket), `http` (the client), `raw` (bytes on a socket), `pattern`
+//! (checkable bodies), `load` (bounded load), `prometheus` (reading `/metrics`), `json_api`
+//! (the library example), `temp_dir`. Everything is re-exported here, so tests
+//! `use crate::harness::...` without knowing the split.
 
 // Helpers for every test module; not each is used by each.
 #![allow(dead_code)]
 
 use std::time::Duration;
 
+mod control;
+mod deploy;
 mod http;
 mod json_api;
 mod load;
 mod logs;
+mod notify;
 mod pattern;
 mod process;
+mod prometheus;
 mod raw;
 mod rip;
 mod temp_dir;
+mod workers;
 
 // Whole modules, so that an item no test uses yet is no unused import.
+pub use control::*;
+pub use deploy::*;
 pub use http::*;
 pub use json_api::*;
 pub use load::*;
 pub use logs::*;
+pub use notify::*;
 pub use pattern::*;
 pub use process::*;
+pub use prometheus::*;
 pub use raw::*;
 pub use rip::*;
 pub use temp_dir::*;
+pub use workers::*;
 
 /// Longest wait for rip to log its address and answer `/healthz`: generous because the
 /// machine is small and shared with compilers.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest wait for a log line or a process state in the common case.
 pub const WAIT: Duration = Duration::from_secs(20);
+/// Longest a rolling reload, a scale or an upgrade may take to settle: every worker of a
+/// debug build starting and being probed, on two cores shared with compilers.
+pub const SETTLE: Duration = Duration::from_secs(60);
 /// Longest a single client request may take before the test fails instead of hanging.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between polls inside a deadline loop.

@@ -1,5 +1,6 @@
 //! Processes: signals, liveness, memory, waiting on a condition with a deadline, and
-//! [`Process`], the guard every child of a test runs under (a [`Rip`](super::Rip) holds one).
+//! [`Process`], the guard every child of a test runs under (a [`Rip`](super::Rip) holds one);
+//! [`Orphan`] is that guard for a serve the test did not start itself.
 //! Every child gets the same surroundings ([`isolate`]), so only what the test says
 //! configures it.
 
@@ -11,7 +12,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::logs::{spawned_pids, Logs};
-use super::POLL;
+use super::workers::worker_processes;
+use super::{POLL, WAIT};
 
 /// Sends `signal` to one process (a worker, say), not to its group.
 pub fn send_signal(pid: i32, signal: Signal) {
@@ -158,6 +160,29 @@ impl Drop for Process {
         }
         if std::thread::panicking() {
             self.logs.print(&self.command);
+        }
+    }
+}
+
+/// A `rip serve` that is not the test's child (the new one after an upgrade): killed on drop.
+#[derive(Debug)]
+pub struct Orphan(pub i32);
+
+impl Orphan {
+    /// SIGTERM, and wait until it and its workers are gone.
+    pub fn stop(&self) {
+        let workers: Vec<i32> = worker_processes(self.0).into_iter().collect();
+        let _ = kill(Pid::from_raw(self.0), Signal::SIGTERM);
+        assert!(wait_gone(&[self.0], WAIT).is_empty(), "rip serve {} did not stop", self.0);
+        assert!(wait_gone(&workers, WAIT).is_empty(), "workers of {} did not stop", self.0);
+    }
+}
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        if is_running(self.0) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+            wait_gone(&[self.0], WAIT);
         }
     }
 }

@@ -149,8 +149,8 @@ async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::syn
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
     addr.send(listener.local_addr().unwrap()).unwrap();
-    let router = frontend::router(&proxy, None);
-    frontend::serve(listener, proxy, router, limits, stop, GRACE).await;
+    let door = frontend::Door::new(&proxy, None);
+    frontend::serve(listener, proxy, door, limits, stop, GRACE).await;
 }
 
 /// Where a [`Client`] connects.

@@ -86,81 +86,9 @@ pub struct ServeArgs {
     /// Config file [default: ./rip.toml when present]
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1]
-    #[arg(long, value_name = "ADDR")]
-    pub host: Option<String>,
-    /// Port to listen on; 0 picks a free one [default: 3000]
-    #[arg(short, long)]
-    pub port: Option<u16>,
-    /// Number of worker processes [default: CPU count]
-    #[arg(short, long, value_name = "N")]
-    pub workers: Option<usize>,
-    /// Recycle a worker after it was sent N requests; 0 = never [default: 0]
-    #[arg(long, value_name = "N")]
-    pub max_requests: Option<u64>,
-    /// Add up to J requests to each worker's --max-requests, at random [default: 0]
-    #[arg(long, value_name = "J")]
-    pub max_requests_jitter: Option<u64>,
-    /// Recycle a worker whose resident memory exceeds SIZE, e.g. 512m; 0 = never [default: 0]
-    #[arg(long, value_name = "SIZE")]
-    pub max_memory: Option<String>,
-    /// Recycle a worker older than DURATION, e.g. 6h; 0 = never [default: 0]
-    #[arg(long, value_name = "DURATION")]
-    pub max_age: Option<String>,
-    /// Workers replaced at once by recycles and reloads [default: 1]
-    #[arg(long, value_name = "N")]
-    pub max_surge: Option<usize>,
-    /// How requests are spread over workers: least-pending or round-robin [default: least-pending]
-    #[arg(long, value_name = "STRATEGY")]
-    pub balance: Option<String>,
-    /// How requests reach workers: http2 (one multiplexed connection each), http1, or handoff (client connections passed whole to workers: faster, no per-request failover) [default: http2]
-    #[arg(long, value_name = "PROTOCOL")]
-    pub upstream: Option<String>,
-    /// Time in-flight requests get to finish at shutdown, e.g. 30s [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    pub graceful_timeout: Option<String>,
-    /// A worker that has not answered a request in this time is killed; 504 [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    pub timeout: Option<String>,
-    /// Longest wait for a ready worker before 503 [default: 5s]
-    #[arg(long, value_name = "DURATION")]
-    pub queue_timeout: Option<String>,
-    /// Time a client gets to send request headers, and longest idle keep-alive [default: 15s]
-    #[arg(long, value_name = "DURATION")]
-    pub header_timeout: Option<String>,
-    /// Longest a worker may take to answer its first health probe [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    pub start_timeout: Option<String>,
-    /// Largest request body accepted, e.g. 10m; 0 = unlimited [default: 0]
-    #[arg(long, value_name = "SIZE")]
-    pub max_body: Option<String>,
-    /// Most client connections open at once [default: 10000]
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<usize>,
-    /// Requests in flight per worker before new ones wait (up to --queue-timeout); 0 = no limit [default: 0]
-    #[arg(long, value_name = "N")]
-    pub max_in_flight: Option<usize>,
-    /// Serve static files from DIR instead of the demo app
-    #[arg(long, value_name = "DIR")]
-    pub root: Option<PathBuf>,
-    /// Threads per worker process [default: 1]
-    #[arg(long, value_name = "N")]
-    pub worker_threads: Option<usize>,
-    /// Threads of the front-end process [default: 1]
-    #[arg(long, value_name = "N")]
-    pub frontend_threads: Option<usize>,
-    /// Directory for the workers' sockets [default: $XDG_RUNTIME_DIR/rip or /tmp/rip-$UID]
-    #[arg(long, value_name = "DIR")]
-    pub runtime_dir: Option<PathBuf>,
-    /// Log format: text or json [default: text]
-    #[arg(long, value_name = "FORMAT")]
-    pub log_format: Option<String>,
-    /// Access log: - (stderr), off, or a file reopened on SIGUSR1 [default: -]
-    #[arg(long, value_name = "TARGET")]
-    pub access_log: Option<String>,
-    /// Serve /metrics, /live and /ready on this address, e.g. 127.0.0.1:9090 [default: off]
-    #[arg(long, value_name = "ADDR")]
-    pub admin: Option<String>,
+    /// Every setting rip.toml and `RIP_*` can also set, declared in `config`.
+    #[command(flatten)]
+    pub settings: crate::config::Flags,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -258,8 +186,8 @@ mod tests {
     fn serve_flags_are_unset_unless_given() {
         let cli = Cli::try_parse_from(["rip", "serve", "-p", "0"]).unwrap();
         let Command::Serve(args) = cli.command else { panic!("not serve") };
-        assert_eq!(args.port, Some(0));
-        assert_eq!(args.workers, None);
-        assert_eq!(args.max_requests, None);
+        assert_eq!(args.settings.port.as_deref(), Some("0"));
+        assert_eq!(args.settings.workers, None);
+        assert_eq!(args.settings.max_requests, None);
     }
 }

@@ -15,44 +15,145 @@ use crate::proxy::{Strategy, Upstream};
 /// The default config file, read when present and no `--config` is given.
 pub const DEFAULT_CONFIG_FILE: &str = "rip.toml";
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub host: IpAddr,
-    pub port: u16,
-    pub workers: usize,
-    pub max_requests: u64,
-    /// Up to this many extra requests, drawn per worker, so workers do not recycle together.
-    pub max_requests_jitter: u64,
-    /// Recycle a worker whose resident memory exceeds this many bytes; 0 = never.
-    pub max_memory: u64,
-    /// Recycle a worker older than this; zero = never.
-    pub max_age: Duration,
-    /// Workers replaced at once (recycles and reloads share this budget).
-    pub max_surge: usize,
-    pub balance: Strategy,
-    pub upstream: Upstream,
-    pub graceful_timeout: Duration,
-    pub timeout: Duration,
-    pub queue_timeout: Duration,
-    pub header_timeout: Duration,
-    pub start_timeout: Duration,
-    /// 0 means unlimited.
-    pub max_body: u64,
-    pub max_connections: usize,
-    /// Requests in flight per worker before new ones wait; 0 = no limit.
-    pub max_in_flight: usize,
-    pub root: Option<PathBuf>,
-    pub worker_threads: usize,
-    /// Threads of the front-end (`rip serve`) runtime.
-    pub frontend_threads: usize,
-    pub runtime_dir: Option<PathBuf>,
-    pub log_format: LogFormat,
-    /// Where the access log goes.
-    pub access_log: AccessLogTarget,
-    /// Address of the admin listener (/metrics, /live, /ready); off when `None`.
-    pub admin: Option<std::net::SocketAddr>,
-    /// The file the settings were read from, if any.
-    pub file: Option<PathBuf>,
+/// Every setting, declared once: its doc (which is also its `--help` line), its type, its
+/// default (as a value and as `--help` shows it), its flag's value name, and how its raw
+/// text is parsed. From this one list come [`Config`], its `Default`, [`KEYS`], the
+/// `rip serve` flags ([`Flags`]), the `RIP_*` variables and the rip.toml keys. Adding a
+/// setting is one entry here and one in `rip.toml.example`; the tests below keep the two in
+/// step.
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])+
+        $key:ident: $ty:ty = $default:expr, shown $shown:literal,
+            flag $value_name:literal $(short $short:literal)?, parse $parse:expr;
+    )+) => {
+        /// The validated configuration of `rip serve`.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Config {
+            $( $(#[doc = $doc])+ pub $key: $ty, )+
+            /// The file the settings were read from, if any.
+            pub file: Option<PathBuf>,
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config { $( $key: $default, )+ file: None }
+            }
+        }
+
+        /// Every key a layer may set: the rip.toml name; the flag is `--` plus dashes, the
+        /// variable `RIP_` plus upper case.
+        pub const KEYS: &[&str] = &[ $( stringify!($key), )+ ];
+
+        fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
+            match key {
+                $( stringify!($key) => config.$key = ($parse)(raw)?, )+
+                _ => unreachable!("key {key} is not declared"),
+            }
+            Ok(())
+        }
+
+        /// The flags of `rip serve` that rip.toml and `RIP_*` can also set. Each is the raw
+        /// text, unset unless given, so that the merge can tell "not given" from "given the
+        /// default" and can name the flag when the value is bad.
+        #[derive(Debug, Default, Clone, clap::Args)]
+        pub struct Flags {
+            $(
+                $(#[doc = $doc])+
+                #[doc = concat!("[default: ", $shown, "]")]
+                #[arg(long, value_name = $value_name $(, short = $short)?)]
+                pub $key: Option<String>,
+            )+
+        }
+
+        impl Flags {
+            fn layer(&self) -> Layer {
+                let mut layer = Layer::new();
+                $( if let Some(v) = &self.$key { layer.insert(stringify!($key), v.clone()); } )+
+                layer
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address to listen on
+    host: IpAddr = IpAddr::from([127, 0, 0, 1]), shown "127.0.0.1",
+        flag "ADDR", parse parse_host;
+    /// Port to listen on; 0 picks a free one
+    port: u16 = 3000, shown "3000",
+        flag "PORT" short 'p', parse |raw: &str| raw.parse().map_err(|_| anyhow!("expected a port number"));
+    /// Number of worker processes
+    workers: usize = std::thread::available_parallelism().map_or(1, |n| n.get()), shown "CPU count",
+        flag "N" short 'w', parse parse_count;
+    /// Recycle a worker after it was sent N requests; 0 = never
+    max_requests: u64 = 0, shown "0",
+        flag "N", parse parse_number;
+    /// Add up to J requests to each worker's --max-requests, at random, so that workers
+    /// started together do not recycle together
+    max_requests_jitter: u64 = 0, shown "0",
+        flag "J", parse parse_number;
+    /// Recycle a worker whose resident memory exceeds SIZE, e.g. 512m; 0 = never
+    max_memory: u64 = 0, shown "0",
+        flag "SIZE", parse parse_size;
+    /// Recycle a worker older than DURATION, e.g. 6h; 0 = never
+    max_age: Duration = Duration::ZERO, shown "0",
+        flag "DURATION", parse parse_duration;
+    /// Workers replaced at once by recycles and reloads
+    max_surge: usize = 1, shown "1",
+        flag "N", parse parse_count;
+    /// How requests are spread over workers: least-pending or round-robin
+    balance: Strategy = Strategy::LeastPending, shown "least-pending",
+        flag "STRATEGY", parse str::parse;
+    /// How requests reach workers: http2 (one multiplexed connection each), http1, or
+    /// handoff (client connections passed whole to workers: faster, no per-request failover)
+    upstream: Upstream = Upstream::Http2, shown "http2",
+        flag "PROTOCOL", parse str::parse;
+    /// Time in-flight requests get to finish at shutdown, e.g. 30s
+    graceful_timeout: Duration = Duration::from_secs(30), shown "30s",
+        flag "DURATION", parse parse_duration;
+    /// A worker that has not answered a request in this time is killed; 504
+    timeout: Duration = Duration::from_secs(30), shown "30s",
+        flag "DURATION", parse parse_positive_duration;
+    /// Longest wait for a ready worker before 503
+    queue_timeout: Duration = Duration::from_secs(5), shown "5s",
+        flag "DURATION", parse parse_duration;
+    /// Time a client gets to send request headers, and longest idle keep-alive
+    header_timeout: Duration = Duration::from_secs(15), shown "15s",
+        flag "DURATION", parse parse_positive_duration;
+    /// Longest a worker may take to answer its first health probe
+    start_timeout: Duration = Duration::from_secs(30), shown "30s",
+        flag "DURATION", parse parse_positive_duration;
+    /// Largest request body accepted, e.g. 10m; 0 = unlimited
+    max_body: u64 = 0, shown "0",
+        flag "SIZE", parse parse_size;
+    /// Most client connections open at once
+    max_connections: usize = 10_000, shown "10000",
+        flag "N", parse parse_count;
+    /// Requests in flight per worker before new ones wait (up to --queue-timeout); 0 = no limit
+    max_in_flight: usize = 0, shown "0",
+        flag "N", parse |raw: &str| raw.parse().map_err(|_| anyhow!("expected a whole number"));
+    /// Serve static files from DIR instead of the demo app
+    root: Option<PathBuf> = None, shown "none",
+        flag "DIR", parse |raw: &str| Ok::<_, anyhow::Error>(Some(PathBuf::from(raw)));
+    /// Threads per worker process
+    worker_threads: usize = 1, shown "1",
+        flag "N", parse parse_count;
+    /// Threads of the front-end process
+    frontend_threads: usize = 1, shown "1",
+        flag "N", parse parse_count;
+    /// Directory for the workers' sockets
+    runtime_dir: Option<PathBuf> = None, shown "$XDG_RUNTIME_DIR/rip or /tmp/rip-$UID",
+        flag "DIR", parse |raw: &str| Ok::<_, anyhow::Error>(Some(PathBuf::from(raw)));
+    /// Log format: text or json
+    log_format: LogFormat = LogFormat::Text, shown "text",
+        flag "FORMAT", parse str::parse;
+    /// Access log: - (stderr), off, or a file reopened on SIGUSR1
+    access_log: AccessLogTarget = AccessLogTarget::Stderr, shown "-",
+        flag "TARGET", parse str::parse;
+    /// Serve /metrics, /live and /ready on this address, e.g. 127.0.0.1:9090
+    admin: Option<std::net::SocketAddr> = None, shown "off",
+        flag "ADDR", parse parse_admin;
 }
 
 /// Where access log lines go.
@@ -100,69 +201,6 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            host: IpAddr::from([127, 0, 0, 1]),
-            port: 3000,
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            max_requests: 0,
-            max_requests_jitter: 0,
-            max_memory: 0,
-            max_age: Duration::ZERO,
-            max_surge: 1,
-            balance: Strategy::LeastPending,
-            upstream: Upstream::Http2,
-            graceful_timeout: Duration::from_secs(30),
-            timeout: Duration::from_secs(30),
-            queue_timeout: Duration::from_secs(5),
-            header_timeout: Duration::from_secs(15),
-            start_timeout: Duration::from_secs(30),
-            max_body: 0,
-            max_connections: 10_000,
-            max_in_flight: 0,
-            root: None,
-            worker_threads: 1,
-            frontend_threads: 1,
-            runtime_dir: None,
-            log_format: LogFormat::Text,
-            access_log: AccessLogTarget::Stderr,
-            admin: None,
-            file: None,
-        }
-    }
-}
-
-/// Every key a layer may set: the rip.toml name; the flag is `--` plus dashes, the variable
-/// `RIP_` plus upper case.
-const KEYS: &[&str] = &[
-    "host",
-    "port",
-    "workers",
-    "max_requests",
-    "max_requests_jitter",
-    "max_memory",
-    "max_age",
-    "max_surge",
-    "balance",
-    "upstream",
-    "graceful_timeout",
-    "timeout",
-    "queue_timeout",
-    "header_timeout",
-    "start_timeout",
-    "max_body",
-    "max_connections",
-    "max_in_flight",
-    "root",
-    "worker_threads",
-    "frontend_threads",
-    "runtime_dir",
-    "log_format",
-    "access_log",
-    "admin",
-];
-
 /// Where a raw value came from, for error messages.
 #[derive(Debug, Clone, PartialEq)]
 enum Origin {
@@ -181,7 +219,7 @@ pub fn load(args: &ServeArgs) -> Result<Config> {
 
 /// The merge, with the environment passed in so that tests can fake it.
 pub fn resolve(args: &ServeArgs, env: impl Fn(&str) -> Option<String>) -> Result<Config> {
-    let flags = flag_layer(args);
+    let flags = args.settings.layer();
     let env_layer = env_layer(&env);
     let file = match file_to_read(args, &env) {
         Some(path) => Some((file_layer(&path)?, path)),
@@ -217,91 +255,11 @@ fn describe(key: &str, raw: &str, origin: &Origin) -> String {
     }
 }
 
-fn apply(config: &mut Config, key: &str, raw: &str) -> Result<()> {
-    match key {
-        "host" => config.host = parse_host(raw)?,
-        "port" => config.port = raw.parse().map_err(|_| anyhow!("expected a port number"))?,
-        "workers" => config.workers = parse_count(raw)?,
-        "max_requests" => {
-            config.max_requests = raw.parse().map_err(|_| anyhow!("expected a whole number"))?
-        }
-        "max_requests_jitter" => {
-            config.max_requests_jitter = raw.parse().map_err(|_| anyhow!("expected a whole number"))?
-        }
-        "max_memory" => config.max_memory = parse_size(raw)?,
-        "max_age" => config.max_age = parse_duration(raw)?,
-        "max_surge" => config.max_surge = parse_count(raw)?,
-        "balance" => config.balance = raw.parse()?,
-        "upstream" => config.upstream = raw.parse()?,
-        "graceful_timeout" => config.graceful_timeout = parse_duration(raw)?,
-        "timeout" => config.timeout = parse_positive_duration(raw)?,
-        "queue_timeout" => config.queue_timeout = parse_duration(raw)?,
-        "header_timeout" => config.header_timeout = parse_positive_duration(raw)?,
-        "start_timeout" => config.start_timeout = parse_positive_duration(raw)?,
-        "max_body" => config.max_body = parse_size(raw)?,
-        "max_connections" => config.max_connections = parse_count(raw)?,
-        "max_in_flight" => {
-            config.max_in_flight = raw.parse().map_err(|_| anyhow!("expected a whole number"))?
-        }
-        "root" => config.root = Some(PathBuf::from(raw)),
-        "worker_threads" => config.worker_threads = parse_count(raw)?,
-        "frontend_threads" => config.frontend_threads = parse_count(raw)?,
-        "runtime_dir" => config.runtime_dir = Some(PathBuf::from(raw)),
-        "log_format" => config.log_format = raw.parse()?,
-        "access_log" => config.access_log = raw.parse()?,
-        "admin" => {
-            config.admin = match raw {
-                "" | "off" => None,
-                addr => {
-                    Some(addr.parse().map_err(|_| anyhow!("expected an address such as 127.0.0.1:9090"))?)
-                }
-            }
-        }
-        _ => unreachable!("key {key} is listed in KEYS but not applied"),
-    }
-    Ok(())
-}
-
 fn validate(config: &Config) -> Result<()> {
     if config.workers > crate::metrics::MAX_SLOTS {
         bail!("invalid value '{}' for workers: at most {}", config.workers, crate::metrics::MAX_SLOTS);
     }
     Ok(())
-}
-
-fn flag_layer(args: &ServeArgs) -> Layer {
-    let mut layer = Layer::new();
-    let mut put = |key: &'static str, value: Option<String>| {
-        if let Some(v) = value {
-            layer.insert(key, v);
-        }
-    };
-    put("host", args.host.clone());
-    put("port", args.port.map(|v| v.to_string()));
-    put("workers", args.workers.map(|v| v.to_string()));
-    put("max_requests", args.max_requests.map(|v| v.to_string()));
-    put("max_requests_jitter", args.max_requests_jitter.map(|v| v.to_string()));
-    put("max_memory", args.max_memory.clone());
-    put("max_age", args.max_age.clone());
-    put("max_surge", args.max_surge.map(|v| v.to_string()));
-    put("balance", args.balance.clone());
-    put("upstream", args.upstream.clone());
-    put("graceful_timeout", args.graceful_timeout.clone());
-    put("timeout", args.timeout.clone());
-    put("queue_timeout", args.queue_timeout.clone());
-    put("header_timeout", args.header_timeout.clone());
-    put("start_timeout", args.start_timeout.clone());
-    put("max_body", args.max_body.clone());
-    put("max_connections", args.max_connections.map(|v| v.to_string()));
-    put("max_in_flight", args.max_in_flight.map(|v| v.to_string()));
-    put("root", args.root.as_ref().map(|p| p.display().to_string()));
-    put("worker_threads", args.worker_threads.map(|v| v.to_string()));
-    put("frontend_threads", args.frontend_threads.map(|v| v.to_string()));
-    put("runtime_dir", args.runtime_dir.as_ref().map(|p| p.display().to_string()));
-    put("log_format", args.log_format.clone());
-    put("access_log", args.access_log.clone());
-    put("admin", args.admin.clone());
-    layer
 }
 
 fn env_layer(env: &impl Fn(&str) -> Option<String>) -> Layer {
@@ -353,6 +311,17 @@ fn parse_host(raw: &str) -> Result<IpAddr> {
         return Ok(IpAddr::from([127, 0, 0, 1]));
     }
     raw.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| anyhow!("expected an IP address"))
+}
+
+fn parse_number(raw: &str) -> Result<u64> {
+    raw.parse().map_err(|_| anyhow!("expected a whole number"))
+}
+
+fn parse_admin(raw: &str) -> Result<Option<std::net::SocketAddr>> {
+    match raw {
+        "" | "off" => Ok(None),
+        addr => Ok(Some(addr.parse().map_err(|_| anyhow!("expected an address such as 127.0.0.1:9090"))?)),
+    }
 }
 
 fn parse_count(raw: &str) -> Result<usize> {
@@ -457,7 +426,7 @@ mod tests {
         ];
         for (flag, env, file, expected) in table {
             let (_dir, mut args) = with_file(&file.map(|f| format!("workers = {f}")).unwrap_or_default());
-            args.workers = *flag;
+            args.settings.workers = flag.map(|n| n.to_string());
             let env_value = env.map(str::to_string);
             let config =
                 resolve(&args, |k| (k == "RIP_WORKERS").then(|| env_value.clone()).flatten()).unwrap();
@@ -509,7 +478,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_origin() {
-        let args = ServeArgs { workers: Some(0), ..Default::default() };
+        let settings = Flags { workers: Some("0".into()), ..Default::default() };
+        let args = ServeArgs { settings, ..Default::default() };
         let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
         assert!(err.contains("--workers") && err.contains("at least 1"), "{err}");
 

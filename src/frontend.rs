@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use axum::routing::future::RouteFuture;
 use axum::Router;
+use futures_util::future::{Either, FutureExt, Map};
 use http::Request;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -23,41 +25,79 @@ use tracing::warn;
 
 use crate::connections::Connections;
 use crate::framing::StrictFraming;
-use crate::proxy::{Peer, Proxy, ProxyError, Upstream};
+use crate::proxy::{ClientBody, Peer, Proxy, ProxyError, ResponseBody, Stack, Upstream};
 
 /// What a user's binary adds at the edge: it gets the router whose fallback is the proxy to
 /// the workers and returns it with routes the parent answers itself and tower layers that
 /// wrap every request, the workers' included.
 pub type Edge = Arc<dyn Fn(Router) -> Router + Send + Sync>;
 
-/// The front-end's router: the proxy stack as the fallback, under the user's edge.
-pub fn router(proxy: &Proxy, edge: Option<&Edge>) -> Router {
-    let router = Router::new().fallback_service(proxy.stack());
-    match edge {
-        Some(edge) => edge(router),
-        None => router,
+/// How the front-end answers its client connections, chosen once at start.
+#[derive(Clone)]
+pub enum Door {
+    /// The user's edge routes and layers, falling back to the proxy stack.
+    Edge(Router),
+    /// The proxy stack alone. With no edge, the router would be nothing but its fallback,
+    /// and going through it costs a handful of allocations per request (the original URI,
+    /// the fallback's path parameters, the route's boxed service and future, the response
+    /// body's box) for no effect, so the stack is served as the router would serve it.
+    Proxy(Stack),
+    /// `--upstream handoff`: each connection is passed whole to a worker.
+    Handoff(Proxy),
+}
+
+impl Door {
+    /// The door for `proxy` with the user's `edge`, if any.
+    pub fn new(proxy: &Proxy, edge: Option<&Edge>) -> Door {
+        if proxy.upstream() == Upstream::Handoff {
+            return Door::Handoff(proxy.clone());
+        }
+        match edge {
+            Some(edge) => Door::Edge(edge(Router::new().fallback_service(proxy.stack()))),
+            None => Door::Proxy(proxy.stack()),
+        }
     }
 }
 
-/// The router as one client connection serves it: every request carries the peer the
-/// listener saw, as axum's `ConnectInfo` for edge handlers and as a [`Peer`] for the proxy.
+/// A response body as a client connection sends it: the proxy's own, or whatever the edge
+/// router made of it.
+pub type FrontBody = http_body_util::Either<ResponseBody, axum::body::Body>;
+
+type Answered<B> = Result<http::Response<B>, Infallible>;
+type EdgeFuture = Map<RouteFuture<Infallible>, fn(Answered<axum::body::Body>) -> Answered<FrontBody>>;
+type ProxyFuture =
+    Map<<Stack as Service<Request<ClientBody>>>::Future, fn(Answered<ResponseBody>) -> Answered<FrontBody>>;
+
+/// One client connection's service: every request carries the peer the listener saw, as a
+/// [`Peer`] for the proxy and, for edge handlers, as axum's `ConnectInfo`.
 #[derive(Clone)]
 struct Connection {
-    router: Router,
+    door: Door,
     peer: Arc<Peer>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for Connection {
-    type Response = axum::response::Response;
+    type Response = http::Response<FrontBody>;
     type Error = Infallible;
-    type Future = axum::routing::future::RouteFuture<Infallible>;
+    type Future = Either<EdgeFuture, ProxyFuture>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        let extensions = req.extensions_mut();
-        extensions.insert(ConnectInfo(self.peer.addr));
-        extensions.insert(self.peer.clone());
-        // A router is always ready; it is cloned (an Arc) because `call` takes `&mut`.
-        self.router.clone().call(req)
+        req.extensions_mut().insert(self.peer.clone());
+        // Both are always ready; each is cloned (a few Arcs) because `call` takes `&mut`.
+        match &self.door {
+            Door::Edge(router) => {
+                req.extensions_mut().insert(ConnectInfo(self.peer.addr));
+                let edge: fn(Answered<axum::body::Body>) -> Answered<FrontBody> =
+                    |r| r.map(|r| r.map(http_body_util::Either::Right));
+                Either::Left(router.clone().call(req).map(edge))
+            }
+            Door::Proxy(stack) => {
+                let proxy: fn(Answered<ResponseBody>) -> Answered<FrontBody> =
+                    |r| r.map(|r| r.map(http_body_util::Either::Left));
+                Either::Right(stack.clone().call(req.map(ClientBody::new)).map(proxy))
+            }
+            Door::Handoff(_) => unreachable!("hand-off connections are never served here"),
+        }
     }
 }
 
@@ -99,7 +139,7 @@ pub fn client_builder(header_timeout: Duration) -> http1::Builder {
 pub async fn serve(
     listener: TcpListener,
     proxy: Proxy,
-    router: Router,
+    door: Door,
     limits: Limits,
     stop: CancellationToken,
     grace: Duration,
@@ -107,9 +147,8 @@ pub async fn serve(
     let connections = Connections::new(stop.clone(), DRAIN_LINGER);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let builder = client_builder(limits.header_timeout);
-    let handoff = proxy.upstream() == Upstream::Handoff;
     while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop).await {
-        if handoff {
+        if let Door::Handoff(proxy) = &door {
             let (proxy, builder) = (proxy.clone(), builder.clone());
             connections.track(async move {
                 if let Err(client) = proxy.hand_off(stream).await {
@@ -120,7 +159,7 @@ pub async fn serve(
             continue;
         }
         let stream = StrictFraming::new(stream);
-        let service = Connection { router: router.clone(), peer: Arc::new(Peer::new(peer)) };
+        let service = Connection { door: door.clone(), peer: Arc::new(Peer::new(peer)) };
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         connections.spawn(conn, permit);
     }

@@ -149,11 +149,11 @@ async fn serve(parent: Parent) -> Result<()> {
         info!(addr = %bound, "admin listener started");
     }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
-    let router = frontend::router(&proxy, parent.edge.as_ref());
+    let door = frontend::Door::new(&proxy, parent.edge.as_ref());
     let frontend = tokio::spawn(frontend::serve(
         listener,
         proxy.clone(),
-        router,
+        door,
         limits,
         stop.clone(),
         config.graceful_timeout,

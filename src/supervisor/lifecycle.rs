@@ -1,99 +1,49 @@
-//! Worker lifecycle: starting a worker process, admitting it to the rotation once probed
+//! Worker lifecycle transitions: starting a worker, admitting it to the rotation once probed
 //! ready, accounting for its exit, and taking it out (retire, then terminate).
 //!
 //! Invariant: a worker leaves the rotation before it is signalled, and is signalled only
 //! after its in-flight requests ended (or the grace ran out).
 
-use std::process::ExitStatus;
-use std::time::Duration;
-
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::table::{Slot, Worker, WorkerState};
-use super::{backoff, probe, process, Event, Supervisor};
-use crate::discovery::{Change, WorkerId};
+use super::backoff;
+use super::machine::{Action, Machine};
+use super::table::{Fault, Worker, WorkerState};
+use crate::discovery::WorkerId;
 use crate::metrics::RecycleReason;
 
-/// After a worker exits, how long to wait for the rest of its stderr (a grandchild may keep
-/// the pipe open; the exit is reported regardless after this).
-const STDERR_WAIT: Duration = Duration::from_millis(500);
-
-impl Supervisor {
+impl Machine {
     pub(super) fn spawn(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
         let id = WorkerId { slot, generation: s.next_generation };
         s.next_generation += 1;
-        let socket = match self.dir.socket_path(slot, id.generation) {
-            Ok(path) => path,
-            Err(e) => {
-                error!(worker = %id, error = %e, "worker not started");
-                return;
-            }
-        };
-        let _ = std::fs::remove_file(&socket);
-        let cmd = process::command(&self.spec, id, &socket);
-        let s = &mut self.slots[slot];
         if s.current.is_none() {
             s.current = Some(id);
         } else {
             s.next = Some(id);
         }
-        let tail = process::Tail::default();
-        let cancel = CancellationToken::new();
-        // The pid is known once the spawner thread has started the process (Event::Spawned).
-        self.workers.insert(id, Worker::new(Pid::from_raw(0), tail.clone(), cancel.clone(), self.epoch));
-
-        let spawner = self.spawner.clone();
-        let events = self.events_tx.clone();
-        let within = self.settings.start_timeout;
-        tokio::spawn(async move {
-            let mut child = match spawner.spawn(cmd).await {
-                Ok(child) => child,
-                Err(e) => {
-                    let _ = events.send(Event::SpawnFailed { id, error: e.to_string() });
-                    return;
-                }
-            };
-            let pid = child.id().map_or(0, |p| p as i32);
-            let _ = events.send(Event::Spawned { id, pid });
-            let stderr_copier = process::copy_stderr(&mut child, tail);
-            tokio::spawn({
-                let events = events.clone();
-                async move {
-                    let result = probe::wait_ready(&socket, within, &cancel).await;
-                    if !cancel.is_cancelled() {
-                        let _ = events.send(Event::Probed { id, result });
-                    }
-                }
-            });
-            let status = child.wait().await;
-            // The last lines a dying worker wrote explain its death; let them be read first.
-            if let Some(copier) = stderr_copier {
-                let _ = tokio::time::timeout(STDERR_WAIT, copier).await;
-            }
-            let _ = events.send(Event::Exited { id, status });
-        });
+        self.workers.insert(id, Worker::new(self.now, self.epoch));
+        self.act(Action::Spawn { id, within: self.settings.start_timeout });
     }
 
-    pub(super) fn on_spawned(&mut self, id: WorkerId, pid: i32) {
+    pub(super) fn on_spawned(&mut self, id: WorkerId, pid: Pid) {
         let Some(worker) = self.workers.get_mut(&id) else { return };
-        worker.pid = Pid::from_raw(pid);
-        info!(worker = %id, pid, "worker spawned");
+        worker.pid = Some(pid);
+        info!(worker = %id, pid = pid.as_raw(), "worker spawned");
         if worker.state == WorkerState::Stopping {
             // Retired, or shutdown began, while it was being started.
-            process::signal(worker.pid, Signal::SIGTERM);
+            self.act(Action::Signal { id, pid, signal: Signal::SIGTERM });
         }
     }
 
     pub(super) fn on_spawn_failed(&mut self, id: WorkerId, error: String) {
-        let Some(worker) = self.workers.remove(&id) else { return };
-        worker.cancel.cancel();
-        error!(worker = %id, exe = %self.spec.exe.display(), error, "worker failed to start");
+        if self.workers.remove(&id).is_none() {
+            return;
+        }
+        self.act(Action::Forget { id });
+        error!(worker = %id, error, "worker failed to start");
         let slot = id.slot;
         let s = &mut self.slots[slot];
         s.last_exit = Some(format!("failed to start: {error}"));
@@ -103,11 +53,12 @@ impl Supervisor {
         } else if s.current == Some(id) {
             s.current = None;
             s.failures += 1;
-            if !self.stopping {
+            if !self.is_stopping() {
                 self.schedule_respawn(slot);
             }
         }
         self.publish_ready();
+        self.finish_stop_if_done();
     }
 
     pub(super) fn on_probed(&mut self, id: WorkerId, result: Result<(), String>) {
@@ -116,18 +67,17 @@ impl Supervisor {
             return;
         }
         if let Err(reason) = result {
-            warn!(worker = %id, pid = worker.pid.as_raw(), reason, "worker failed its health probe, killed");
-            process::signal(worker.pid, Signal::SIGKILL);
+            warn!(worker = %id, pid = worker.pid.map(Pid::as_raw), reason, "worker failed its health probe, killed");
             worker.state = WorkerState::Stopping;
-            worker.failed_probe = Some(reason);
+            worker.fault = Some(Fault::FailedProbe(reason));
+            self.signal(id, Signal::SIGKILL);
             return;
         }
         worker.state = WorkerState::Ready;
-        worker.ready_at = Some(Instant::now());
-        let startup_ms = worker.started.elapsed().as_millis() as u64;
-        info!(worker = %id, pid = worker.pid.as_raw(), startup_ms, "worker ready");
-        let socket = self.dir.socket_path(id.slot, id.generation).expect("checked at spawn");
-        let _ = self.changes.send(Change::Ready { id, socket });
+        worker.ready_at = Some(self.now);
+        let startup_ms = self.now.saturating_duration_since(worker.started).as_millis() as u64;
+        info!(worker = %id, pid = worker.pid.map(Pid::as_raw), startup_ms, "worker ready");
+        self.act(Action::Admit { id });
 
         let slot = &mut self.slots[id.slot];
         if slot.next == Some(id) {
@@ -136,11 +86,11 @@ impl Supervisor {
             let reason = slot.recycle_reason.take().unwrap_or(RecycleReason::Reload);
             if let Some(old) = old {
                 info!(worker = %old, replacement = %id, reason = reason.as_str(), "worker recycled");
-                self.metrics.recycle(reason);
+                self.act(Action::Recycled { reason });
                 self.retire(old);
             }
         }
-        if !slot_is_active(&self.slots, id.slot) {
+        if !self.slots.get(id.slot).is_some_and(|s| s.active) {
             // Scaled down while it was starting.
             self.retire(id);
         }
@@ -149,50 +99,47 @@ impl Supervisor {
         self.finish_reload_if_done();
     }
 
-    pub(super) fn on_exited(&mut self, id: WorkerId, status: std::io::Result<ExitStatus>) {
+    pub(super) fn on_exited(&mut self, id: WorkerId, status: String, stderr: String) {
         let Some(worker) = self.workers.remove(&id) else { return };
-        worker.cancel.cancel();
-        if let Ok(socket) = self.dir.socket_path(id.slot, id.generation) {
-            let _ = std::fs::remove_file(socket);
-        }
-        let status = match status {
-            Ok(s) => process::describe(s),
-            Err(e) => format!("unknown ({e})"),
-        };
-        let pid = worker.pid.as_raw();
-        let uptime_ms = worker.started.elapsed().as_millis() as u64;
+        self.act(Action::Forget { id });
+        let pid = worker.pid.map(Pid::as_raw);
+        let uptime_ms = self.now.saturating_duration_since(worker.started).as_millis() as u64;
         let member = self.is_slot_member(id);
         let expected = worker.state == WorkerState::Stopping && !member;
-        let stderr = worker.tail.joined();
-        if expected || self.stopping {
+        let hung = worker.fault == Some(Fault::Hung);
+        if expected || self.is_stopping() {
             info!(worker = %id, pid, status, uptime_ms, "worker exited");
-        } else if worker.killed_as_hung {
+        } else if hung {
             warn!(worker = %id, pid, status, uptime_ms, "worker exited after hanging");
         } else {
-            let _ = self.changes.send(Change::Leave { id, drained: None });
+            self.act(Action::Leave { id, drain: None });
             warn!(worker = %id, pid, status, uptime_ms, stderr, "worker exited unexpectedly");
         }
-        let reason = match &worker.failed_probe {
-            Some(probe) => format!("{status} after failing its health probe ({probe})"),
-            None => status.clone(),
+        let reason = match &worker.fault {
+            Some(Fault::FailedProbe(probe)) => format!("{status} after failing its health probe ({probe})"),
+            _ => status.clone(),
         };
         self.slots[id.slot].last_exit = Some(reason.clone());
         self.publish_ready();
-        if self.stopping {
+        if self.is_stopping() {
+            self.finish_stop_if_done();
             return;
         }
 
         // A hung worker was killed for one request; its replacement is needed at once, and
         // one slow request says nothing about whether the app can start.
-        let healthy =
-            worker.killed_as_hung || worker.ready_at.is_some_and(|t| t.elapsed() >= backoff::HEALTHY_UPTIME);
+        let healthy = hung
+            || worker
+                .ready_at
+                .is_some_and(|t| self.now.saturating_duration_since(t) >= backoff::HEALTHY_UPTIME);
         let slot = &mut self.slots[id.slot];
         if slot.current == Some(id) {
             slot.current = slot.next.take();
             slot.failures = if healthy { 0 } else { slot.failures + 1 };
             if !expected {
-                self.metrics.restart();
+                self.act(Action::Restarted);
             }
+            let slot = &self.slots[id.slot];
             if slot.current.is_none() && slot.active {
                 self.schedule_respawn(id.slot);
             }
@@ -216,15 +163,8 @@ impl Supervisor {
             return;
         }
         worker.state = WorkerState::Draining;
-        let (tx, rx) = oneshot::channel();
-        let _ = self.changes.send(Change::Leave { id, drained: Some(tx) });
-        let events = self.events_tx.clone();
-        let grace = self.settings.grace;
-        tokio::spawn(async move {
-            // Past the grace the worker is stopped anyway; its own drain gets the same grace.
-            let _ = tokio::time::timeout(grace, rx).await;
-            let _ = events.send(Event::Drained { id });
-        });
+        // Past the grace the worker is stopped anyway; its own drain gets the same grace.
+        self.act(Action::Leave { id, drain: Some(self.settings.grace) });
     }
 
     /// SIGTERM now, SIGKILL if still there after the grace.
@@ -234,17 +174,28 @@ impl Supervisor {
             return;
         }
         worker.state = WorkerState::Stopping;
-        worker.cancel.cancel();
-        process::signal(worker.pid, Signal::SIGTERM);
-        let events = self.events_tx.clone();
-        let grace = self.settings.grace;
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            let _ = events.send(Event::KillTimer { id });
-        });
+        self.act(Action::CancelProbes { id });
+        self.signal(id, Signal::SIGTERM);
+        self.act(Action::KillAfter { id, after: self.settings.grace });
     }
-}
 
-fn slot_is_active(slots: &[Slot], slot: usize) -> bool {
-    slots.get(slot).is_some_and(|s| s.active)
+    pub(super) fn on_kill_due(&mut self, id: WorkerId) {
+        if let Some(w) = self.workers.get(&id) {
+            warn!(worker = %id, pid = w.pid.map(Pid::as_raw), "worker did not exit in time, killed");
+            self.signal(id, Signal::SIGKILL);
+        }
+    }
+
+    /// Takes a worker that stopped answering out of the rotation and kills it; its exit is
+    /// then handled like a crash, and the slot refilled at once.
+    pub(super) fn kill_hung(&mut self, id: WorkerId) {
+        let Some(worker) = self.workers.get_mut(&id) else { return };
+        if worker.state == WorkerState::Stopping {
+            return;
+        }
+        warn!(worker = %id, pid = worker.pid.map(Pid::as_raw), "worker hung, killed");
+        worker.fault = Some(Fault::Hung);
+        self.act(Action::Leave { id, drain: None });
+        self.signal(id, Signal::SIGKILL);
+    }
 }

@@ -5,34 +5,29 @@
 //! is answered by rip in the worker, ahead of the app, so only a worker whose thread is stuck
 //! fails it. Invariant: at most one liveness probe per worker is in flight.
 
+use nix::unistd::Pid;
 use tracing::warn;
 
+use super::machine::{Action, Machine};
 use super::table::WorkerState;
-use super::{probe, Event, Supervisor};
 use crate::discovery::WorkerId;
 
-impl Supervisor {
-    /// Starts a probe of each ready worker that has none in flight.
+impl Machine {
+    /// Asks for a probe of each ready worker that has none in flight.
     pub(super) fn probe_liveness(&mut self) {
         let Some(within) = self.settings.liveness else { return };
-        if self.stopping {
+        if self.is_stopping() {
             return;
         }
+        let mut due = Vec::new();
         for (&id, worker) in &mut self.workers {
-            if worker.state != WorkerState::Ready || worker.liveness_probing {
-                continue;
+            if worker.state == WorkerState::Ready && !worker.liveness_probing {
+                worker.liveness_probing = true;
+                due.push(id);
             }
-            let Ok(socket) = self.dir.socket_path(id.slot, id.generation) else { continue };
-            worker.liveness_probing = true;
-            let (events, cancel) = (self.events_tx.clone(), worker.cancel.clone());
-            tokio::spawn(async move {
-                let result = tokio::select! {
-                    result = probe::check_within(&socket, within) => result,
-                    // The worker is gone; its exit is handled on its own.
-                    () = cancel.cancelled() => return,
-                };
-                let _ = events.send(Event::Alive { id, result });
-            });
+        }
+        for id in due {
+            self.act(Action::ProbeLiveness { id, within });
         }
     }
 
@@ -40,10 +35,11 @@ impl Supervisor {
         let Some(worker) = self.workers.get_mut(&id) else { return };
         worker.liveness_probing = false;
         let Err(reason) = result else { return };
-        if self.stopping || worker.state != WorkerState::Ready {
+        let (state, pid) = (worker.state, worker.pid.map(Pid::as_raw));
+        if self.is_stopping() || state != WorkerState::Ready {
             return;
         }
-        warn!(worker = %id, pid = worker.pid.as_raw(), reason, "worker failed its liveness probe");
+        warn!(worker = %id, pid, reason, "worker failed its liveness probe");
         self.kill_hung(id);
     }
 }

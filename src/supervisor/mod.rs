@@ -6,10 +6,15 @@
 //! after its in-flight requests ended (or the grace ran out). A replacement is probed ready
 //! before the worker it replaces leaves, and at most `surge` replacements run at once, so
 //! capacity never dips below the configured number of workers and memory never doubles.
+//!
+//! Every decision is made by the state machine in `machine.rs` (tested as a table, with no
+//! process); this file is its executor: it turns what happens to processes, probes and timers
+//! into [`Event`]s and performs the [`Action`]s the machine answers with.
 
 mod backoff;
 mod lifecycle;
 mod liveness;
+mod machine;
 mod probe;
 mod process;
 mod recycle;
@@ -17,22 +22,21 @@ mod stop;
 mod table;
 
 use std::collections::HashMap;
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tokio_util::sync::CancellationToken;
 
 pub use process::{describe as describe_status, Spec};
 pub use table::{WorkerState, WorkerStatus};
 
 use crate::discovery::{Change, ChangeSender, Report, ReportReceiver, WorkerId};
-use crate::metrics::{Metrics, RecycleReason};
+use crate::metrics::Metrics;
 use crate::runtime_dir::RuntimeDir;
-use table::{Slot, Worker};
+use machine::{Action, Event, Machine};
 
 /// How often worker memory and age are checked against their limits.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -132,41 +136,29 @@ pub fn start(
     let (events_tx, events) = mpsc::unbounded_channel();
     let (ready_tx, ready) = watch::channel(0);
     let supervisor = Supervisor {
-        spawner,
-        slots: Vec::new(),
-        settings,
+        machine: Machine::new(settings, Instant::now()),
         spec,
+        spawner,
         dir,
         metrics,
         changes,
         events_tx,
         ready_tx,
-        workers: HashMap::new(),
-        stopping: false,
-        started: Instant::now(),
-        announced_ready: false,
-        epoch: 0,
+        probes: HashMap::new(),
         reload_waiters: Vec::new(),
+        stop_waiters: Vec::new(),
     };
     let task = tokio::spawn(supervisor.run(commands, events, reports));
     Ok((SupervisorHandle { commands: commands_tx, ready }, task))
 }
 
-/// Things that happened to workers, reported by the tasks watching them.
-#[derive(Debug)]
-enum Event {
-    Spawned { id: WorkerId, pid: i32 },
-    SpawnFailed { id: WorkerId, error: String },
-    Exited { id: WorkerId, status: std::io::Result<ExitStatus> },
-    Probed { id: WorkerId, result: Result<(), String> },
-    Drained { id: WorkerId },
-    Alive { id: WorkerId, result: Result<(), String> },
-    Respawn { slot: usize },
-    KillTimer { id: WorkerId },
-}
+/// After a worker exits, how long to wait for the rest of its stderr (a grandchild may keep
+/// the pipe open; the exit is reported regardless after this).
+const STDERR_WAIT: Duration = Duration::from_millis(500);
 
+/// The executor: owns the processes, probes and timers the machine's actions ask for.
 struct Supervisor {
-    settings: Settings,
+    machine: Machine,
     spec: Spec,
     spawner: process::Spawner,
     dir: Arc<RuntimeDir>,
@@ -174,14 +166,10 @@ struct Supervisor {
     changes: ChangeSender,
     events_tx: mpsc::UnboundedSender<Event>,
     ready_tx: watch::Sender<usize>,
-    slots: Vec<Slot>,
-    workers: HashMap<WorkerId, Worker>,
-    stopping: bool,
-    started: Instant,
-    announced_ready: bool,
-    /// Bumped by each reload; a worker from an older epoch is due for replacement.
-    epoch: u64,
+    /// Stops a worker's probes once it is on its way out.
+    probes: HashMap<WorkerId, CancellationToken>,
     reload_waiters: Vec<oneshot::Sender<ReloadResult>>,
+    stop_waiters: Vec<oneshot::Sender<()>>,
 }
 
 impl Supervisor {
@@ -191,110 +179,203 @@ impl Supervisor {
         mut events: mpsc::UnboundedReceiver<Event>,
         mut reports: ReportReceiver,
     ) {
-        self.scale(self.settings.workers);
+        let actions = self.machine.start(Instant::now());
+        self.perform(actions);
         let mut checks = tokio::time::interval(CHECK_INTERVAL);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commands_open = true;
         loop {
-            tokio::select! {
-                Some(event) = events.recv() => self.on_event(event),
-                Some(report) = reports.recv() => self.on_report(report),
-                _ = checks.tick() => {
-                    self.check_limits();
-                    self.probe_liveness();
-                }
-                command = commands.recv() => match command {
-                    Some(Command::Reload { settings, done }) => self.reload(settings.map(|s| *s), done),
-                    Some(Command::Scale(n)) => self.scale(n),
+            let event = tokio::select! {
+                Some(event) = events.recv() => event,
+                Some(report) = reports.recv() => match report {
+                    Report::Exhausted(id) => Event::Exhausted { id },
+                    Report::Hung(id) => Event::Hung { id },
+                },
+                _ = checks.tick() => Event::Tick { rss: self.resident_memory() },
+                command = commands.recv(), if commands_open => match command {
+                    Some(Command::Reload { settings, done }) => {
+                        self.reload_waiters.extend(done);
+                        let settings = settings.map(|pair| {
+                            let (settings, spec) = *pair;
+                            self.spec = spec;
+                            settings
+                        });
+                        Event::Reload { settings }
+                    }
+                    Some(Command::Scale(workers)) => Event::Scale { workers },
                     Some(Command::Status(reply)) => {
                         let _ = reply.send(self.status());
+                        continue;
                     }
                     Some(Command::Stop(done)) => {
-                        self.stop_all(&mut events).await;
-                        let _ = done.send(());
-                        return;
+                        self.stop_waiters.push(done);
+                        Event::Stop
                     }
                     None => {
-                        self.stop_all(&mut events).await;
-                        return;
+                        commands_open = false;
+                        Event::Stop
                     }
                 },
+            };
+            let actions = self.machine.step(event, Instant::now());
+            if self.perform(actions) {
+                return;
             }
         }
     }
 
-    fn on_event(&mut self, event: Event) {
-        match event {
-            Event::Spawned { id, pid } => self.on_spawned(id, pid),
-            Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error),
-            Event::Probed { id, result } => self.on_probed(id, result),
-            Event::Exited { id, status } => self.on_exited(id, status),
-            Event::Drained { id } => self.terminate(id),
-            Event::Alive { id, result } => self.on_alive(id, result),
-            Event::Respawn { slot } => {
-                self.slots[slot].respawn_scheduled = false;
-                if self.stopping || !self.slots[slot].active {
+    /// Performs the actions in order; true once the machine says it is stopped.
+    fn perform(&mut self, actions: Vec<Action>) -> bool {
+        let mut stopped = false;
+        for action in actions {
+            match action {
+                Action::Spawn { id, within } => self.spawn(id, within),
+                Action::Signal { pid, signal, .. } => process::signal(pid, signal),
+                Action::CancelProbes { id } => {
+                    if let Some(probes) = self.probes.get(&id) {
+                        probes.cancel();
+                    }
+                }
+                Action::Admit { id } => {
+                    if let Ok(socket) = self.dir.socket_path(id.slot, id.generation) {
+                        let _ = self.changes.send(Change::Ready { id, socket });
+                    }
+                }
+                Action::Leave { id, drain: None } => {
+                    let _ = self.changes.send(Change::Leave { id, drained: None });
+                }
+                Action::Leave { id, drain: Some(grace) } => {
+                    let (tx, rx) = oneshot::channel();
+                    let _ = self.changes.send(Change::Leave { id, drained: Some(tx) });
+                    let events = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(grace, rx).await;
+                        let _ = events.send(Event::Drained { id });
+                    });
+                }
+                Action::KillAfter { id, after } => self.after(after, Event::KillDue { id }),
+                Action::RespawnAfter { slot, after } => self.after(after, Event::RespawnDue { slot }),
+                Action::StopAfter { after } => self.after(after, Event::StopDue),
+                Action::ProbeLiveness { id, within } => self.probe_liveness(id, within),
+                Action::Forget { id } => {
+                    if let Some(probes) = self.probes.remove(&id) {
+                        probes.cancel();
+                    }
+                    if let Ok(socket) = self.dir.socket_path(id.slot, id.generation) {
+                        let _ = std::fs::remove_file(socket);
+                    }
+                }
+                Action::PublishReady { ready } => {
+                    self.ready_tx.send_replace(ready);
+                }
+                Action::Recycled { reason } => self.metrics.recycle(reason),
+                Action::Restarted => self.metrics.restart(),
+                Action::ReloadFinished { result } => {
+                    for waiter in self.reload_waiters.drain(..) {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+                Action::Stopped => {
+                    for waiter in self.stop_waiters.drain(..) {
+                        let _ = waiter.send(());
+                    }
+                    stopped = true;
+                }
+            }
+        }
+        stopped
+    }
+
+    /// Reports `event` after `delay`.
+    fn after(&self, delay: Duration, event: Event) {
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(event);
+        });
+    }
+
+    /// Starts the worker's process on the spawner thread, probes it until ready, and reports
+    /// its exit with the last lines of its stderr.
+    fn spawn(&mut self, id: WorkerId, within: Duration) {
+        let events = self.events_tx.clone();
+        let socket = match self.dir.socket_path(id.slot, id.generation) {
+            Ok(path) => path,
+            Err(e) => {
+                let _ = events.send(Event::SpawnFailed { id, error: e.to_string() });
+                return;
+            }
+        };
+        let _ = std::fs::remove_file(&socket);
+        let cmd = process::command(&self.spec, id, &socket);
+        let cancel = CancellationToken::new();
+        self.probes.insert(id, cancel.clone());
+        let spawner = self.spawner.clone();
+        let exe = self.spec.exe.clone();
+        tokio::spawn(async move {
+            let mut child = match spawner.spawn(cmd).await {
+                Ok(child) => child,
+                Err(e) => {
+                    let error = format!("{}: {e}", exe.display());
+                    let _ = events.send(Event::SpawnFailed { id, error });
                     return;
                 }
-                if self.slots[slot].current.is_none() {
-                    self.spawn(slot);
-                } else {
-                    self.start_replacements();
+            };
+            let pid = Pid::from_raw(child.id().map_or(0, |p| p as i32));
+            let _ = events.send(Event::Spawned { id, pid });
+            let tail = process::Tail::default();
+            let stderr_copier = process::copy_stderr(&mut child, tail.clone());
+            tokio::spawn({
+                let events = events.clone();
+                async move {
+                    let result = probe::wait_ready(&socket, within, &cancel).await;
+                    if !cancel.is_cancelled() {
+                        let _ = events.send(Event::Probed { id, result });
+                    }
                 }
+            });
+            let status = child.wait().await;
+            // The last lines a dying worker wrote explain its death; let them be read first.
+            if let Some(copier) = stderr_copier {
+                let _ = tokio::time::timeout(STDERR_WAIT, copier).await;
             }
-            Event::KillTimer { id } => {
-                if let Some(w) = self.workers.get(&id) {
-                    warn!(worker = %id, pid = w.pid.as_raw(), "worker did not exit in time, killed");
-                    process::signal(w.pid, Signal::SIGKILL);
-                }
-            }
-        }
+            let status = match status {
+                Ok(status) => process::describe(status),
+                Err(e) => format!("unknown ({e})"),
+            };
+            let _ = events.send(Event::Exited { id, status, stderr: tail.joined() });
+        });
     }
 
-    fn is_slot_member(&self, id: WorkerId) -> bool {
-        let slot = &self.slots[id.slot];
-        slot.current == Some(id) || slot.next == Some(id)
+    fn probe_liveness(&self, id: WorkerId, within: Duration) {
+        let Ok(socket) = self.dir.socket_path(id.slot, id.generation) else { return };
+        let Some(cancel) = self.probes.get(&id).cloned() else { return };
+        let events = self.events_tx.clone();
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                result = probe::check_within(&socket, within) => result,
+                // The worker is gone; its exit is handled on its own.
+                () = cancel.cancelled() => return,
+            };
+            let _ = events.send(Event::Alive { id, result });
+        });
     }
 
-    fn on_report(&mut self, report: Report) {
-        if self.stopping {
-            return;
+    /// Ready workers' resident memory, read only when a memory limit is set.
+    fn resident_memory(&self) -> Vec<(WorkerId, u64)> {
+        if self.machine.settings().max_memory.is_none() {
+            return Vec::new();
         }
-        match report {
-            Report::Exhausted(id) => self.want_recycle(id, RecycleReason::Requests),
-            Report::Hung(id) => self.kill_hung(id),
-        }
-    }
-
-    /// Takes a worker that stopped answering out of the rotation and kills it; its exit is
-    /// then handled like a crash, and the slot refilled at once.
-    fn kill_hung(&mut self, id: WorkerId) {
-        if let Some(worker) = self.workers.get_mut(&id) {
-            if worker.state != WorkerState::Stopping {
-                warn!(worker = %id, pid = worker.pid.as_raw(), "worker hung, killed");
-                worker.killed_as_hung = true;
-                let _ = self.changes.send(Change::Leave { id, drained: None });
-                process::signal(worker.pid, Signal::SIGKILL);
-            }
-        }
-    }
-
-    fn publish_ready(&mut self) {
-        let ready = self.workers.values().filter(|w| w.state == WorkerState::Ready).count();
-        self.ready_tx.send_replace(ready);
-        if !self.announced_ready && ready >= self.settings.workers {
-            self.announced_ready = true;
-            info!(
-                workers = ready,
-                startup_ms = self.started.elapsed().as_millis() as u64,
-                "all workers ready"
-            );
-        }
+        self.machine.ready_pids().into_iter().map(|(id, pid)| (id, table::rss_bytes(pid))).collect()
     }
 
     fn status(&self) -> Vec<WorkerStatus> {
-        let mut rows: Vec<WorkerStatus> =
-            self.workers.iter().map(|(id, w)| w.status(*id, &self.slots[id.slot])).collect();
-        rows.sort_by_key(|r| r.id);
+        let mut rows = self.machine.status(Instant::now());
+        for row in &mut rows {
+            if row.pid > 0 {
+                row.rss_bytes = table::rss_bytes(Pid::from_raw(row.pid));
+            }
+        }
         rows
     }
 }

@@ -5,15 +5,15 @@
 //! most `surge` replacements run at once, so capacity never dips below the configured
 //! number of workers and memory never doubles.
 
-use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::table::{self, Slot, WorkerState};
-use super::{backoff, Event, ReloadResult, Settings, Spec, Supervisor};
+use super::machine::{Action, Machine};
+use super::table::{Slot, WorkerState};
+use super::{backoff, Settings};
 use crate::discovery::WorkerId;
 use crate::metrics::RecycleReason;
 
-impl Supervisor {
+impl Machine {
     pub(super) fn want_recycle(&mut self, id: WorkerId, reason: RecycleReason) {
         let slot = &mut self.slots[id.slot];
         if slot.current == Some(id) && slot.next.is_none() && slot.recycle_reason.is_none() {
@@ -22,9 +22,10 @@ impl Supervisor {
         }
     }
 
-    /// Memory and age limits, checked every [`CHECK_INTERVAL`](super::CHECK_INTERVAL).
-    pub(super) fn check_limits(&mut self) {
-        if self.stopping || (self.settings.max_memory.is_none() && self.settings.max_age.is_none()) {
+    /// Memory and age limits, checked every [`CHECK_INTERVAL`](super::CHECK_INTERVAL) with
+    /// the ready workers' resident memory in `rss`.
+    pub(super) fn check_limits(&mut self, rss: &[(WorkerId, u64)]) {
+        if self.is_stopping() || (self.settings.max_memory.is_none() && self.settings.max_age.is_none()) {
             return;
         }
         let mut due = Vec::new();
@@ -33,14 +34,14 @@ impl Supervisor {
                 continue;
             }
             if let Some(limit) = self.settings.max_memory {
-                let rss = table::rss_bytes(w.pid);
+                let rss = rss.iter().find(|(of, _)| of == id).map_or(0, |(_, rss)| *rss);
                 if rss > limit {
                     info!(worker = %id, rss, limit, "worker over its memory limit");
                     due.push((*id, RecycleReason::Memory));
                     continue;
                 }
             }
-            if self.settings.max_age.is_some_and(|max| w.started.elapsed() > max) {
+            if self.settings.max_age.is_some_and(|max| self.now.saturating_duration_since(w.started) > max) {
                 due.push((*id, RecycleReason::Age));
             }
         }
@@ -49,26 +50,19 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn reload(
-        &mut self,
-        settings: Option<(Settings, Spec)>,
-        done: Option<oneshot::Sender<ReloadResult>>,
-    ) {
-        if self.stopping {
-            if let Some(done) = done {
-                let _ = done.send(Err("shutting down".into()));
-            }
+    pub(super) fn reload(&mut self, settings: Option<Settings>) {
+        if self.is_stopping() {
+            self.act(Action::ReloadFinished { result: Err("shutting down".into()) });
             return;
         }
-        if let Some((settings, spec)) = settings {
+        if let Some(settings) = settings {
             let workers = settings.workers;
             self.settings = settings;
-            self.spec = spec;
             self.scale(workers);
         }
         self.epoch += 1;
         info!(epoch = self.epoch, workers = self.active_slots(), "reload started");
-        self.reload_waiters.extend(done);
+        self.reloading = true;
         self.start_replacements();
         self.finish_reload_if_done();
     }
@@ -94,13 +88,13 @@ impl Supervisor {
                 s.recycle_reason = None;
             }
         }
-        for waiter in self.reload_waiters.drain(..) {
-            let _ = waiter.send(Err(reason.clone()));
+        if std::mem::take(&mut self.reloading) {
+            self.act(Action::ReloadFinished { result: Err(reason) });
         }
     }
 
     pub(super) fn finish_reload_if_done(&mut self) {
-        if self.reload_waiters.is_empty() {
+        if !self.reloading {
             return;
         }
         let done = self.slots.iter().filter(|s| s.active).all(|s| {
@@ -111,9 +105,8 @@ impl Supervisor {
         });
         if done {
             info!(epoch = self.epoch, "reload finished");
-            for waiter in self.reload_waiters.drain(..) {
-                let _ = waiter.send(Ok(()));
-            }
+            self.reloading = false;
+            self.act(Action::ReloadFinished { result: Ok(()) });
         }
     }
 
@@ -159,7 +152,7 @@ impl Supervisor {
 
     /// Starts replacements for slots that want one, within the surge budget.
     pub(super) fn start_replacements(&mut self) {
-        if self.stopping {
+        if self.is_stopping() {
             return;
         }
         for slot in 0..self.slots.len() {
@@ -212,10 +205,18 @@ impl Supervisor {
         }
         s.respawn_scheduled = true;
         warn!(slot, failures = s.failures, delay_ms = delay.as_millis() as u64, "worker restart backed off");
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = events.send(Event::Respawn { slot });
-        });
+        self.act(Action::RespawnAfter { slot, after: delay });
+    }
+
+    pub(super) fn on_respawn_due(&mut self, slot: usize) {
+        self.slots[slot].respawn_scheduled = false;
+        if self.is_stopping() || !self.slots[slot].active {
+            return;
+        }
+        if self.slots[slot].current.is_none() {
+            self.spawn(slot);
+        } else {
+            self.start_replacements();
+        }
     }
 }

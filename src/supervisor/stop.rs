@@ -1,59 +1,69 @@
-//! Shutdown: stopping every worker with grace and waiting for all of them to exit.
+//! Shutdown transitions: every worker leaves the rotation and gets SIGTERM; those still there
+//! when the grace is over get SIGKILL; the supervisor is done once all have exited, or when
+//! the kernel has not reported the last exits [`KILL_WAIT`] after the SIGKILL.
 //!
 //! Invariant: every worker leaves the rotation before it gets SIGTERM, and SIGKILL comes
 //! only after the grace ran out.
 
-use std::time::Duration;
-
 use nix::sys::signal::Signal;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use nix::unistd::Pid;
 use tracing::{info, warn};
 
+use super::machine::{Action, Machine, Stopping, KILL_WAIT};
 use super::table::WorkerState;
-use super::{process, Event, Supervisor};
-use crate::discovery::Change;
+use crate::discovery::WorkerId;
 
-/// After SIGKILL, how long to wait for the kernel to report the exit before giving up on it.
-const KILL_WAIT: Duration = Duration::from_secs(5);
-
-impl Supervisor {
-    /// Shutdown: every worker leaves the rotation and gets SIGTERM; stragglers get SIGKILL
-    /// after the grace. Returns once all have exited.
-    pub(super) async fn stop_all(&mut self, events: &mut mpsc::UnboundedReceiver<Event>) {
-        self.stopping = true;
-        for waiter in self.reload_waiters.drain(..) {
-            let _ = waiter.send(Err("shutting down".into()));
-        }
-        for id in self.workers.keys() {
-            let _ = self.changes.send(Change::Leave { id: *id, drained: None });
-        }
-        for (id, worker) in &mut self.workers {
-            worker.cancel.cancel();
-            if worker.state != WorkerState::Stopping {
-                worker.state = WorkerState::Stopping;
-                info!(worker = %id, pid = worker.pid.as_raw(), "worker stopping");
-            }
-            process::signal(worker.pid, Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + self.settings.grace;
-        self.await_exits(events, deadline).await;
-        if self.workers.is_empty() {
+impl Machine {
+    pub(super) fn stop_all(&mut self) {
+        if self.is_stopping() {
             return;
         }
-        for (id, worker) in &self.workers {
-            warn!(worker = %id, pid = worker.pid.as_raw(), "worker did not stop in time, killed");
-            process::signal(worker.pid, Signal::SIGKILL);
+        self.stopping = Stopping::Graceful;
+        if std::mem::take(&mut self.reloading) {
+            self.act(Action::ReloadFinished { result: Err("shutting down".into()) });
         }
-        self.await_exits(events, Instant::now() + KILL_WAIT).await;
+        let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for &id in &ids {
+            self.act(Action::Leave { id, drain: None });
+        }
+        for &id in &ids {
+            self.act(Action::CancelProbes { id });
+            let worker = self.workers.get_mut(&id).expect("listed above");
+            if worker.state != WorkerState::Stopping {
+                worker.state = WorkerState::Stopping;
+                info!(worker = %id, pid = worker.pid.map(Pid::as_raw), "worker stopping");
+            }
+            self.signal(id, Signal::SIGTERM);
+        }
+        self.act(Action::StopAfter { after: self.settings.grace });
+        self.finish_stop_if_done();
     }
 
-    async fn await_exits(&mut self, events: &mut mpsc::UnboundedReceiver<Event>, deadline: Instant) {
-        while !self.workers.is_empty() {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Ok(Some(event)) => self.on_event(event),
-                Ok(None) | Err(_) => return,
+    pub(super) fn on_stop_due(&mut self) {
+        match self.stopping {
+            Stopping::Graceful => {
+                self.stopping = Stopping::Killed;
+                let ids: Vec<WorkerId> = self.workers.keys().copied().collect();
+                for id in ids {
+                    let pid = self.workers[&id].pid.map(Pid::as_raw);
+                    warn!(worker = %id, pid, "worker did not stop in time, killed");
+                    self.signal(id, Signal::SIGKILL);
+                }
+                self.act(Action::StopAfter { after: KILL_WAIT });
             }
+            Stopping::Killed => self.finish_stop(),
+            Stopping::No | Stopping::Done => {}
         }
+    }
+
+    pub(super) fn finish_stop_if_done(&mut self) {
+        if matches!(self.stopping, Stopping::Graceful | Stopping::Killed) && self.workers.is_empty() {
+            self.finish_stop();
+        }
+    }
+
+    fn finish_stop(&mut self) {
+        self.stopping = Stopping::Done;
+        self.act(Action::Stopped);
     }
 }

@@ -6,9 +6,7 @@ use std::time::Duration;
 use nix::unistd::Pid;
 use serde::Serialize;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::process::Tail;
 use crate::discovery::WorkerId;
 use crate::metrics::RecycleReason;
 
@@ -53,48 +51,50 @@ impl WorkerState {
     }
 }
 
+/// Why the supervisor killed a worker rather than letting it finish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// A request on it outlived `--timeout`, or it failed its liveness probe.
+    Hung,
+    /// It never answered its readiness probe.
+    FailedProbe(String),
+}
+
 #[derive(Debug)]
 pub struct Worker {
-    pub pid: Pid,
+    /// Known once the spawner has started the process.
+    pub pid: Option<Pid>,
     pub state: WorkerState,
     pub started: Instant,
     pub ready_at: Option<Instant>,
-    pub tail: Tail,
-    /// Stops the probe once the worker is gone.
-    pub cancel: CancellationToken,
     /// The reload epoch the worker was started in.
     pub epoch: u64,
-    pub failed_probe: Option<String>,
-    /// Killed by the supervisor because a request on it timed out, or it failed its liveness
-    /// probe.
-    pub killed_as_hung: bool,
+    pub fault: Option<Fault>,
     /// A liveness probe is in flight.
     pub liveness_probing: bool,
 }
 
 impl Worker {
-    pub fn new(pid: Pid, tail: Tail, cancel: CancellationToken, epoch: u64) -> Worker {
+    pub fn new(now: Instant, epoch: u64) -> Worker {
         Worker {
-            pid,
+            pid: None,
             state: WorkerState::Starting,
-            started: Instant::now(),
+            started: now,
             ready_at: None,
-            tail,
-            cancel,
             epoch,
-            failed_probe: None,
-            killed_as_hung: false,
+            fault: None,
             liveness_probing: false,
         }
     }
 
-    pub fn status(&self, id: WorkerId, slot: &Slot) -> WorkerStatus {
+    /// The status row, without the memory figure (which takes a read of /proc).
+    pub fn status(&self, id: WorkerId, slot: &Slot, now: Instant) -> WorkerStatus {
         WorkerStatus {
             id,
-            pid: self.pid.as_raw(),
+            pid: self.pid.map_or(0, Pid::as_raw),
             state: self.state,
-            age: self.started.elapsed(),
-            rss_bytes: rss_bytes(self.pid),
+            age: now.saturating_duration_since(self.started),
+            rss_bytes: 0,
             last_exit: slot.last_exit.clone(),
         }
     }

@@ -3,7 +3,7 @@
 //! this binary runs what `rip worker` runs around the app (`rip::worker::serve_connection`):
 //! a current-thread runtime, `/healthz` answered before the router, a served-requests counter,
 //! panic isolation, hyper's HTTP/1 server with keep-alive, one task per connection through
-//! `rip::connections::Connections`. The only difference from a worker is the listener: TCP
+//! `rip::frontend::connections::Connections`. The only difference from a worker is the listener: TCP
 //! with `TCP_NODELAY` (as the front-end sets it) instead of a Unix socket.
 //!
 //! `cargo bench` runs every bench target, this one included, with `--bench`: without
@@ -47,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rip::logging::init(rip::config::LogFormat::Text);
+    rip::telemetry::logging::init(rip::config::LogFormat::Text);
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the runtime");
     match runtime.block_on(serve(addr)) {

@@ -29,8 +29,8 @@ use hyper_util::rt::TokioIo;
 use rip::config::Config;
 use rip::discovery::{Change, WorkerId};
 use rip::frontend::{self, Limits};
-use rip::metrics::Metrics;
 use rip::proxy::{self, Proxy};
+use rip::telemetry::metrics::Metrics;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 

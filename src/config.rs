@@ -256,8 +256,12 @@ fn describe(key: &str, raw: &str, origin: &Origin) -> String {
 }
 
 fn validate(config: &Config) -> Result<()> {
-    if config.workers > crate::metrics::MAX_SLOTS {
-        bail!("invalid value '{}' for workers: at most {}", config.workers, crate::metrics::MAX_SLOTS);
+    if config.workers > crate::telemetry::metrics::MAX_SLOTS {
+        bail!(
+            "invalid value '{}' for workers: at most {}",
+            config.workers,
+            crate::telemetry::metrics::MAX_SLOTS
+        );
     }
     Ok(())
 }

@@ -33,54 +33,46 @@
 //! }
 //! ```
 
-/// One line per request, written off the request path.
-pub mod access_log;
-/// The optional admin listener: /metrics, /live, /ready.
-pub mod admin;
+// What a user's binary calls is `Rip`, `main_with`, `WorkerContext` and `app`; the rest is
+// the server itself. Modules the benchmarks drive directly (benches/) are public but hidden
+// from the docs: they are not an API and change without notice.
+
 /// The demo routes and the static file server.
 pub mod app;
-/// Command-line definition: `serve` and the hidden `worker`.
-pub mod cli;
-/// `rip status`, `reload`, `scale`, `upgrade`, `stop`: the client side of the control socket.
-pub mod commands;
+/// Command-line definition: `serve`, the control commands and the hidden `worker`.
+pub(crate) mod cli;
 /// Flags, `RIP_*` environment, rip.toml and defaults merged into one validated [`config::Config`].
+#[doc(hidden)]
 pub mod config;
-/// The HTTP connections a listener accepted, stopped together with grace.
-pub mod connections;
-/// The control socket behind `rip status`, `reload`, `scale`, `upgrade` and `stop`.
-pub mod control;
+/// The control socket, signals, `rip status`/`reload`/…, upgrades and sd_notify.
+pub(crate) mod control;
 /// The messages between supervisor and proxy: workers joining and leaving, workers in trouble.
+#[doc(hidden)]
 pub mod discovery;
-/// Strict request framing: ambiguous request heads are made unparseable before hyper reads them.
-pub mod framing;
-/// The parent's public listener: accepts connections and serves them through the proxy.
+/// The parent's public listener: accepts connections, strict framing, limits, drain.
+#[doc(hidden)]
 pub mod frontend;
-/// `--upstream handoff`: client sockets passed to workers over SCM_RIGHTS.
-pub mod handoff;
-/// The public listening socket: inherited, passed by systemd, or bound.
-pub mod listener;
-/// Log setup shared by the parent and the workers.
-pub mod logging;
-/// Counters and the Prometheus text for the admin listener.
-pub mod metrics;
-/// Readiness and state messages to systemd and to a previous rip during an upgrade.
-pub mod notify;
-/// The request path from the front-end to a worker: endpoints, balancing, retries, errors.
+/// `--upstream handoff`: client sockets passed to workers over SCM_RIGHTS, both sides.
+pub(crate) mod handoff;
+/// The request path from the front-end to a worker, as a tower stack.
+#[doc(hidden)]
 pub mod proxy;
 /// The private directory that holds the workers' sockets.
-pub mod runtime_dir;
+pub(crate) mod runtime_dir;
 /// The parent's script: bind, start the supervisor, serve, shut down in order.
-pub mod serve;
-/// Signals turned into intents; the only place that reads them.
-pub mod signals;
-/// Worker processes: spawn, readiness, recycle, replace, stop with grace.
-pub mod supervisor;
-/// `rip upgrade`: hand the listener to a new `rip serve` and wait until it is ready.
-pub mod upgrade;
+pub(crate) mod serve;
+/// Worker processes as a state machine and its executor.
+pub(crate) mod supervisor;
+/// Logs, the access log, metrics and the admin listener.
+#[doc(hidden)]
+pub mod telemetry;
 /// `rip worker`: serve the app on a Unix socket and drain when told to.
+#[doc(hidden)]
 pub mod worker;
 
 use std::future::Future;
+
+use control::commands;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -178,6 +170,17 @@ where
     F: Fn(&WorkerContext) -> axum::Router + Send + Sync + 'static,
 {
     Rip::new(app).run()
+}
+
+/// The runtime of `rip serve` and of each worker: one thread is a current-thread runtime,
+/// where handing work from one task to the next is a local wake-up; more is a work-stealing
+/// one with that many threads.
+pub(crate) fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
 }
 
 /// Formats an error and its causes on one line, outermost first.

@@ -13,32 +13,29 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::access_log::AccessLog;
 use crate::cli::ServeArgs;
 use crate::config::Config;
+use crate::control::signals::{self, Intent, IntentReceiver, Scale};
 use crate::control::{self, Controls};
+use crate::control::{notify, upgrade};
+use crate::frontend::listener;
 use crate::frontend::{self, Edge, Limits};
-use crate::metrics::Metrics;
 use crate::proxy::{self, Proxy};
 use crate::runtime_dir::RuntimeDir;
-use crate::signals::{self, Intent, IntentReceiver, Scale};
 use crate::supervisor::{self, ReloadResult, SupervisorHandle};
-use crate::{listener, notify, upgrade};
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::metrics::Metrics;
 
 pub fn run(args: ServeArgs, edge: Option<Edge>) -> Result<()> {
     let config = crate::config::load(&args)?;
-    crate::logging::warn_if_filtered(crate::logging::init(config.log_format));
+    crate::telemetry::logging::warn_if_filtered(crate::telemetry::logging::init(config.log_format));
     let root = config.root.as_deref().map(check_root).transpose()?;
     let exe = std::env::current_exe().context("locating the rip executable")?;
     // One thread by default: every client connection, worker connection and the supervisor
     // share it, so handing a request from one task to the next is a local wake-up rather
     // than a cross-thread one. Measured faster than a thread per core on 2 cores (README,
     // Performance); larger machines may want more.
-    let runtime = match config.frontend_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-    }
-    .context("starting the runtime")?;
+    let runtime = crate::runtime(config.frontend_threads).context("starting the runtime")?;
     runtime.block_on(serve(Parent { args, exe, config, root, edge }))
 }
 
@@ -143,9 +140,14 @@ async fn serve(parent: Parent) -> Result<()> {
 
     let stop = CancellationToken::new();
     if let Some(addr) = config.admin {
-        let bound =
-            crate::admin::serve(addr, metrics.clone(), proxy.clone(), supervisor.clone(), stop.clone())
-                .await?;
+        let bound = crate::telemetry::admin::serve(
+            addr,
+            metrics.clone(),
+            proxy.clone(),
+            supervisor.clone(),
+            stop.clone(),
+        )
+        .await?;
         info!(addr = %bound, "admin listener started");
     }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };

@@ -2,7 +2,7 @@
 //! worker` does it, through rip's own `WorkerService` and `serve_connection`.
 
 use hyper::rt::{Read, Write};
-use rip::connections::Connections;
+use rip::frontend::connections::Connections;
 use rip::worker::WorkerService;
 use tokio_util::sync::CancellationToken;
 

@@ -15,8 +15,8 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use super::endpoint::{Lease, Sender};
-use crate::access_log::{AccessLog, Record};
 use crate::discovery::WorkerId;
+use crate::telemetry::access_log::{AccessLog, Record};
 
 /// A client's request body as the front-end's router hands it over.
 pub type ClientBody = axum::body::Body;

@@ -66,7 +66,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Rejects requests whose target is ambiguous, which hyper's parser lets through: an HTTP/1.1
 /// request with no Host or several (RFC 9112 §3.2). Ambiguous framing never gets this far:
-/// `crate::framing` makes hyper refuse it while parsing.
+/// `crate::frontend::framing` makes hyper refuse it while parsing.
 pub fn check_request(parts: &request::Parts) -> Result<(), &'static str> {
     let hosts = parts.headers.get_all(header::HOST).iter().count();
     if hosts > 1 {

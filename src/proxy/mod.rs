@@ -19,7 +19,6 @@ mod deadline;
 mod endpoint;
 mod error;
 mod exchange;
-mod handoff;
 pub(crate) mod headers;
 mod observe;
 mod pool;
@@ -49,9 +48,9 @@ pub use retry::{Replay, Retry};
 pub use rewrite::{refusal, Rewrite};
 pub use strategy::Strategy;
 
-use crate::access_log::AccessLog;
 use crate::discovery::{ChangeReceiver, ReportSender, WorkerId};
-use crate::metrics::Metrics;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::metrics::Metrics;
 
 /// What the proxy needs from the config. All but `strategy` and `upstream` can change on
 /// reload; each layer reads them per request, so a reload applies to the next request.
@@ -206,6 +205,19 @@ impl Proxy {
         &self.shared.pool
     }
 
+    /// The settings in force now (they change on reload).
+    pub(crate) fn settings_now(&self) -> Arc<Settings> {
+        self.shared.settings.load_full()
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    pub(crate) fn reports(&self) -> &ReportSender {
+        &self.shared.reports
+    }
+
     /// From now on every response tells its client to close the connection.
     pub fn close_connections_after_responses(&self) {
         self.shared.closing.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -236,7 +248,7 @@ impl Proxy {
 const ALONE: usize = 1;
 /// Tries that never reached a worker, per request: each marks a worker unreachable or finds a
 /// pooled connection closed, so a handful covers every worker dying at once.
-const MAX_UNSENT: usize = 16;
+pub(crate) const MAX_UNSENT: usize = 16;
 
 pub(crate) fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
     headers.get(http::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()

@@ -18,8 +18,8 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use super::{ClientBody, Peer, ProxyError, ResponseBody};
-use crate::access_log::{AccessLog, Record};
-use crate::metrics::Metrics;
+use crate::telemetry::access_log::{AccessLog, Record};
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
@@ -118,8 +118,8 @@ impl<S> Observe<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Gauges;
     use crate::proxy::testing::{body_text, get};
+    use crate::telemetry::metrics::Gauges;
     use tower::util::ServiceFn;
     use tower::{service_fn, ServiceExt};
 

@@ -20,7 +20,7 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use super::{Cause, Failed, Forward, Prepared, ProxyError, RequestBody, ResponseBody, MAX_UNSENT};
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Attempts per request that reached a worker, the first included. Each retry goes to a
 /// different worker when one is available; attempts that never reached one are bounded

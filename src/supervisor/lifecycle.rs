@@ -12,7 +12,7 @@ use super::backoff;
 use super::machine::{Action, Machine};
 use super::table::{Fault, Worker, WorkerState};
 use crate::discovery::WorkerId;
-use crate::metrics::RecycleReason;
+use crate::telemetry::metrics::RecycleReason;
 
 impl Machine {
     pub(super) fn spawn(&mut self, slot: usize) {

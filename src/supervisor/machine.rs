@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use super::table::{Slot, Worker, WorkerState, WorkerStatus};
 use super::Settings;
 use crate::discovery::WorkerId;
-use crate::metrics::RecycleReason;
+use crate::telemetry::metrics::RecycleReason;
 
 /// Something that happened, as the executor reports it.
 #[derive(Debug)]

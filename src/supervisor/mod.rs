@@ -34,8 +34,8 @@ pub use process::{describe as describe_status, Spec};
 pub use table::{WorkerState, WorkerStatus};
 
 use crate::discovery::{Change, ChangeSender, Report, ReportReceiver, WorkerId};
-use crate::metrics::Metrics;
 use crate::runtime_dir::RuntimeDir;
+use crate::telemetry::metrics::Metrics;
 use machine::{Action, Event, Machine};
 
 /// How often worker memory and age are checked against their limits.

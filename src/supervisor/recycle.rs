@@ -11,7 +11,7 @@ use super::machine::{Action, Machine};
 use super::table::{Slot, WorkerState};
 use super::{backoff, Settings};
 use crate::discovery::WorkerId;
-use crate::metrics::RecycleReason;
+use crate::telemetry::metrics::RecycleReason;
 
 impl Machine {
     pub(super) fn want_recycle(&mut self, id: WorkerId, reason: RecycleReason) {
@@ -117,7 +117,7 @@ impl Machine {
     /// Grows or shrinks the pool to `n` workers. New slots start at once; removed slots'
     /// workers leave the rotation and drain.
     pub(super) fn scale(&mut self, n: usize) {
-        let n = n.clamp(1, crate::metrics::MAX_SLOTS);
+        let n = n.clamp(1, crate::telemetry::metrics::MAX_SLOTS);
         let before = self.active_slots();
         for slot in 0..n.max(self.slots.len()) {
             if slot >= self.slots.len() {

@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::discovery::WorkerId;
-use crate::metrics::RecycleReason;
+use crate::telemetry::metrics::RecycleReason;
 
 /// A place in the pool. Slots are never removed, only deactivated, so that worker ids
 /// (`slot/generation`) are never reused.

@@ -3,11 +3,10 @@
 //! `rip serve` that started it: the kernel kills it when the parent dies, and it checks at
 //! start that the parent is still the one that spawned it.
 
-mod handoff;
 mod service;
 
-pub use handoff::ClientLimits;
-use handoff::Handoff;
+pub use crate::handoff::worker::ClientLimits;
+use crate::handoff::worker::Handoff;
 pub use service::WorkerService;
 
 use std::future::Future;
@@ -29,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::cli::WorkerArgs;
-use crate::connections::Connections;
+use crate::frontend::connections::Connections;
 use crate::AppFactory;
 
 /// What a worker's app may know about the worker serving it.
@@ -88,16 +87,11 @@ fn worker_id(args: &WorkerArgs) -> crate::discovery::WorkerId {
 }
 
 pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
-    crate::logging::init(args.log_format);
+    crate::telemetry::logging::init(args.log_format);
     die_with_parent(args.parent)?;
     // Sockets this process creates are for its own user only.
     umask(Mode::from_bits_truncate(0o077));
-    let runtime = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
-    }
-    .context("starting the worker runtime")?;
+    let runtime = crate::runtime(args.threads).context("starting the worker runtime")?;
     let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
     let router = match app {
         AppFactory::Sync(app) => {
@@ -138,13 +132,10 @@ where
 }
 
 /// Binds a Unix socket at `path`, replacing a stale one.
-fn bind(path: &std::path::Path) -> Result<UnixListener> {
+pub(crate) fn bind(path: &std::path::Path) -> Result<UnixListener> {
     let _ = std::fs::remove_file(path);
     UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
 }
-
-/// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 fn client_limits(args: &WorkerArgs) -> ClientLimits {
     ClientLimits {
@@ -184,7 +175,7 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
                 Ok((stream, _)) => serve_connection(&service, TokioIo::new(stream), &connections),
                 Err(e) => {
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;
                 }
             },
             _ = terminate.recv() => break,

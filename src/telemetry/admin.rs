@@ -15,9 +15,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{Gauges, Metrics, WorkerGauge};
 use crate::proxy::Proxy;
 use crate::supervisor::SupervisorHandle;
+use crate::telemetry::metrics::{Gauges, Metrics, WorkerGauge};
 
 #[derive(Clone)]
 struct Admin {

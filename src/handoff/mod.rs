@@ -10,6 +10,11 @@
 //! the channel or still the front-end's; a failed send leaves it with the front-end, which
 //! gives it to another worker.
 
+/// The front-end's side: each accepted connection to a worker the balancer picks.
+pub mod sender;
+/// The worker's side: handed connections served with the front-end's checks.
+pub mod worker;
+
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};

@@ -3,6 +3,15 @@
 //! One JSON line in, one JSON line out. Commands become the same intents as signals, so
 //! `rip reload` and SIGHUP can never behave differently.
 
+/// `rip status`, `reload`, `scale`, `upgrade`, `stop`: the client side of the control socket.
+pub mod commands;
+/// Readiness and state messages to systemd and to a previous rip during an upgrade.
+pub mod notify;
+/// Signals turned into intents; the only place that reads them.
+pub mod signals;
+/// `rip upgrade`: hand the listener to a new `rip serve` and wait until it is ready.
+pub mod upgrade;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -15,8 +24,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use crate::control::signals::{Intent, IntentSender, Scale};
 use crate::proxy::Proxy;
-use crate::signals::{Intent, IntentSender, Scale};
 use crate::supervisor::SupervisorHandle;
 
 /// The control socket's name inside the instance directory.

@@ -56,6 +56,10 @@ where
     }
 }
 
+/// Pause after an accept error such as EMFILE, so that a full file table is not spun on;
+/// every accept loop (front-end, worker, hand-off channel) waits the same.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 #[derive(Debug, Clone)]
 pub struct Connections {
     tracker: TaskTracker,

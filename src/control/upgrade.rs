@@ -17,8 +17,8 @@ use nix::unistd::Pid;
 use tokio::process::Command;
 use tracing::info;
 
-use crate::listener::INHERITED_FD_ENV;
-use crate::notify::READY_FD_ENV;
+use crate::control::notify::READY_FD_ENV;
+use crate::frontend::listener::INHERITED_FD_ENV;
 
 /// Where the listener and the ready pipe land in the new process.
 const CHILD_LISTEN_FD: RawFd = 3;

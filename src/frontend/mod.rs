@@ -4,6 +4,13 @@
 //! `max_connections` client connections are open (or on their way to a worker); past that,
 //! new ones wait in the kernel's accept queue instead of exhausting file descriptors.
 
+/// The HTTP connections a listener accepted, stopped together with grace.
+pub mod connections;
+/// Strict request framing: ambiguous request heads are made unparseable before hyper reads them.
+pub mod framing;
+/// The public listening socket: inherited, passed by systemd, or bound.
+pub mod listener;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tower::Service;
 use tracing::warn;
 
-use crate::connections::Connections;
-use crate::framing::StrictFraming;
+use crate::frontend::connections::Connections;
+use crate::frontend::framing::StrictFraming;
 use crate::proxy::{ClientBody, Peer, Proxy, ProxyError, ResponseBody, Stack, Upstream};
 
 /// What a user's binary adds at the edge: it gets the router whose fallback is the proxy to
@@ -101,8 +108,6 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     }
 }
 
-/// Pause after an accept error such as EMFILE, so that a full file table is not spun on.
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// After the front-end stops accepting, how long open connections keep being served (each
 /// response saying `Connection: close`) before idle ones are closed. Long enough for a busy
 /// keep-alive client to receive one more response and reconnect elsewhere (after an upgrade:
@@ -187,7 +192,7 @@ async fn accept(
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;
                 }
             },
             () = stop.cancelled() => return None,

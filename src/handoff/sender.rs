@@ -9,19 +9,18 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::endpoint::Endpoint;
-use super::{Proxy, MAX_UNSENT};
 use crate::discovery::Report;
 use crate::handoff;
+use crate::proxy::{Endpoint, Proxy, MAX_UNSENT};
 
 impl Proxy {
     /// Passes `client` to a worker; gives it back when none took it before the queue timeout.
     pub async fn hand_off(&self, client: TcpStream) -> Result<(), TcpStream> {
-        let settings = self.shared.settings.load_full();
+        let settings = self.settings_now();
         let deadline = Instant::now() + settings.queue_timeout;
         let mut avoid = None;
         for _ in 0..MAX_UNSENT {
-            let Some(endpoint) = self.shared.pool.pick_until(avoid, deadline).await else { break };
+            let Some(endpoint) = self.pool().pick_until(avoid, deadline).await else { break };
             avoid = Some(endpoint.id);
             // In flight until the worker has it, so that a worker is not told to stop while a
             // connection is on its way to it.
@@ -43,7 +42,7 @@ impl Proxy {
                 }
                 Ok(Err(e)) => {
                     endpoint.mark_unreachable();
-                    self.shared.metrics.retry();
+                    self.metrics().retry();
                     warn!(worker = %endpoint.id, error = %e, "worker refused a connection, offered to another");
                 }
             }
@@ -75,7 +74,7 @@ impl Proxy {
                 Ok(0) => break,
                 Ok(n) => {
                     if buf[..n].contains(&handoff::EXHAUSTED) && endpoint.mark_exhausted() {
-                        let _ = self.shared.reports.send(Report::Exhausted(endpoint.id));
+                        let _ = self.reports().send(Report::Exhausted(endpoint.id));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -29,11 +29,11 @@ use tokio_util::task::TaskTracker;
 use tower::Service;
 use tracing::{debug, warn};
 
-use super::{WorkerContext, WorkerService};
-use crate::connections::Connections;
-use crate::framing::StrictFraming;
+use crate::frontend::connections::Connections;
+use crate::frontend::framing::StrictFraming;
 use crate::handoff::{self, Received};
 use crate::proxy::headers;
+use crate::worker::{WorkerContext, WorkerService};
 
 /// After SIGTERM, how long the hand-off channels are still read for connections the
 /// front-end queued before taking this worker out of its rotation. The front-end closes its
@@ -59,7 +59,7 @@ impl Handoff {
         stop: CancellationToken,
     ) -> anyhow::Result<Handoff> {
         let path = handoff::channel_path(socket);
-        let listener = super::bind(&path)?;
+        let listener = crate::worker::bind(&path)?;
         let clients = Clients::new(service, ctx, limits, stop);
         let receivers = TaskTracker::new();
         let accepting = tokio::spawn(accept_channels(listener, clients.clone(), receivers.clone()));
@@ -85,7 +85,7 @@ async fn accept_channels(listener: UnixListener, clients: Clients, receivers: Ta
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
-                tokio::time::sleep(super::ACCEPT_ERROR_PAUSE).await;
+                tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;
             }
         }
     }

@@ -15,7 +15,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::harness::{
-    lines_after, log_field, ready_workers, replace_file, runtime, wait_until, Client, Rip, WorkerEvent, WAIT,
+    backoff_delays, lines_after, log_field, ready_workers, replace_file, runtime, wait_until, Client, Rip,
+    WorkerEvent, WAIT,
 };
 
 #[test]
@@ -97,18 +98,4 @@ fn crash_looping_workers_back_off_and_recover_when_the_binary_is_fixed() {
     assert!(recovered < RECOVER_WITHIN);
     rip.wait_for_log_from(mark, |l| WorkerEvent::parse(l).is_some_and(|e| e.is("worker ready")), WAIT)
         .expect("a worker of the fixed binary became ready");
-}
-
-/// Per slot, the `delay_ms` of each `worker restart backed off` line logged from `mark` on.
-fn backoff_delays(rip: &Rip, mark: usize) -> BTreeMap<String, Vec<u64>> {
-    let mut delays: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-    for line in &rip.logs()[mark..] {
-        if !line.contains(" worker restart backed off ") {
-            continue;
-        }
-        let slot = log_field(line, "slot").unwrap_or("?").to_string();
-        let delay = log_field(line, "delay_ms").and_then(|d| d.parse().ok()).unwrap_or(0);
-        delays.entry(slot).or_default().push(delay);
-    }
-    delays
 }

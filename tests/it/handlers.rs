@@ -74,7 +74,7 @@ fn a_hung_worker_gets_504_and_is_replaced_while_others_serve() {
 #[test]
 fn a_panic_in_a_user_handler_costs_one_500_not_the_worker() {
     const PANICS: usize = 5;
-    let rip = Rip::builder().program(example_binary()).args(&["--workers", "1"]).start();
+    let rip = Rip::builder().program(example_binary("json_api")).args(&["--workers", "1"]).start();
     rip.wait_all_ready();
     let rt = runtime();
     let mark = rip.log_mark();

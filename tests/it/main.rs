@@ -5,7 +5,7 @@ mod harness;
 
 mod backoff;
 mod chaos;
-mod example;
+mod examples;
 mod framing;
 mod handlers;
 mod handoff;

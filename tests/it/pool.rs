@@ -91,18 +91,18 @@ fn a_worker_over_max_memory_is_recycled_and_its_replacement_serves() {
     const NOTE: usize = 1 << 20;
     const NOTES: usize = 40;
     const HEADROOM: u64 = 20 << 20;
-    let example = example_binary();
+    let example = example_binary("json_api");
 
     // The limit is the worker's own size plus headroom, measured on this machine and build.
     let baseline = {
-        let probe = Rip::builder().program(example).args(&["--workers", "1"]).start();
+        let probe = Rip::builder().program(&example).args(&["--workers", "1"]).start();
         probe.wait_all_ready();
         let reply = runtime().block_on(async { Client::new(probe.addr()).get("/api/items").await.unwrap() });
         memory(served_by(&reply)).expect("reading the worker's memory").resident
     };
     let limit = baseline + HEADROOM;
     let rip = Rip::builder()
-        .program(example)
+        .program(&example)
         .args(&["--workers", "1", "--access-log", "off", "--max-memory", &limit.to_string()])
         .start();
     rip.wait_all_ready();

@@ -133,7 +133,7 @@ fn a_request_body_that_stalls_gets_408_and_its_worker_is_not_taken_for_hung() {
     // proxy that timed the worker from the start of the request, not from the end of its body,
     // would kill the worker as hung before the 408.
     let rip = Rip::builder()
-        .program(example_binary())
+        .program(example_binary("json_api"))
         .args(&["--workers", "1", "--timeout", "1s", "--header-timeout", "2s"])
         .start();
     rip.wait_all_ready();

@@ -1,75 +1,30 @@
 //! The library example (examples/json_api.rs) served through rip workers: a user's own binary
 //! built on `rip::main_with` gets `serve`, the worker pool and graceful shutdown.
 //!
-//! The example gets a small guard of its own here ([`Example`]) on the harness's [`Process`]
-//! rather than a [`harness::Rip`]: no `/healthz` from the harness goes through the front-end
-//! before the test's own requests, and the test is ready once every worker is. Like `Rip` it uses port 0 and a private
-//! runtime dir, learns the address from the `rip started` line, kills on drop and shows
-//! stderr on failure.
+//! Each test starts the example with [`harness::example`] and waits for every worker rather
+//! than for a `/healthz` through the front-end, so the test's own requests are the first.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::process::{Command, ExitStatus};
-use std::time::Duration;
 
 use hyper::header::LOCATION;
 use hyper::StatusCode;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use crate::harness::{
-    self, example_binary, log_addr, served_by, Client, Process, TempDir, START_TIMEOUT, WAIT,
-};
+use crate::harness::{self, example, served_by, Client, Rip, WAIT};
 
-/// A running `json_api serve`, killed on drop.
-struct Example {
-    process: Process,
-    addr: SocketAddr,
-    // Removed after the process is gone.
-    _dir: TempDir,
-}
-
-impl Example {
-    fn start(workers: usize) -> Example {
-        let dir = TempDir::new();
-        let mut cmd = Command::new(example_binary());
-        cmd.args(["serve", "--port", "0", "--workers", &workers.to_string()])
-            .arg("--runtime-dir")
-            .arg(dir.path())
-            .current_dir(dir.path());
-        let mut process = Process::spawn(cmd);
-        let started =
-            process.wait_for_log(" rip started ", START_TIMEOUT).expect("the example logs `rip started`");
-        let addr = log_addr(&started).unwrap_or_else(|| panic!("no addr in {started:?}"));
-        process
-            .wait_for_log(" all workers ready ", START_TIMEOUT)
-            .expect("every worker of the example becomes ready");
-        Example { process, addr, _dir: dir }
-    }
-
-    fn pid(&self) -> i32 {
-        self.process.pid()
-    }
-
-    /// Pids of the workers the example logged as spawned.
-    fn worker_pids(&self) -> BTreeSet<i32> {
-        self.process.worker_pids().into_iter().collect()
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        self.process.wait_exit(timeout)
-    }
+fn start(workers: usize) -> Rip {
+    example("json_api").args(&["--workers", &workers.to_string()]).start_all_ready()
 }
 
 #[test]
 fn json_api_example_serves_its_routes_through_every_worker() {
-    let example = Example::start(2);
-    let workers = example.worker_pids();
+    let example = start(2);
+    let workers: BTreeSet<i32> = example.worker_pids().into_iter().collect();
     assert_eq!(workers.len(), 2, "two workers spawned: {workers:?}");
     assert!(!workers.contains(&example.pid()));
 
     harness::runtime().block_on(async {
-        let mut client = Client::new(example.addr);
+        let mut client = Client::new(example.addr());
 
         let about = client.get("/").await.unwrap();
         assert_eq!(about.status, StatusCode::OK);
@@ -124,14 +79,14 @@ fn json_api_example_serves_its_routes_through_every_worker() {
 
 #[test]
 fn json_api_example_exits_0_on_sigterm_and_takes_its_workers_along() {
-    let mut example = Example::start(2);
-    let workers: Vec<i32> = example.worker_pids().into_iter().collect();
+    let mut example = start(2);
+    let workers = example.worker_pids();
     harness::runtime().block_on(async {
-        let reply = Client::new(example.addr).get("/api/items").await.unwrap();
+        let reply = Client::new(example.addr()).get("/api/items").await.unwrap();
         assert_eq!(reply.status, StatusCode::OK);
     });
-    kill(Pid::from_raw(example.pid()), Signal::SIGTERM).expect("signalling the example");
-    let status = example.wait_exit(WAIT).expect("the example exits after SIGTERM");
+    example.signal(Signal::SIGTERM);
+    let status = example.wait_exit(WAIT);
     assert!(status.success(), "exit status {status}");
     assert_eq!(harness::wait_gone(&workers, WAIT), Vec::<i32>::new());
 }
@@ -139,8 +94,8 @@ fn json_api_example_exits_0_on_sigterm_and_takes_its_workers_along() {
 #[test]
 fn a_protocol_upgrade_passes_through_front_end_and_worker_end_to_end() {
     use std::io::{Read, Write};
-    let example = Example::start(1);
-    let mut stream = std::net::TcpStream::connect(example.addr).expect("connecting");
+    let example = start(1);
+    let mut stream = std::net::TcpStream::connect(example.addr()).expect("connecting");
     stream.set_read_timeout(Some(WAIT)).unwrap();
     stream
         .write_all(b"GET /api/echo HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")

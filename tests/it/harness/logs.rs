@@ -1,8 +1,9 @@
 //! Reading what rip logs on stderr: the capture every guard shares, fields of a text log line
-//! (and the message of a JSON one), the supervisor's worker events, and the lines logged after
-//! a mark. The capture keeps every line from the first, so a
+//! (and the message of a JSON one), the supervisor's worker events and restart backoffs, and
+//! the lines logged after a mark. The capture keeps every line from the first, so a
 //! test can wait for a line logged after a mark without missing one logged before it looked.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
@@ -165,6 +166,20 @@ pub(super) fn spawned_pids(lines: &[String]) -> Vec<i32> {
         }
     }
     pids
+}
+
+/// Per slot, the `delay_ms` of each `worker restart backed off` line logged from `mark` on.
+pub fn backoff_delays(rip: &Rip, mark: usize) -> BTreeMap<String, Vec<u64>> {
+    let mut delays: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for line in &rip.logs()[mark..] {
+        if !line.contains(" worker restart backed off ") {
+            continue;
+        }
+        let slot = log_field(line, "slot").unwrap_or("?").to_string();
+        let delay = log_field(line, "delay_ms").and_then(|d| d.parse().ok()).unwrap_or(0);
+        delays.entry(slot).or_default().push(delay);
+    }
+    delays
 }
 
 /// Lines logged from `mark` on that contain `needle`.

@@ -18,9 +18,10 @@
 //! serve's workers and what they are doing), `logs` (reading rip's stderr), `control` (the
 //! `rip <command>` clients), `deploy` (replacing a binary under a running rip), `notify`
 //! (systemd's notify socket), `http` (the client), `raw` (bytes on a socket), `pattern`
-//! (checkable bodies), `load` (bounded load), `prometheus` (reading `/metrics`), `json_api`
-//! (the library example), `temp_dir`. Everything is re-exported here, so tests
-//! `use crate::harness::...` without knowing the split.
+//! (checkable bodies), `load` (bounded load), `prometheus` (reading `/metrics`), `example`
+//! (the library's example binaries), `websocket` (a minimal WebSocket client), `temp_dir`.
+//! Everything is re-exported here, so tests `use crate::harness::...` without knowing the
+//! split.
 
 // Helpers for every test module; not each is used by each.
 #![allow(dead_code)]
@@ -29,8 +30,8 @@ use std::time::Duration;
 
 mod control;
 mod deploy;
+mod example;
 mod http;
-mod json_api;
 mod load;
 mod logs;
 mod notify;
@@ -40,13 +41,14 @@ mod prometheus;
 mod raw;
 mod rip;
 mod temp_dir;
+mod websocket;
 mod workers;
 
 // Whole modules, so that an item no test uses yet is no unused import.
 pub use control::*;
 pub use deploy::*;
+pub use example::*;
 pub use http::*;
-pub use json_api::*;
 pub use load::*;
 pub use logs::*;
 pub use notify::*;
@@ -56,6 +58,7 @@ pub use prometheus::*;
 pub use raw::*;
 pub use rip::*;
 pub use temp_dir::*;
+pub use websocket::*;
 pub use workers::*;
 
 /// Longest wait for rip to log its address and answer `/healthz`: generous because the

@@ -120,13 +120,28 @@ impl RipBuilder {
     /// Starts rip and waits until it logged its address and answers `GET /healthz` with 200
     /// (at least one worker is ready).
     pub fn start(self) -> Rip {
+        let mut rip = self.start_listening();
+        rip.wait_healthy(START_TIMEOUT);
+        rip
+    }
+
+    /// Starts rip and waits until it logged its address, not for any worker: for workers
+    /// that are expected to fail, while the front-end answers.
+    pub fn start_listening(self) -> Rip {
         let mut rip = self.spawn();
         let started = rip
             .wait_for_log(|l| l.contains(" rip started "), START_TIMEOUT)
             .unwrap_or_else(|| panic!("rip did not log `rip started` within {START_TIMEOUT:?}"));
         let addr = log_addr(&started).unwrap_or_else(|| panic!("no addr in {started:?}"));
         rip.addr = Some(addr);
-        rip.wait_healthy(START_TIMEOUT);
+        rip
+    }
+
+    /// Starts rip and waits until it logged its address and `all workers ready`, without a
+    /// request of its own through the front-end: the test's requests are the first.
+    pub fn start_all_ready(self) -> Rip {
+        let rip = self.start_listening();
+        rip.wait_all_ready();
         rip
     }
 }

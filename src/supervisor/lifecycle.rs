@@ -165,6 +165,11 @@ impl Machine {
         worker.state = WorkerState::Draining;
         // Past the grace the worker is stopped anyway; its own drain gets the same grace.
         self.act(Action::Leave { id, drain: Some(self.settings.grace) });
+        // Then the drain notice: the app closes its long-lived connections (a WebSocket's
+        // tunnel holds the worker's drain until it ends) while requests in flight finish.
+        if let Some(pid) = self.workers.get(&id).and_then(|w| w.pid) {
+            self.act(Action::DrainNotice { id, pid });
+        }
     }
 
     /// SIGTERM now, SIGKILL if still there after the grace.

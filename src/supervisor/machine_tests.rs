@@ -83,6 +83,10 @@ fn words(actions: Vec<Action>) -> Vec<String> {
                     assert_eq!(p, pid(id), "signalled the wrong process");
                     format!("{} {id}", signal.as_str())
                 }
+                Action::DrainNotice { id, pid: p } => {
+                    assert_eq!(p, pid(id), "told the wrong process");
+                    format!("SIGUSR1 {id}")
+                }
                 Action::CancelProbes { id } => format!("cancel probes {id}"),
                 Action::Admit { id } => format!("admit {id}"),
                 Action::Leave { id, drain: Some(_) } => format!("leave {id} when drained"),
@@ -126,7 +130,7 @@ fn a_recycle_starts_the_replacement_first_then_drains_and_stops_the_old_worker()
     assert_eq!(fake.state(id(0, 0)), Some(WorkerState::Ready), "serves until its replacement is ready");
     assert_eq!(
         fake.becomes_ready(id(0, 1)),
-        w(&["admit 0/1", "recycled for requests", "leave 0/0 when drained"])
+        w(&["admit 0/1", "recycled for requests", "leave 0/0 when drained", "SIGUSR1 0/0"])
     );
     assert_eq!(
         fake.step(Event::Drained { id: id(0, 0) }),
@@ -141,7 +145,7 @@ fn a_reload_rolls_one_worker_at_a_time_within_the_surge_and_reports_when_done() 
     assert_eq!(fake.step(Event::Reload { settings: None }), w(&["spawn 0/1"]));
     assert_eq!(
         fake.becomes_ready(id(0, 1)),
-        w(&["admit 0/1", "recycled for reload", "leave 0/0 when drained"])
+        w(&["admit 0/1", "recycled for reload", "leave 0/0 when drained", "SIGUSR1 0/0"])
     );
     // The old worker still counts against the surge until it has exited.
     assert_eq!(
@@ -151,7 +155,7 @@ fn a_reload_rolls_one_worker_at_a_time_within_the_surge_and_reports_when_done() 
     assert_eq!(fake.exits(id(0, 0), "exit code 0"), w(&["forget 0/0", "spawn 1/1"]));
     assert_eq!(
         fake.becomes_ready(id(1, 1)),
-        w(&["admit 1/1", "recycled for reload", "leave 1/0 when drained"])
+        w(&["admit 1/1", "recycled for reload", "leave 1/0 when drained", "SIGUSR1 1/0"])
     );
     fake.step(Event::Drained { id: id(1, 0) });
     assert_eq!(fake.exits(id(1, 0), "exit code 0"), w(&["forget 1/0", "spawn 2/1"]));
@@ -163,7 +167,7 @@ fn a_reload_rolls_one_worker_at_a_time_within_the_surge_and_reports_when_done() 
     fake.step(Event::Reload { settings: None });
     assert_eq!(
         fake.becomes_ready(id(0, 1)),
-        w(&["admit 0/1", "recycled for reload", "leave 0/0 when drained", "reload done"])
+        w(&["admit 0/1", "recycled for reload", "leave 0/0 when drained", "SIGUSR1 0/0", "reload done"])
     );
 }
 
@@ -293,7 +297,7 @@ fn scaling_up_starts_workers_and_scaling_down_drains_the_highest_slots() {
     fake.becomes_ready(id(3, 0));
     assert_eq!(
         fake.step(Event::Scale { workers: 1 }),
-        w(&["leave 1/0 when drained", "leave 2/0 when drained", "leave 3/0 when drained"])
+        w(&["leave 1/0 when drained", "SIGUSR1 1/0", "leave 2/0 when drained", "SIGUSR1 2/0", "leave 3/0 when drained", "SIGUSR1 3/0"])
     );
     assert_eq!(fake.state(id(0, 0)), Some(WorkerState::Ready));
     assert_eq!(
@@ -317,7 +321,7 @@ fn memory_and_age_limits_recycle_on_the_periodic_check() {
     assert_eq!(fake.step(Event::Tick { rss: Vec::new() }), w(&[]));
     assert_eq!(
         fake.becomes_ready(id(1, 1)),
-        w(&["admit 1/1", "recycled for memory", "leave 1/0 when drained"])
+        w(&["admit 1/1", "recycled for memory", "leave 1/0 when drained", "SIGUSR1 1/0"])
     );
 }
 

@@ -231,6 +231,9 @@ impl Supervisor {
             match action {
                 Action::Spawn { id, within } => self.spawn(id, within),
                 Action::Signal { pid, signal, .. } => process::signal(pid, signal),
+                Action::DrainNotice { pid, .. } => {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1);
+                }
                 Action::CancelProbes { id } => {
                     if let Some(probes) = self.probes.get(&id) {
                         probes.cancel();

@@ -25,6 +25,7 @@ use nix::sys::stat::{umask, Mode};
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::{task_tracker::TaskTrackerToken, TaskTracker};
 use tracing::{info, warn};
 
 use crate::cli::WorkerArgs;
@@ -42,7 +43,13 @@ pub struct WorkerContext {
     pub root: Option<PathBuf>,
     served: Arc<AtomicU64>,
     draining: CancellationToken,
+    tracker: TaskTracker,
 }
+
+/// Keeps the worker from exiting while it lives (up to `--graceful-timeout` after the worker
+/// was told to stop); see [`WorkerContext::track`].
+#[derive(Debug)]
+pub struct Tracked(#[allow(dead_code)] TaskTrackerToken);
 
 impl WorkerContext {
     pub fn new(id: usize, generation: u64, root: Option<PathBuf>) -> WorkerContext {
@@ -52,6 +59,7 @@ impl WorkerContext {
             root,
             served: Arc::new(AtomicU64::new(0)),
             draining: CancellationToken::new(),
+            tracker: TaskTracker::new(),
         }
     }
 
@@ -60,13 +68,21 @@ impl WorkerContext {
         self.served.load(Ordering::Relaxed)
     }
 
-    /// Completes when this worker starts to drain (it was told to stop: a recycle, a reload,
-    /// a shutdown). Requests in flight still finish; long-lived ones — a WebSocket, a
+    /// Completes when this worker starts to drain: it left the rotation (a recycle, a
+    /// reload, scaling down) or was told to stop (a shutdown). Requests in flight still finish; long-lived ones — a WebSocket, a
     /// server-sent event stream — should end now, politely (a WebSocket close with 1001,
     /// "going away"), and background work should wrap up before `--graceful-timeout`.
     pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
         let token = self.draining.clone();
         async move { token.cancelled().await }
+    }
+
+    /// A guard for work the worker must not cut off when it stops — a WebSocket that should
+    /// get its Close frame, a background job: the worker waits for every guard to be dropped
+    /// (up to `--graceful-timeout`) before it exits. Hold one in each long-lived task and end
+    /// the task on [`draining`](Self::draining).
+    pub fn track(&self) -> Tracked {
+        Tracked(self.tracker.token())
     }
 
     /// Whether this worker has started to drain.
@@ -165,8 +181,12 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
     } else {
         None
     };
-    let listener = bind(&args.socket)?;
+    // Both handlers before the socket exists: a worker that answers its probe must not die
+    // of a drain notice (SIGUSR1's default action is to terminate).
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut drain_notice =
+        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let listener = bind(&args.socket)?;
 
     let connections = connections(stop.clone());
     loop {
@@ -178,11 +198,14 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
                     tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;
                 }
             },
+            // Out of the rotation (a recycle, a reload): the app hears now, so that its
+            // WebSockets close politely and the front-end's wait for them ends early.
+            _ = drain_notice.recv() => ctx.start_draining(),
             _ = terminate.recv() => break,
         }
     }
-    // The app hears first, so that long-lived requests can end politely while the
-    // connections drain.
+    // The app hears first (if it has not yet), so that long-lived requests can end politely
+    // while the connections drain.
     ctx.start_draining();
     drop(listener);
     let _ = std::fs::remove_file(&args.socket);
@@ -194,7 +217,16 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
             None => 0,
         }
     });
-    let open = open + clients_open;
+    // Upgraded connections (WebSockets) are the app's tasks, not connections any more; the
+    // app holds a `Tracked` for each, and the worker waits for them within the same grace.
+    ctx.tracker.close();
+    let tasks = ctx.tracker.len();
+    let tracked_open =
+        if tokio::time::timeout(grace, ctx.tracker.wait()).await.is_err() { ctx.tracker.len() } else { 0 };
+    if tasks > 0 {
+        info!(worker = %worker_id(&args), tasks, still_open = tracked_open, "waited for the app's tracked tasks");
+    }
+    let open = open + clients_open + tracked_open;
     let id = worker_id(&args);
     if open > 0 {
         warn!(worker = %id, open, "graceful timeout elapsed with requests in flight");

@@ -13,9 +13,11 @@
 //!
 //! A WebSocket outlives any request, so rip cannot finish it for the app the way it finishes
 //! requests when a worker stops (a shutdown, a reload, a recycle). The app ends it:
-//! [`rip::WorkerContext::draining`] completes when the worker starts to drain, and each
-//! socket then sends its Close frame, so a browser knows to reconnect (to the replacement
-//! worker, after a reload) rather than report an error.
+//! [`rip::WorkerContext::draining`] completes when the worker starts to drain (it left the
+//! rotation, or is stopping), and each socket then sends its Close frame, so a browser knows
+//! to reconnect (to the replacement worker, after a reload) rather than report an error.
+//! Each socket task holds a [`rip::WorkerContext::track`] guard, so the worker does not exit
+//! before the Close is out.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -55,7 +57,12 @@ async fn join(State(room): State<Room>, upgrade: WebSocketUpgrade) -> Response {
     // Subscribed before the 101 goes out: once a client is connected, it hears everything
     // said after, with no gap while its socket task starts.
     let hears = room.said.subscribe();
-    upgrade.on_upgrade(move |socket| chat(socket, room, hears))
+    // Taken before the upgrade, so that a worker told to stop right now still waits for it.
+    let tracked = room.ctx.track();
+    upgrade.on_upgrade(move |socket| async move {
+        chat(socket, room, hears).await;
+        drop(tracked);
+    })
 }
 
 /// One client in the room, until it leaves or the worker drains.
@@ -89,10 +96,6 @@ async fn chat(mut socket: WebSocket, room: Room, mut hears: broadcast::Receiver<
 
 /// The closing handshake, server first: Close with 1001, then the client's Close (or not,
 /// within [`CLOSE_REPLY_WAIT`]), then the connection ends.
-// Known gap in rip, not in this code: a worker exits right after it starts to drain, without
-// waiting for tasks like this one, so the Close may never be sent (the ignored tests in
-// tests/it/examples/chat.rs show it). This is still the code to write: it is what
-// `WorkerContext::draining` asks for, and it works once rip waits.
 async fn say_goodbye(mut socket: WebSocket) {
     let goodbye = CloseFrame { code: close_code::AWAY, reason: "server restarting, reconnect".into() };
     if socket.send(Message::Close(Some(goodbye))).await.is_err() {

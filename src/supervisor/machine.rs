@@ -101,7 +101,10 @@ pub enum Action {
     },
     /// Tell the worker process itself (SIGUSR1, not its group: an app's own children must not
     /// hear it) that it left the rotation, so that the app starts its drain.
-    DrainNotice { id: WorkerId, pid: Pid },
+    DrainNotice {
+        id: WorkerId,
+        pid: Pid,
+    },
     /// Stop probing the worker: it is on its way out.
     CancelProbes {
         id: WorkerId,

@@ -297,7 +297,14 @@ fn scaling_up_starts_workers_and_scaling_down_drains_the_highest_slots() {
     fake.becomes_ready(id(3, 0));
     assert_eq!(
         fake.step(Event::Scale { workers: 1 }),
-        w(&["leave 1/0 when drained", "SIGUSR1 1/0", "leave 2/0 when drained", "SIGUSR1 2/0", "leave 3/0 when drained", "SIGUSR1 3/0"])
+        w(&[
+            "leave 1/0 when drained",
+            "SIGUSR1 1/0",
+            "leave 2/0 when drained",
+            "SIGUSR1 2/0",
+            "leave 3/0 when drained",
+            "SIGUSR1 3/0"
+        ])
     );
     assert_eq!(fake.state(id(0, 0)), Some(WorkerState::Ready));
     assert_eq!(

@@ -184,8 +184,7 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
     // Both handlers before the socket exists: a worker that answers its probe must not die
     // of a drain notice (SIGUSR1's default action is to terminate).
     let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut drain_notice =
-        signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    let mut drain_notice = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let listener = bind(&args.socket)?;
 
     let connections = connections(stop.clone());

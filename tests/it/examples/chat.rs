@@ -55,13 +55,9 @@ fn two_chat_clients_hear_each_other_through_the_front_end() {
     all_hear(&mut [&mut alice, &mut bob], &long);
 }
 
-// Ignored until rip lets the app finish: on SIGTERM a worker fires `draining` and, with no
-// HTTP connection left to drain (an upgraded one no longer counts), exits at once, before the
-// socket tasks ran; with one worker thread they never do, with two they race it (2 of 5 runs
-// got their Close). The front-end does not wait for its tunnels either, so a Close sent late
-// may not be relayed. Run with `cargo test --test it chat -- --ignored`.
+// On SIGTERM the worker fires `draining` and waits for the socket tasks' `track` guards, so
+// each socket's Close goes out (through the front-end's tunnel) before the worker exits.
 #[test]
-#[ignore = "rip: a worker exits on SIGTERM before the app's WebSocket tasks can send their Close"]
 fn chat_sockets_get_a_going_away_close_before_rip_exits_0_on_sigterm() {
     let mut chat = start();
     let (mut alice, mut bob) = alice_and_bob(&chat);
@@ -75,11 +71,10 @@ fn chat_sockets_get_a_going_away_close_before_rip_exits_0_on_sigterm() {
     assert!(killed.is_empty(), "the worker was killed rather than drained: {killed:?}");
 }
 
-// Ignored for the same reason, and one more: a reload waits for the old worker's tunnels
-// to end (up to the graceful timeout) before it signals the worker, and only that signal
-// tells the app to close them.
+// A reload takes the old worker out of the rotation and sends it the drain notice at once,
+// so the app closes its sockets while the front-end waits for their tunnels, not after the
+// graceful timeout.
 #[test]
-#[ignore = "rip: a reload signals the old worker only after the grace, which then exits before the Close"]
 fn a_chat_socket_gets_a_going_away_close_when_a_reload_replaces_its_worker_and_can_rejoin() {
     let chat = start();
     let mut alice = WebSocket::connect(chat.addr(), "/ws");

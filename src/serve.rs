@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::cli::ServeArgs;
 use crate::config::Config;
-use crate::control::signals::{self, Intent, IntentReceiver, Scale};
+use crate::control::signals::{self, Intent, IntentReceiver, Scale, Stop};
 use crate::control::{self, Controls};
 use crate::control::{notify, upgrade};
 use crate::frontend::listener;
@@ -38,9 +38,6 @@ pub fn run(args: ServeArgs, edge: Option<Edge>) -> Result<()> {
     let runtime = crate::runtime(config.frontend_threads).context("starting the runtime")?;
     runtime.block_on(serve(Parent { args, exe, config, root, edge }))
 }
-
-/// The shutdown reason after handing over to a new process.
-const UPGRADED: &str = "upgraded";
 
 /// What `rip serve` was started with; reloads re-read the config from the same sources.
 struct Parent {
@@ -164,10 +161,10 @@ async fn serve(parent: Parent) -> Result<()> {
 
     let reason =
         run_until_stopped(&parent, &mut intents, &supervisor, &proxy, access_log.as_ref(), listener_fd).await;
-    info!(reason, "shutting down");
+    info!(reason = reason.as_str(), "shutting down");
     // After an upgrade the new process is the service's main pid; systemd must not hear
     // that "the service" is stopping.
-    if reason != UPGRADED {
+    if reason != Stop::Upgraded {
         notify::stopping();
     }
     control_task.abort();
@@ -203,12 +200,12 @@ async fn run_until_stopped(
     proxy: &Proxy,
     access_log: Option<&AccessLog>,
     listener_fd: std::os::fd::RawFd,
-) -> &'static str {
+) -> Stop {
     let mut workers = parent.config.workers;
     // A runtime `rip scale` survives reloads unless the config's own number changes.
     let mut configured = parent.config.workers;
     loop {
-        let Some(intent) = intents.recv().await else { return "closed" };
+        let Some(intent) = intents.recv().await else { return Stop::Closed };
         match intent {
             Intent::Shutdown(reason) => return reason,
             Intent::Reload(reply) => {
@@ -245,7 +242,7 @@ async fn run_until_stopped(
                         if let Some(reply) = reply {
                             let _ = reply.send(Ok(pid));
                         }
-                        return UPGRADED;
+                        return Stop::Upgraded;
                     }
                     Err(e) => {
                         let message = crate::error_chain(&e);
@@ -352,7 +349,7 @@ async fn shutdown(
             Ok(open) => warn!(open, "graceful timeout elapsed with client connections open"),
             Err(e) => warn!(error = %e, "front-end task failed"),
         },
-        reason = second_signal => warn!(reason, "second stop request, not waiting for requests"),
+        reason = second_signal => warn!(reason = reason.as_str(), "second stop request, not waiting for requests"),
     }
     supervisor.stop().await;
 }

@@ -142,7 +142,7 @@ impl Controls {
                     Err(e) => Response::error(e),
                 }
             }
-            Request::Stop => self.send(Intent::Shutdown("rip stop")),
+            Request::Stop => self.send(Intent::Shutdown(crate::control::signals::Stop::Command)),
         }
     }
 

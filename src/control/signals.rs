@@ -12,7 +12,7 @@ pub type Reply<T> = Option<oneshot::Sender<Result<T, String>>>;
 #[derive(Debug)]
 pub enum Intent {
     /// SIGTERM, SIGINT, SIGQUIT or `rip stop`: stop gracefully. A second one cuts the grace short.
-    Shutdown(&'static str),
+    Shutdown(Stop),
     /// SIGHUP or `rip reload`: re-read the config, then replace every worker, a few at a time.
     Reload(Reply<()>),
     /// SIGUSR2 or `rip upgrade`: hand the listener to a new `rip serve` from the binary on disk.
@@ -22,6 +22,29 @@ pub enum Intent {
     Scale(Scale),
     /// SIGUSR1: reopen log files.
     ReopenLogs,
+}
+
+/// Why `rip serve` stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Signal(&'static str),
+    /// `rip stop`.
+    Command,
+    /// A new `rip serve` took over the listener (`rip upgrade`).
+    Upgraded,
+    /// Every sender of intents is gone.
+    Closed,
+}
+
+impl Stop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stop::Signal(name) => name,
+            Stop::Command => "rip stop",
+            Stop::Upgraded => "upgraded",
+            Stop::Closed => "closed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +62,9 @@ pub type IntentReceiver = mpsc::UnboundedReceiver<Intent>;
 pub fn listen() -> Result<(IntentSender, IntentReceiver)> {
     let (tx, rx) = mpsc::unbounded_channel();
     let table: [(SignalKind, fn() -> Intent); 8] = [
-        (SignalKind::terminate(), || Intent::Shutdown("SIGTERM")),
-        (SignalKind::interrupt(), || Intent::Shutdown("SIGINT")),
-        (SignalKind::quit(), || Intent::Shutdown("SIGQUIT")),
+        (SignalKind::terminate(), || Intent::Shutdown(Stop::Signal("SIGTERM"))),
+        (SignalKind::interrupt(), || Intent::Shutdown(Stop::Signal("SIGINT"))),
+        (SignalKind::quit(), || Intent::Shutdown(Stop::Signal("SIGQUIT"))),
         (SignalKind::hangup(), || Intent::Reload(None)),
         (SignalKind::user_defined2(), || Intent::Upgrade(None)),
         (SignalKind::user_defined1(), || Intent::ReopenLogs),

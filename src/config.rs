@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::cli::ServeArgs;
-use crate::proxy::{Strategy, Upstream};
 
 /// The default config file, read when present and no `--config` is given.
 pub const DEFAULT_CONFIG_FILE: &str = "rip.toml";
@@ -154,6 +153,76 @@ settings! {
     /// Serve /metrics, /live and /ready on this address, e.g. 127.0.0.1:9090
     admin: Option<std::net::SocketAddr> = None, shown "off",
         flag "ADDR", parse parse_admin;
+}
+
+/// How requests are spread over workers (see `proxy::strategy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Each request to the next worker in turn.
+    RoundRobin,
+    /// The worker with the fewest requests in flight; ties go round-robin. A stuck worker
+    /// piles up in-flight requests and so stops receiving new ones.
+    LeastPending,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastPending => "least-pending",
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "round-robin" => Ok(Strategy::RoundRobin),
+            "least-pending" => Ok(Strategy::LeastPending),
+            _ => bail!("expected least-pending or round-robin"),
+        }
+    }
+}
+
+/// How the front-end talks to workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    /// One pooled connection per request in flight.
+    Http1,
+    /// One connection per worker carrying every request in flight without a body: one write
+    /// and one wake-up can carry several requests, where HTTP/1 needs a system call pair for
+    /// each. Requests with a body, and upgrades, still get an HTTP/1 connection of their own:
+    /// on a shared connection, flow control ties streams together, and a client that
+    /// abandons an upload while its response streams back was seen to stall the whole
+    /// connection.
+    Http2,
+    /// No proxying: each client connection is passed to a worker whole (see
+    /// `crate::handoff`), which serves it directly. Faster, at the price of every per-request
+    /// guarantee the front-end gives: retries, a 504 per request, queueing, the access log.
+    Handoff,
+}
+
+impl Upstream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Upstream::Http1 => "http1",
+            Upstream::Http2 => "http2",
+            Upstream::Handoff => "handoff",
+        }
+    }
+}
+
+impl std::str::FromStr for Upstream {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "http1" => Ok(Upstream::Http1),
+            "http2" => Ok(Upstream::Http2),
+            "handoff" => Ok(Upstream::Handoff),
+            _ => anyhow::bail!("expected http2, http1 or handoff"),
+        }
+    }
 }
 
 /// Where access log lines go.

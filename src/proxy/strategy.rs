@@ -4,38 +4,7 @@
 //! chosen, and an exhausted worker (past `--max-requests`, replacement not ready yet) is chosen
 //! only when no fresh worker is usable, so recycling never drops capacity to zero.
 
-use std::str::FromStr;
-
-use anyhow::bail;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Each request to the next worker in turn.
-    RoundRobin,
-    /// The worker with the fewest requests in flight; ties go round-robin. A stuck worker
-    /// piles up in-flight requests and so stops receiving new ones.
-    LeastPending,
-}
-
-impl Strategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::RoundRobin => "round-robin",
-            Strategy::LeastPending => "least-pending",
-        }
-    }
-}
-
-impl FromStr for Strategy {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s {
-            "round-robin" => Ok(Strategy::RoundRobin),
-            "least-pending" => Ok(Strategy::LeastPending),
-            _ => bail!("expected least-pending or round-robin"),
-        }
-    }
-}
+pub use crate::config::Strategy;
 
 /// What the balancer knows of one worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -41,8 +41,17 @@ async fn hello(State(ctx): State<WorkerContext>) -> String {
     format!("Hello from rip worker {} (pid {})", ctx.id, std::process::id())
 }
 
-async fn whoami(State(ctx): State<WorkerContext>) -> Json<Value> {
-    Json(json!({ "worker": ctx.id, "pid": std::process::id(), "served": ctx.served() }))
+/// The worker, and the client as the front-end saw it (axum's `ConnectInfo`).
+async fn whoami(
+    State(ctx): State<WorkerContext>,
+    ConnectInfo(client): ConnectInfo<std::net::SocketAddr>,
+) -> Json<Value> {
+    Json(json!({
+        "worker": ctx.id,
+        "pid": std::process::id(),
+        "served": ctx.served(),
+        "client": client.to_string(),
+    }))
 }
 
 /// The request headers as this worker received them; repeated names joined with ", ".
@@ -103,8 +112,12 @@ mod tests {
 
     #[tokio::test]
     async fn whoami_is_json() {
-        let (_, body) = call(app(), Request::get("/whoami").body(Body::empty()).unwrap()).await;
+        let mut req = Request::get("/whoami").body(Body::empty()).unwrap();
+        let client: std::net::SocketAddr = "10.0.0.7:4321".parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(client));
+        let (_, body) = call(app(), req).await;
         let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["client"], "10.0.0.7:4321");
         assert_eq!(v["worker"], 3);
         assert_eq!(v["pid"], std::process::id());
         assert_eq!(v["served"], 0);

@@ -281,3 +281,41 @@ fn ready_pids(rip: &Rip) -> Vec<i32> {
 fn event_is(line: &str, event: &str, pid: Option<i32>) -> bool {
     WorkerEvent::parse(line).is_some_and(|e| e.is(event) && pid.is_none_or(|p| p == e.pid))
 }
+
+/// Apps in workers can take axum's `ConnectInfo<SocketAddr>`, and it holds each client's own
+/// address and port as the front-end accepted it: eight clients at once over two workers,
+/// each sending a forged peer header that neither decides the answer nor reaches the app.
+#[test]
+fn connect_info_in_workers_is_each_clients_real_address_and_cannot_be_forged() {
+    use std::io::{Read, Write};
+    let rip = Rip::start(&["--workers", "2"]);
+    let addr = rip.addr();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut answers = Vec::new();
+                for path in ["/whoami", "/headers"] {
+                    let mut stream = std::net::TcpStream::connect(addr).expect("connecting");
+                    stream.set_read_timeout(Some(WAIT)).unwrap();
+                    let request = format!(
+                        "GET {path} HTTP/1.1\r\nHost: rip.test\r\nX-Rip-Peer: 6.6.6.6:1\r\nConnection: close\r\n\r\n"
+                    );
+                    stream.write_all(request.as_bytes()).unwrap();
+                    let mut reply = String::new();
+                    stream.read_to_string(&mut reply).expect("reading the reply");
+                    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+                    answers.push((stream.local_addr().unwrap(), body));
+                }
+                answers
+            })
+        })
+        .collect();
+    for client in clients {
+        let answers = client.join().expect("a client thread");
+        let (local, whoami) = &answers[0];
+        let whoami: serde_json::Value = serde_json::from_str(whoami).expect(whoami);
+        assert_eq!(whoami["client"], local.to_string(), "{whoami}");
+        let headers: serde_json::Value = serde_json::from_str(&answers[1].1).expect(&answers[1].1);
+        assert!(headers.get("x-rip-peer").is_none(), "the peer header reached the app: {headers}");
+    }
+}

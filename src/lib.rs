@@ -129,7 +129,8 @@ impl Rip {
     /// Routes and tower layers at the edge, in the parent: `edge` gets the front-end's
     /// router, whose fallback forwards to the workers, and returns it with what it adds —
     /// `.layer(...)` wraps every request, workers' included; `.route(...)` is answered by
-    /// the parent without a worker.
+    /// the parent without a worker. As everywhere in axum, a layer wraps what the router
+    /// holds when it is added: add routes first, then the layers meant to cover them.
     pub fn edge<F>(mut self, edge: F) -> Rip
     where
         F: Fn(axum::Router) -> axum::Router + Send + Sync + 'static,

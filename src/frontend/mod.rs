@@ -75,8 +75,9 @@ type EdgeFuture = Map<RouteFuture<Infallible>, fn(Answered<axum::body::Body>) ->
 type ProxyFuture =
     Map<<Stack as Service<Request<ClientBody>>>::Future, fn(Answered<ResponseBody>) -> Answered<FrontBody>>;
 
-/// One client connection's service: every request carries the peer the listener saw, as a
-/// [`Peer`] for the proxy and, for edge handlers, as axum's `ConnectInfo`.
+/// One client connection's service. The proxy knows the peer the listener saw: the stack is
+/// made for this connection, or (behind an edge router) each request carries it, as a
+/// [`Peer`] and, for edge handlers, as axum's `ConnectInfo`.
 #[derive(Clone)]
 struct Connection {
     door: Door,
@@ -89,10 +90,10 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
     type Future = Either<EdgeFuture, ProxyFuture>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.peer.clone());
         // Both are always ready; each is cloned (a few Arcs) because `call` takes `&mut`.
         match &self.door {
             Door::Edge(router) => {
+                req.extensions_mut().insert(self.peer.clone());
                 req.extensions_mut().insert(ConnectInfo(self.peer.addr));
                 let edge: fn(Answered<axum::body::Body>) -> Answered<FrontBody> =
                     |r| r.map(|r| r.map(http_body_util::Either::Right));
@@ -164,7 +165,12 @@ pub async fn serve(
             continue;
         }
         let stream = StrictFraming::new(stream);
-        let service = Connection { door: door.clone(), peer: Arc::new(Peer::new(peer)) };
+        let peer = Arc::new(Peer::new(peer));
+        let door = match &door {
+            Door::Proxy(stack) => Door::Proxy(stack.for_peer(peer.clone())),
+            other => other.clone(),
+        };
+        let service = Connection { door, peer };
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         connections.spawn(conn, permit);
     }

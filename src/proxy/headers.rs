@@ -126,7 +126,12 @@ pub fn prepare_response(status: StatusCode, headers: &mut HeaderMap) {
 /// The [`PEER`] value for a client address.
 pub fn peer_value(addr: std::net::SocketAddr) -> HeaderValue {
     let addr = std::net::SocketAddr::new(unmapped(addr.ip()), addr.port());
-    HeaderValue::from_str(&addr.to_string()).expect("a socket address is a valid header value")
+    let mut value =
+        HeaderValue::from_str(&addr.to_string()).expect("a socket address is a valid header value");
+    // Never indexed by HPACK: every connection has its own value, and on the worker's shared
+    // HTTP/2 connection each would otherwise push another entry through the header table.
+    value.set_sensitive(true);
+    value
 }
 
 /// IPv4 clients of a dual-stack listener, shown as the IPv4 addresses they are.

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tower::Service;
 use tracing::{debug, warn};
 
-use super::{ClientBody, Peer, ProxyError, ResponseBody};
+use super::{ClientBody, Peer, ProxyError, ResponseBody, Rewrite};
 use crate::telemetry::access_log::{AccessLog, Record};
 use crate::telemetry::metrics::Metrics;
 
@@ -27,6 +27,8 @@ pub struct Observe<S> {
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
     closing: Arc<AtomicBool>,
+    /// The client, when the stack serves one connection; else each request's extension.
+    peer: Option<Arc<Peer>>,
 }
 
 impl<S> Observe<S> {
@@ -36,7 +38,7 @@ impl<S> Observe<S> {
         access_log: Option<AccessLog>,
         closing: Arc<AtomicBool>,
     ) -> Self {
-        Observe { inner, metrics, access_log, closing }
+        Observe { inner, metrics, access_log, closing, peer: None }
     }
 }
 
@@ -60,7 +62,10 @@ where
         let started = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let peer = req.extensions().get::<Arc<Peer>>().map(|p| p.addr.ip());
+        let peer = match &self.peer {
+            Some(peer) => Some(peer.addr.ip()),
+            None => req.extensions().get::<Arc<Peer>>().map(|p| p.addr.ip()),
+        };
         let inner = self.inner.call(req);
         let this = self.clone_settings();
         Box::pin(async move {
@@ -95,6 +100,20 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+impl<S> Observe<Rewrite<S>> {
+    /// The stack for one client connection: the peer is known once, so no request needs to
+    /// carry it (an extension costs allocations per request).
+    pub fn for_peer(&self, peer: Arc<Peer>) -> Self
+    where
+        S: Clone,
+    {
+        let mut stack = self.clone();
+        stack.inner.peer = Some(peer.clone());
+        stack.peer = Some(peer);
+        stack
     }
 }
 

@@ -25,11 +25,13 @@ use super::{
 pub struct Rewrite<S> {
     inner: S,
     settings: LiveSettings,
+    /// The client, when the stack serves one connection; else each request's extension.
+    pub(super) peer: Option<Arc<Peer>>,
 }
 
 impl<S> Rewrite<S> {
     pub fn new(inner: S, settings: LiveSettings) -> Self {
-        Rewrite { inner, settings }
+        Rewrite { inner, settings, peer: None }
     }
 
     fn prepare(&self, req: Request<ClientBody>) -> Result<Prepared, ProxyError> {
@@ -39,7 +41,10 @@ impl<S> Rewrite<S> {
         if let Some(err) = refusal(&parts, max_body) {
             return Err(err);
         }
-        let peer = parts.extensions.remove::<Arc<Peer>>();
+        let peer = match &self.peer {
+            Some(peer) => Some(peer.clone()),
+            None => parts.extensions.remove::<Arc<Peer>>(),
+        };
         let upgrade = match &peer {
             Some(peer) => headers::prepare_request(&mut parts, &peer.forwarded_for, &peer.peer_header),
             None => headers::prepare_request(&mut parts, &unknown_peer(), &unknown_peer()),

@@ -31,8 +31,7 @@ impl Proxy {
                 tokio::time::timeout_at(deadline, self.send(&endpoint, &client, settings.max_requests));
             match sent.await {
                 Ok(Ok(())) => {
-                    // Counted for `rip status` only: with hand-off the worker keeps its budget.
-                    endpoint.count_request(0);
+                    endpoint.count_handed_connection();
                     drop(lease);
                     return Ok(());
                 }

@@ -156,6 +156,12 @@ impl Endpoint {
         max_requests > 0 && sent >= self.budget(max_requests) && self.mark_exhausted()
     }
 
+    /// Counts a client connection handed to this worker (`--upstream handoff`), for `rip
+    /// status` only: with hand-off the worker keeps its own request budget.
+    pub fn count_handed_connection(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// True the first time only: the worker has served its budget.
     pub fn mark_exhausted(&self) -> bool {
         !self.exhausted.swap(true, Ordering::Relaxed)

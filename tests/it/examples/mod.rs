@@ -5,4 +5,5 @@
 mod chat;
 mod edge;
 mod json_api;
+mod own_tracing;
 mod todos;

@@ -10,7 +10,7 @@ use tracing::{error, info, warn};
 
 use super::backoff;
 use super::machine::{Action, Machine};
-use super::table::{Fault, Worker, WorkerState};
+use super::table::{Fault, Slot, Worker, WorkerState};
 use crate::discovery::WorkerId;
 use crate::telemetry::metrics::RecycleReason;
 
@@ -90,7 +90,7 @@ impl Machine {
                 self.retire(old);
             }
         }
-        if !self.slots.get(id.slot).is_some_and(|s| s.active) {
+        if !self.slots.get(id.slot).is_some_and(Slot::is_active) {
             // Scaled down while it was starting.
             self.retire(id);
         }
@@ -140,7 +140,7 @@ impl Machine {
                 self.act(Action::Restarted);
             }
             let slot = &self.slots[id.slot];
-            if slot.current.is_none() && slot.active {
+            if slot.current.is_none() && slot.is_active() {
                 self.schedule_respawn(id.slot);
             }
         } else if slot.next == Some(id) {

@@ -355,3 +355,16 @@ fn a_worker_retired_while_still_being_started_is_signalled_once_its_pid_is_known
     let spawned = machine.step(Event::Spawned { id: id(1, 0), pid: pid(id(1, 0)) }, now);
     assert_eq!(words(spawned), w(&["SIGTERM 1/0"]));
 }
+
+#[test]
+fn a_slot_scaled_away_while_backing_off_starts_at_once_when_scaled_back_and_its_timer_is_ignored() {
+    let mut fake = Fake::ready(settings(2));
+    assert_eq!(
+        fake.exits(id(1, 0), "exit code 1"),
+        w(&["forget 1/0", "leave 1/0", "restarted", "respawn 1 after 100ms"])
+    );
+    assert_eq!(fake.step(Event::Scale { workers: 1 }), w(&[]));
+    assert_eq!(fake.step(Event::RespawnDue { slot: 1 }), w(&[]), "nothing starts in a slot scaled away");
+    assert_eq!(fake.step(Event::Scale { workers: 2 }), w(&["spawn 1/1"]));
+    assert_eq!(fake.step(Event::RespawnDue { slot: 1 }), w(&[]), "a stale timer starts nothing more");
+}

@@ -8,7 +8,7 @@
 use tracing::{info, warn};
 
 use super::machine::{Action, Machine};
-use super::table::{Slot, WorkerState};
+use super::table::{Slot, SlotState, WorkerState};
 use super::{backoff, Settings};
 use crate::discovery::WorkerId;
 use crate::telemetry::metrics::RecycleReason;
@@ -97,7 +97,7 @@ impl Machine {
         if !self.reloading {
             return;
         }
-        let done = self.slots.iter().filter(|s| s.active).all(|s| {
+        let done = self.slots.iter().filter(|s| s.is_active()).all(|s| {
             s.next.is_none()
                 && s.current
                     .and_then(|id| self.workers.get(&id))
@@ -111,7 +111,7 @@ impl Machine {
     }
 
     fn active_slots(&self) -> usize {
-        self.slots.iter().filter(|s| s.active).count()
+        self.slots.iter().filter(|s| s.is_active()).count()
     }
 
     /// Grows or shrinks the pool to `n` workers. New slots start at once; removed slots'
@@ -124,13 +124,13 @@ impl Machine {
                 self.slots.push(Slot::default());
             }
             let want = slot < n;
-            if want == self.slots[slot].active {
+            if want == self.slots[slot].is_active() {
                 continue;
             }
-            self.slots[slot].active = want;
+            self.slots[slot].state = if want { SlotState::Active } else { SlotState::Inactive };
             if want {
                 self.slots[slot].failures = 0;
-                if self.slots[slot].current.is_none() && !self.slots[slot].respawn_scheduled {
+                if self.slots[slot].current.is_none() {
                     self.spawn(slot);
                 }
             } else {
@@ -160,7 +160,7 @@ impl Machine {
                 return;
             }
             let s = &self.slots[slot];
-            if !s.active || s.next.is_some() || s.respawn_scheduled {
+            if s.state != SlotState::Active || s.next.is_some() {
                 continue;
             }
             let Some(current) = s.current.and_then(|id| self.workers.get(&id)) else { continue };
@@ -193,7 +193,7 @@ impl Machine {
 
     pub(super) fn schedule_respawn(&mut self, slot: usize) {
         let s = &mut self.slots[slot];
-        if s.respawn_scheduled || !s.active {
+        if s.state != SlotState::Active {
             return;
         }
         let delay = backoff::delay(s.failures);
@@ -203,14 +203,17 @@ impl Machine {
             }
             return;
         }
-        s.respawn_scheduled = true;
+        s.state = SlotState::BackingOff;
         warn!(slot, failures = s.failures, delay_ms = delay.as_millis() as u64, "worker restart backed off");
         self.act(Action::RespawnAfter { slot, after: delay });
     }
 
     pub(super) fn on_respawn_due(&mut self, slot: usize) {
-        self.slots[slot].respawn_scheduled = false;
-        if self.is_stopping() || !self.slots[slot].active {
+        let s = &mut self.slots[slot];
+        if s.is_backing_off() {
+            s.state = SlotState::Active;
+        }
+        if self.is_stopping() || !self.slots[slot].is_active() {
             return;
         }
         if self.slots[slot].current.is_none() {

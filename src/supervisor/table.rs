@@ -12,9 +12,21 @@ use crate::telemetry::metrics::RecycleReason;
 
 /// A place in the pool. Slots are never removed, only deactivated, so that worker ids
 /// (`slot/generation`) are never reused.
+/// Whether a slot wants a worker, and whether it may start one now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SlotState {
+    /// Scaled away: no worker is wanted here.
+    #[default]
+    Inactive,
+    /// Wanted; a worker may be started whenever one is needed.
+    Active,
+    /// Wanted, but the last start failed: nothing starts here until the backoff is over.
+    BackingOff,
+}
+
 #[derive(Debug, Default)]
 pub struct Slot {
-    pub active: bool,
+    pub state: SlotState,
     pub next_generation: u64,
     /// Consecutive failures, for backoff.
     pub failures: u32,
@@ -24,9 +36,19 @@ pub struct Slot {
     pub next: Option<WorkerId>,
     /// Why `current` is due for replacement, if it is.
     pub recycle_reason: Option<RecycleReason>,
-    pub respawn_scheduled: bool,
     /// How the last worker of this slot ended.
     pub last_exit: Option<String>,
+}
+
+impl Slot {
+    /// The slot is part of the pool (backing off or not).
+    pub fn is_active(&self) -> bool {
+        self.state != SlotState::Inactive
+    }
+
+    pub fn is_backing_off(&self) -> bool {
+        self.state == SlotState::BackingOff
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

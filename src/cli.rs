@@ -129,6 +129,9 @@ pub struct WorkerArgs {
     /// With --handoff: client connections served at once.
     #[arg(long, default_value_t = 10_000)]
     pub max_connections: usize,
+    /// With --handoff: peers whose forwarding headers are believed, comma-separated CIDRs.
+    #[arg(long, default_value = "")]
+    pub trusted_proxies: String,
 }
 
 impl Cli {

@@ -153,6 +153,10 @@ settings! {
     /// Serve /metrics, /live and /ready on this address, e.g. 127.0.0.1:9090
     admin: Option<std::net::SocketAddr> = None, shown "off",
         flag "ADDR", parse parse_admin;
+    /// Proxies in front of rip whose forwarding headers are believed, comma-separated
+    /// addresses or CIDRs, e.g. 10.0.0.0/8,::1; from any other peer they are removed
+    trusted_proxies: Vec<Cidr> = Vec::new(), shown "none",
+        flag "CIDRS", parse parse_cidrs;
 }
 
 /// How requests are spread over workers (see `proxy::strategy`).
@@ -223,6 +227,71 @@ impl std::str::FromStr for Upstream {
             _ => anyhow::bail!("expected http2, http1 or handoff"),
         }
     }
+}
+
+/// An address block, `10.0.0.0/8` or `::1/128`; a bare address is a block of one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A dual-stack listener sees IPv4 clients as mapped IPv6 addresses.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                masked(u32::from(net).into(), u32::from(ip).into(), self.prefix, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => masked(u128::from(net), u128::from(ip), self.prefix, 128),
+            _ => false,
+        }
+    }
+}
+
+fn masked(net: u128, ip: u128, prefix: u8, bits: u8) -> bool {
+    let host_bits = u32::from(bits - prefix);
+    let mask = if host_bits >= 128 { 0 } else { !0u128 << host_bits };
+    (net & mask) == (ip & mask)
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr =
+            addr.trim().parse().map_err(|_| anyhow!("expected an address or CIDR such as 10.0.0.0/8"))?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= bits => p,
+                _ => bail!("expected a prefix length from 0 to {bits} in '{s}'"),
+            },
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// A comma-separated list of [`Cidr`]s; empty or `none` is none.
+pub fn parse_cidrs(raw: &str) -> Result<Vec<Cidr>> {
+    if raw.trim().is_empty() || raw.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    raw.split(',').map(|part| part.trim().parse()).collect()
 }
 
 /// Where access log lines go.
@@ -587,6 +656,21 @@ mod tests {
         assert_eq!(parse_size("42").unwrap(), 42);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("99999999999g").is_err());
+    }
+
+    #[test]
+    fn trusted_proxies_parse_as_blocks_and_match_addresses() {
+        let cidrs = parse_cidrs("10.0.0.0/8, 127.0.0.1,::1/128").unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let trusted = |s: &str| cidrs.iter().any(|c| c.contains(ip(s)));
+        assert!(trusted("10.200.3.4") && trusted("127.0.0.1") && trusted("::1"));
+        assert!(trusted("::ffff:10.1.1.1"), "a mapped IPv4 client is the IPv4 address");
+        assert!(!trusted("11.0.0.1") && !trusted("127.0.0.2") && !trusted("::2"));
+        assert!(parse_cidrs("none").unwrap().is_empty());
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains(ip("8.8.8.8")));
+        for bad in ["10.0.0.0/33", "not-an-ip", "::1/129"] {
+            assert!(parse_cidrs(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]

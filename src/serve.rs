@@ -82,6 +82,7 @@ fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor
             header_timeout: config.header_timeout,
             max_body: config.max_body,
             max_connections: config.max_connections,
+            trusted_proxies: config.trusted_proxies.clone(),
         }),
     }
 }

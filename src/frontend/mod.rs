@@ -165,7 +165,8 @@ pub async fn serve(
             continue;
         }
         let stream = StrictFraming::new(stream);
-        let peer = Arc::new(Peer::new(peer));
+        let trusted = proxy.settings_now().trusts(peer.ip());
+        let peer = Arc::new(Peer::new(peer, trusted));
         let door = match &door {
             Door::Proxy(stack) => Door::Proxy(stack.for_peer(peer.clone())),
             other => other.clone(),

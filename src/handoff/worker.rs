@@ -92,13 +92,15 @@ async fn accept_channels(listener: UnixListener, clients: Clients, receivers: Ta
 }
 
 /// What the front-end enforces on client connections, enforced here instead.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientLimits {
     pub header_timeout: Duration,
     /// 0 = unlimited.
     pub max_body: u64,
     /// Client connections this worker serves at once; past it, hand-offs wait in the channel.
     pub max_connections: usize,
+    /// Peers whose forwarding headers are believed (`--trusted-proxies`).
+    pub trusted_proxies: Vec<crate::config::Cidr>,
 }
 
 /// The client connections of one worker. Cheap to clone.
@@ -114,6 +116,7 @@ struct Shared {
     connections: Connections,
     permits: Arc<Semaphore>,
     max_body: u64,
+    trusted_proxies: Vec<crate::config::Cidr>,
     /// Requests to serve before asking to be recycled, as the front-end said; 0 = no limit.
     budget: AtomicU64,
     exhausted: watch::Sender<bool>,
@@ -136,6 +139,7 @@ impl Clients {
             connections: Connections::new(stop.clone(), crate::frontend::DRAIN_LINGER),
             permits: Arc::new(Semaphore::new(limits.max_connections)),
             max_body: if limits.max_body == 0 { u64::MAX } else { limits.max_body },
+            trusted_proxies: limits.trusted_proxies.clone(),
             budget: AtomicU64::new(0),
             exhausted: watch::Sender::new(false),
             stop,
@@ -191,8 +195,12 @@ impl Clients {
         let Ok(stream) = stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream)) else {
             return;
         };
-        let service =
-            ClientService { clients: self.clone(), peer, forwarded_for: headers::forwarded_for(peer.ip()) };
+        let service = ClientService {
+            clients: self.clone(),
+            peer,
+            forwarded_for: headers::forwarded_for(peer.ip()),
+            trusted: self.shared.trusted_proxies.iter().any(|cidr| cidr.contains(peer.ip())),
+        };
         let io = TokioIo::new(StrictFraming::new(stream));
         let conn = self.shared.builder.serve_connection(io, service).with_upgrades();
         self.shared.connections.spawn(conn, permit);
@@ -219,6 +227,7 @@ struct ClientService {
     clients: Clients,
     peer: std::net::SocketAddr,
     forwarded_for: HeaderValue,
+    trusted: bool,
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -236,7 +245,7 @@ impl hyper::service::Service<Request<Incoming>> for ClientService {
             let response = err.into_response().map(Body::new);
             return Box::pin(async move { Ok(response) });
         }
-        headers::set_forwarded(&mut parts.headers, &self.forwarded_for);
+        headers::set_forwarded(&mut parts.headers, &self.forwarded_for, self.trusted);
         // The client is right here: its address needs no header, and one it sent is forged.
         parts.headers.remove(&headers::PEER);
         parts.extensions.insert(axum::extract::ConnectInfo(self.peer));

@@ -1,6 +1,8 @@
-//! Header rewriting on the proxy path. Invariant: hop-by-hop headers (RFC 9110 §7.6.1) never
-//! cross the proxy, `X-Forwarded-For`/`-Proto` are ours (a client cannot forge them), and the
-//! `Host` the client sent reaches the worker.
+//! Header rewriting on the proxy path. Invariants: hop-by-hop headers (RFC 9110 §7.6.1) never
+//! cross the proxy; what a worker reads about the client (`X-Forwarded-For`/`-Proto`, and
+//! `Forwarded`, `X-Forwarded-Host`/`-Port`, `X-Real-IP`) is rip's, unless the peer is a
+//! trusted proxy (`--trusted-proxies`), whose word is kept and to which `X-Forwarded-For`
+//! appends; and the `Host` the client sent reaches the worker only if it is a valid one.
 
 use std::net::IpAddr;
 
@@ -9,6 +11,9 @@ use http::{request, StatusCode, Uri, Version};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// The client's address and port as the front-end saw them, for the worker's
 /// `ConnectInfo<SocketAddr>`. Set by the front-end on every request (replacing whatever a
 /// client sent), and taken off again by the worker before the app sees the request.
@@ -75,14 +80,42 @@ pub fn check_request(parts: &request::Parts) -> Result<(), &'static str> {
     if hosts == 0 && parts.version == Version::HTTP_11 && parts.uri.authority().is_none() {
         return Err("no Host header");
     }
+    if parts.headers.get(header::HOST).is_some_and(|host| !is_valid_host(host)) {
+        return Err("invalid Host header");
+    }
     Ok(())
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2): a registered name, an IPv4
+/// address or a bracketed IP literal, and a port that is a port. Empty is allowed: a client
+/// sends it for a target without an authority (RFC 9112 §3.2).
+fn is_valid_host(value: &HeaderValue) -> bool {
+    let Ok(text) = value.to_str() else { return false };
+    if text.is_empty() {
+        return true;
+    }
+    if text.contains('@') {
+        return false;
+    }
+    let Ok(authority) = text.parse::<http::uri::Authority>() else { return false };
+    let port_ok = match text.rsplit_once(':') {
+        // A colon inside an IPv6 literal is not a port separator.
+        Some((_, tail)) if !tail.contains(']') => authority.port_u16().is_some(),
+        _ => true,
+    };
+    authority.as_str() == text && !authority.host().is_empty() && port_ok
 }
 
 /// Rewrites a client request for a worker. Returns whether it is a protocol upgrade, in which
 /// case the `Upgrade` handshake headers are kept end to end.
 /// `forwarded_for` and `peer` are the client's address as made by [`forwarded_for`] and
 /// [`peer_value`], once per connection.
-pub fn prepare_request(parts: &mut request::Parts, forwarded_for: &HeaderValue, peer: &HeaderValue) -> bool {
+pub fn prepare_request(
+    parts: &mut request::Parts,
+    forwarded_for: &HeaderValue,
+    peer: &HeaderValue,
+    trusted: bool,
+) -> bool {
     let upgrade = is_upgrade(&parts.headers);
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
     strip_hop_by_hop(&mut parts.headers);
@@ -102,17 +135,39 @@ pub fn prepare_request(parts: &mut request::Parts, forwarded_for: &HeaderValue, 
         parts.uri = Uri::try_from(origin_form).unwrap_or_else(|_| Uri::from_static("/"));
     }
 
-    set_forwarded(&mut parts.headers, forwarded_for);
+    set_forwarded(&mut parts.headers, forwarded_for, trusted);
     parts.headers.insert(&PEER, peer.clone());
     // The hop to a worker is always keep-alive HTTP/1.1, whatever the client spoke.
     parts.version = Version::HTTP_11;
     upgrade
 }
 
-/// Replaces whatever `X-Forwarded-For`/`-Proto` the client sent with the truth.
-pub fn set_forwarded(headers: &mut HeaderMap, forwarded_for: &HeaderValue) {
-    headers.insert(&X_FORWARDED_FOR, forwarded_for.clone());
-    headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+/// Says who the client is. From an untrusted peer, whatever it claimed about the client is
+/// removed and `X-Forwarded-For`/`-Proto` are the truth: the peer's address, plain HTTP. A
+/// trusted proxy's claims are kept, and its own address is appended to `X-Forwarded-For`, as
+/// every proxy in a chain does.
+pub fn set_forwarded(headers: &mut HeaderMap, forwarded_for: &HeaderValue, trusted: bool) {
+    if !trusted {
+        for name in [&header::FORWARDED, &X_FORWARDED_HOST, &X_FORWARDED_PORT, &X_REAL_IP] {
+            headers.remove(name);
+        }
+        headers.insert(&X_FORWARDED_FOR, forwarded_for.clone());
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        return;
+    }
+    let chain: Vec<&[u8]> = headers.get_all(&X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes).collect();
+    let value = if chain.is_empty() {
+        forwarded_for.clone()
+    } else {
+        let mut joined = chain.join(&b", "[..]);
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(forwarded_for.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or_else(|_| forwarded_for.clone())
+    };
+    headers.insert(&X_FORWARDED_FOR, value);
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
 }
 
 /// Rewrites a worker's response for the client. A 101 keeps its handshake headers.
@@ -175,7 +230,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(!prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE));
+        assert!(!prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false));
         let h = &p.headers;
         for gone in ["connection", "keep-alive", "x-secret", "te", "proxy-authorization"] {
             assert!(!h.contains_key(gone), "{gone} was forwarded");
@@ -186,6 +241,50 @@ mod tests {
         assert_eq!(h["host"], "example.test");
         assert_eq!(h["accept"], "*/*");
         assert_eq!(p.uri, "/x?y=1");
+    }
+
+    #[test]
+    fn what_an_untrusted_peer_says_about_the_client_is_removed_and_a_trusted_one_is_kept() {
+        let forged = || {
+            parts(
+                Request::get("/")
+                    .header("host", "a")
+                    .header("forwarded", "for=6.6.6.6;host=evil.test")
+                    .header("x-forwarded-host", "evil.test")
+                    .header("x-forwarded-port", "443")
+                    .header("x-real-ip", "6.6.6.6")
+                    .header("x-forwarded-for", "6.6.6.6")
+                    .header("x-forwarded-proto", "https")
+                    .body(())
+                    .unwrap(),
+            )
+        };
+        let mut untrusted = forged();
+        prepare_request(&mut untrusted, &forwarded_for(PEER), &PEER_VALUE, false);
+        for gone in ["forwarded", "x-forwarded-host", "x-forwarded-port", "x-real-ip"] {
+            assert!(!untrusted.headers.contains_key(gone), "{gone} passed from an untrusted peer");
+        }
+        assert_eq!(untrusted.headers["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(untrusted.headers["x-forwarded-proto"], "http");
+
+        let mut trusted = forged();
+        prepare_request(&mut trusted, &forwarded_for(PEER), &PEER_VALUE, true);
+        assert_eq!(trusted.headers["x-forwarded-for"], "6.6.6.6, 10.1.2.3");
+        assert_eq!(trusted.headers["x-forwarded-proto"], "https");
+        assert_eq!(trusted.headers["x-forwarded-host"], "evil.test");
+        assert_eq!(trusted.headers["forwarded"], "for=6.6.6.6;host=evil.test");
+    }
+
+    #[test]
+    fn hosts_are_checked_against_the_grammar() {
+        let host = |h: &str| parts(Request::get("/").header("host", h).body(()).unwrap());
+        for good in ["a", "example.test:8080", "127.0.0.1", "[::1]", "[::1]:80", "xn--bcher-kva.example", ""]
+        {
+            assert_eq!(check_request(&host(good)), Ok(()), "{good:?}");
+        }
+        for bad in ["bad host", "a/b", "a:99999", "a:x", "user@a", "a?b", "[::1"] {
+            assert!(check_request(&host(bad)).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]
@@ -210,7 +309,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE));
+        assert!(prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false));
         assert_eq!(p.headers["connection"], "upgrade");
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["sec-websocket-key"], "k");
@@ -220,7 +319,7 @@ mod tests {
     fn absolute_form_becomes_origin_form_with_its_host() {
         let mut p =
             parts(Request::get("http://example.test:8080/a/b?c").header("host", "other").body(()).unwrap());
-        prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE);
+        prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false);
         assert_eq!(p.uri, "/a/b?c");
         assert_eq!(p.headers["host"], "example.test:8080");
     }
@@ -228,7 +327,7 @@ mod tests {
     #[test]
     fn mapped_ipv6_peers_are_shown_as_ipv4() {
         let mut p = parts(Request::get("/").body(()).unwrap());
-        prepare_request(&mut p, &forwarded_for("::ffff:127.0.0.1".parse().unwrap()), &PEER_VALUE);
+        prepare_request(&mut p, &forwarded_for("::ffff:127.0.0.1".parse().unwrap()), &PEER_VALUE, false);
         assert_eq!(p.headers["x-forwarded-for"], "127.0.0.1");
     }
 

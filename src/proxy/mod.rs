@@ -69,6 +69,15 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// Requests in flight per worker before it counts as full; 0 = no limit.
     pub max_in_flight: usize,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<crate::config::Cidr>,
+}
+
+impl Settings {
+    /// Whether a connection from `ip` comes from a trusted proxy.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|cidr| cidr.contains(ip))
+    }
 }
 
 impl From<&crate::config::Config> for Settings {
@@ -84,6 +93,7 @@ impl From<&crate::config::Config> for Settings {
             // The same patience for a client's body as for its headers.
             body_timeout: config.header_timeout,
             max_in_flight: config.max_in_flight,
+            trusted_proxies: config.trusted_proxies.clone(),
         }
     }
 }
@@ -142,14 +152,17 @@ pub struct Peer {
     forwarded_for: http::HeaderValue,
     /// The address with its port, for a worker's `ConnectInfo`.
     peer_header: http::HeaderValue,
+    /// A proxy named by `--trusted-proxies`: what it says about the client is kept.
+    trusted: bool,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr) -> Peer {
+    pub fn new(addr: SocketAddr, trusted: bool) -> Peer {
         Peer {
             addr,
             forwarded_for: headers::forwarded_for(addr.ip()),
             peer_header: headers::peer_value(addr),
+            trusted,
         }
     }
 }

@@ -46,8 +46,10 @@ impl<S> Rewrite<S> {
             None => parts.extensions.remove::<Arc<Peer>>(),
         };
         let upgrade = match &peer {
-            Some(peer) => headers::prepare_request(&mut parts, &peer.forwarded_for, &peer.peer_header),
-            None => headers::prepare_request(&mut parts, &unknown_peer(), &unknown_peer()),
+            Some(peer) => {
+                headers::prepare_request(&mut parts, &peer.forwarded_for, &peer.peer_header, peer.trusted)
+            }
+            None => headers::prepare_request(&mut parts, &unknown_peer(), &unknown_peer(), false),
         };
         let replay = Replay::capture(&parts, body.is_end_stream() && !upgrade);
         let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };

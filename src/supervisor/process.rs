@@ -81,6 +81,10 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path) -> Command {
             .arg(limits.max_body.to_string())
             .arg("--max-connections")
             .arg(limits.max_connections.to_string());
+        if !limits.trusted_proxies.is_empty() {
+            let list: Vec<String> = limits.trusted_proxies.iter().map(ToString::to_string).collect();
+            cmd.arg("--trusted-proxies").arg(list.join(","));
+        }
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())

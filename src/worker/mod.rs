@@ -158,6 +158,8 @@ fn client_limits(args: &WorkerArgs) -> ClientLimits {
         header_timeout: Duration::from_millis(args.header_timeout_ms),
         max_body: args.max_body,
         max_connections: args.max_connections,
+        // Written by the parent from a list it validated.
+        trusted_proxies: crate::config::parse_cidrs(&args.trusted_proxies).unwrap_or_default(),
     }
 }
 

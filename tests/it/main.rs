@@ -6,6 +6,7 @@ mod harness;
 mod backoff;
 mod chaos;
 mod examples;
+mod forwarding;
 mod framing;
 mod handlers;
 mod handoff;

@@ -1,5 +1,6 @@
-//! Restart delays for a slot whose workers keep failing. Invariant: a worker that fails at
-//! start is never restarted in a hot loop, and one that ran healthily restarts at once.
+//! Restart delays for a slot whose workers keep failing to start. Invariant: a worker that
+//! fails at start (exits or fails its probe before it is ready) is never restarted in a hot
+//! loop, and one that was ready is replaced at once.
 
 use std::time::Duration;
 
@@ -8,8 +9,6 @@ const FIRST: Duration = Duration::from_millis(100);
 /// Ceiling of the delay: a broken deploy is retried every 10 s, soon enough to recover by
 /// itself once fixed, rare enough to cost nothing.
 const CEILING: Duration = Duration::from_secs(10);
-/// A worker that served this long before exiting counts as healthy, not as a failure.
-pub const HEALTHY_UPTIME: Duration = Duration::from_secs(2);
 
 /// The delay before restarting after `failures` consecutive failures (0 = none: at once).
 pub fn delay(failures: u32) -> Duration {

@@ -8,7 +8,6 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
-use super::backoff;
 use super::machine::{Action, Machine};
 use super::table::{Fault, Slot, Worker, WorkerState};
 use crate::discovery::WorkerId;
@@ -126,12 +125,11 @@ impl Machine {
             return;
         }
 
-        // A hung worker was killed for one request; its replacement is needed at once, and
-        // one slow request says nothing about whether the app can start.
-        let healthy = hung
-            || worker
-                .ready_at
-                .is_some_and(|t| self.now.saturating_duration_since(t) >= backoff::HEALTHY_UPTIME);
+        // Only a start that failed counts toward backoff. A worker that became ready showed
+        // that the binary starts: however soon it died after (the OOM killer, an operator, a
+        // crash on some request), its replacement is needed at once. A hung worker was killed
+        // for one request, which says nothing about whether the app can start either.
+        let healthy = hung || worker.ready_at.is_some();
         let slot = &mut self.slots[id.slot];
         if slot.current == Some(id) {
             slot.current = slot.next.take();

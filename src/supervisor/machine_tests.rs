@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use super::*;
-use crate::supervisor::backoff;
 
 const GRACE: Duration = Duration::from_secs(30);
 
@@ -221,13 +220,18 @@ fn a_worker_that_crashes_before_ready_backs_off_doubling_each_time() {
 }
 
 #[test]
-fn a_ready_worker_that_ran_a_while_and_crashes_is_replaced_at_once() {
+fn a_worker_killed_right_after_it_became_ready_is_replaced_at_once_every_time() {
     let mut fake = Fake::ready(settings(2));
-    fake.advance(backoff::HEALTHY_UPTIME);
-    assert_eq!(
-        fake.exits(id(1, 0), "signal 9 (SIGKILL)"),
-        w(&["forget 1/0", "leave 1/0", "restarted", "spawn 1/1"])
-    );
+    for generation in 0..5 {
+        let worker = id(1, generation);
+        let replacement = format!("spawn 1/{}", generation + 1);
+        let exited = fake.exits(worker, "signal 9 (SIGKILL)");
+        assert_eq!(
+            exited,
+            w(&[&format!("forget {worker}"), &format!("leave {worker}"), "restarted", &replacement])
+        );
+        fake.becomes_ready(id(1, generation + 1));
+    }
 }
 
 #[test]
@@ -360,11 +364,14 @@ fn a_worker_retired_while_still_being_started_is_signalled_once_its_pid_is_known
 fn a_slot_scaled_away_while_backing_off_starts_at_once_when_scaled_back_and_its_timer_is_ignored() {
     let mut fake = Fake::ready(settings(2));
     assert_eq!(
-        fake.exits(id(1, 0), "exit code 1"),
-        w(&["forget 1/0", "leave 1/0", "restarted", "respawn 1 after 100ms"])
+        fake.exits(id(1, 0), "signal 9 (SIGKILL)"),
+        w(&["forget 1/0", "leave 1/0", "restarted", "spawn 1/1"])
     );
+    fake.step(Event::Spawned { id: id(1, 1), pid: pid(id(1, 1)) });
+    let failed_start = fake.exits(id(1, 1), "exit code 1");
+    assert_eq!(failed_start, w(&["forget 1/1", "leave 1/1", "restarted", "respawn 1 after 100ms"]));
     assert_eq!(fake.step(Event::Scale { workers: 1 }), w(&[]));
     assert_eq!(fake.step(Event::RespawnDue { slot: 1 }), w(&[]), "nothing starts in a slot scaled away");
-    assert_eq!(fake.step(Event::Scale { workers: 2 }), w(&["spawn 1/1"]));
+    assert_eq!(fake.step(Event::Scale { workers: 2 }), w(&["spawn 1/2"]));
     assert_eq!(fake.step(Event::RespawnDue { slot: 1 }), w(&[]), "a stale timer starts nothing more");
 }

@@ -31,9 +31,8 @@ fn sigkill_of_random_workers_under_load_fails_no_request() {
     const KILL_EVERY: Duration = Duration::from_millis(300);
     const KILLING_FOR: Duration = Duration::from_secs(10);
     let rt = runtime();
-    // Workers killed young count as crash-looping, so their slots back off (up to 10 s); a
-    // queue timeout past that ceiling lets requests wait out a moment with no worker ready
-    // instead of getting a 503 by design. Any failure left is then a fault.
+    // A queue timeout well past the kill pace lets requests wait out a moment with no worker
+    // ready instead of getting a 503 by design. Any failure left is then a fault.
     let rip = Rip::start(&["--workers", "4", "--queue-timeout", "15s", "--access-log", "off"]);
     rip.wait_all_ready();
 
@@ -57,6 +56,15 @@ fn sigkill_of_random_workers_under_load_fails_no_request() {
         tick += KILL_EVERY;
         std::thread::sleep(tick.saturating_duration_since(Instant::now()));
     }
+    // A worker that was ready when it was killed is replaced at once, not backed off as a
+    // start failure: the pool is whole again within a second of the last kill.
+    let last_kill = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(1), || ready_workers(&rip).len() == 4),
+        "the pool is at {} of 4 workers a second after the last kill",
+        ready_workers(&rip).len()
+    );
+    let whole_after_ms = last_kill.elapsed().as_millis();
     // Requests go on after the last kill, through the replacements.
     let after = traffic.done();
     assert!(wait_until(WAIT, || traffic.done() >= after + 200), "load stalled after the kills");
@@ -65,7 +73,7 @@ fn sigkill_of_random_workers_under_load_fails_no_request() {
 
     println!(
         "faults: kill_under_load sent={} failed={} kills={kills} statuses={:?} logged_502={} \
-         seed={:#x} distinct_pids={} restarts={}",
+         seed={:#x} distinct_pids={} restarts={} pool_whole_after_ms={whole_after_ms}",
         report.sent,
         report.failed,
         report.statuses,

@@ -155,6 +155,8 @@ impl Rip {
             cli::Command::Upgrade(args) => commands::upgrade(&args),
             cli::Command::Stop(args) => commands::stop(&args),
         };
+        // The log's last lines are on their way to stderr through its writer thread.
+        telemetry::sink::Sink::stderr().flush();
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

@@ -101,9 +101,9 @@ pub fn copy_stderr(child: &mut Child, tail: Tail) -> Option<JoinHandle<()>> {
     Some(tokio::spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            // One short write per line to our own stderr: lines from several workers and
-            // the parent never interleave mid-line.
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{line}\n").as_bytes());
+            // Whole lines through the parent's stderr sink: lines from several workers and the
+            // parent never interleave mid-line, and a reader that stops never stops this task.
+            crate::telemetry::sink::Sink::stderr().write_line(format!("{line}\n").into_bytes());
             tail.push(line);
         }
     }))

@@ -1,32 +1,42 @@
-//! The access log: one line per request, written by a task of its own so the request path
-//! only formats a line and hands it over. Invariant: a slow disk never slows or blocks
-//! requests; if the writer falls behind by more than `BACKLOG` lines, lines are dropped and
-//! counted, and the count is logged.
+//! The access log: one line per request, formatted on the request path and written by a
+//! thread that is not the server's. Invariant: a slow disk or a reader that stops reading
+//! stderr never slows or blocks requests; when the writer falls behind, lines are dropped
+//! and counted, and the count is logged.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{Method, StatusCode};
-use tokio::sync::{mpsc, Notify};
 use tracing::warn;
 
+use super::sink::Sink;
 use crate::config::{AccessLogTarget, LogFormat};
 
-/// Lines buffered between the request path and the writer.
+/// Lines buffered between the request path and a file's writer.
 const BACKLOG: usize = 16_384;
 
-/// Cheap handle to the writer task.
+/// Cheap handle to the log.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    lines: mpsc::Sender<String>,
+    to: Destination,
     format: LogFormat,
-    dropped: Arc<AtomicU64>,
-    reopen: Arc<Notify>,
+}
+
+#[derive(Debug, Clone)]
+enum Destination {
+    /// The process's stderr sink, shared with the rest of its log.
+    Stderr(&'static Sink),
+    File {
+        lines: SyncSender<String>,
+        dropped: Arc<AtomicU64>,
+        reopen: Arc<AtomicBool>,
+    },
 }
 
 /// What is known of a request when its response ends.
@@ -44,82 +54,99 @@ pub struct Record {
 impl AccessLog {
     /// Starts the writer; `None` when the log is off.
     pub fn start(target: &AccessLogTarget, format: LogFormat) -> std::io::Result<Option<AccessLog>> {
-        let sink = match target {
+        let to = match target {
             AccessLogTarget::Off => return Ok(None),
-            AccessLogTarget::Stderr => Sink::Stderr,
-            AccessLogTarget::File(path) => Sink::File { file: open(path)?, path: path.clone() },
+            AccessLogTarget::Stderr => Destination::Stderr(Sink::stderr()),
+            AccessLogTarget::File(path) => {
+                let file = open(path)?;
+                let (lines, queue) = sync_channel(BACKLOG);
+                let (dropped, reopen) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+                let writer =
+                    FileWriter { file, path: path.clone(), dropped: dropped.clone(), reopen: reopen.clone() };
+                std::thread::Builder::new().name("rip-access-log".into()).spawn(move || writer.run(queue))?;
+                Destination::File { lines, dropped, reopen }
+            }
         };
-        let (lines, rx) = mpsc::channel(BACKLOG);
-        let log = AccessLog { lines, format, dropped: Arc::default(), reopen: Arc::default() };
-        tokio::spawn(write_lines(rx, sink, log.reopen.clone(), log.dropped.clone()));
-        Ok(Some(log))
+        Ok(Some(AccessLog { to, format }))
     }
 
-    /// Reopens the file (after logrotate moved it); SIGUSR1 calls this.
+    /// Reopens the file (after logrotate moved it) before its next line; SIGUSR1 calls this.
     pub fn reopen(&self) {
-        self.reopen.notify_one();
+        if let Destination::File { reopen, lines, .. } = &self.to {
+            reopen.store(true, Ordering::Relaxed);
+            // An empty line wakes the writer, so that the reopen does not wait for traffic.
+            let _ = lines.try_send(String::new());
+        }
     }
 
     pub fn write(&self, record: &Record, bytes: u64) {
         let line = format_line(record, bytes, record.started.elapsed(), self.format, SystemTime::now());
-        if self.lines.try_send(line).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        match &self.to {
+            Destination::Stderr(sink) => sink.write_line(line.into_bytes()),
+            Destination::File { lines, dropped, .. } => {
+                if lines.try_send(line).is_err() {
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Lines dropped because the file's writer fell behind (stderr's are the sink's).
+    pub fn dropped(&self) -> u64 {
+        match &self.to {
+            Destination::Stderr(_) => 0,
+            Destination::File { dropped, .. } => dropped.load(Ordering::Relaxed),
         }
     }
 }
 
-enum Sink {
-    Stderr,
-    File { file: File, path: PathBuf },
-}
-
-fn open(path: &PathBuf) -> std::io::Result<File> {
+fn open(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-async fn write_lines(
-    mut rx: mpsc::Receiver<String>,
-    mut sink: Sink,
-    reopen: Arc<Notify>,
+/// The file's writer, on a thread of its own: a slow disk holds up nobody but the queue.
+struct FileWriter {
+    file: File,
+    path: PathBuf,
     dropped: Arc<AtomicU64>,
-) {
-    let mut batch = Vec::with_capacity(64 * 1024);
-    loop {
-        tokio::select! {
-            line = rx.recv() => {
-                let Some(line) = line else { return };
-                batch.extend_from_slice(line.as_bytes());
-                // Take whatever else is queued, so one write(2) carries many lines.
-                while batch.len() < 60 * 1024 {
-                    match rx.try_recv() {
-                        Ok(line) => batch.extend_from_slice(line.as_bytes()),
-                        Err(_) => break,
-                    }
+    reopen: Arc<AtomicBool>,
+}
+
+impl FileWriter {
+    fn run(mut self, queue: Receiver<String>) {
+        let mut batch = Vec::with_capacity(64 * 1024);
+        while let Ok(line) = queue.recv() {
+            if self.reopen.swap(false, Ordering::Relaxed) {
+                self.reopen_file();
+            }
+            batch.extend_from_slice(line.as_bytes());
+            // Take whatever else is queued, so one write(2) carries many lines.
+            while batch.len() < 60 * 1024 {
+                match queue.try_recv() {
+                    Ok(line) => batch.extend_from_slice(line.as_bytes()),
+                    Err(_) => break,
                 }
-                let result = match &mut sink {
-                    Sink::Stderr => std::io::stderr().write_all(&batch),
-                    Sink::File { file, .. } => file.write_all(&batch),
-                };
-                if let Err(e) = result {
+            }
+            if !batch.is_empty() {
+                if let Err(e) = self.file.write_all(&batch) {
                     warn!(error = %e, "access log write failed");
                 }
-                batch.clear();
-                let lost = dropped.swap(0, Ordering::Relaxed);
-                if lost > 0 {
-                    warn!(lines = lost, "access log fell behind, lines dropped");
-                }
             }
-            () = reopen.notified() => {
-                if let Sink::File { file, path } = &mut sink {
-                    match open(path) {
-                        Ok(new) => {
-                            *file = new;
-                            tracing::info!(path = %path.display(), "access log reopened");
-                        }
-                        Err(e) => warn!(path = %path.display(), error = %e, "access log reopen failed"),
-                    }
-                }
+            batch.clear();
+            let lost = self.dropped.swap(0, Ordering::Relaxed);
+            if lost > 0 {
+                warn!(lines = lost, "access log fell behind, lines dropped");
             }
+        }
+    }
+
+    fn reopen_file(&mut self) {
+        match open(&self.path) {
+            Ok(new) => {
+                self.file = new;
+                tracing::info!(path = %self.path.display(), "access log reopened");
+            }
+            Err(e) => warn!(path = %self.path.display(), error = %e, "access log reopen failed"),
         }
     }
 }

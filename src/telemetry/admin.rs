@@ -55,6 +55,7 @@ async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {
         in_flight: counts.iter().map(|(_, _, n)| n).sum(),
         queued: admin.proxy.pool().waiting(),
         workers_ready: admin.supervisor.ready_count(),
+        log_lines_dropped: super::sink::Sink::stderr().dropped(),
         workers: workers
             .iter()
             .map(|w| WorkerGauge { slot: w.id.slot, pid: w.pid, rss_bytes: w.rss_bytes, age: w.age })

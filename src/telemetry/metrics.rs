@@ -78,6 +78,8 @@ pub struct Gauges {
     pub in_flight: usize,
     pub queued: usize,
     pub workers_ready: usize,
+    /// Log lines dropped because stderr was not being read.
+    pub log_lines_dropped: u64,
     pub workers: Vec<WorkerGauge>,
 }
 
@@ -166,6 +168,11 @@ impl Metrics {
         );
         gauge(&mut out, "rip_queued_requests", "Requests waiting for a free worker.", gauges.queued as u64);
         gauge(&mut out, "rip_workers_ready", "Workers in the rotation.", gauges.workers_ready as u64);
+        out.push_str(
+            "# HELP rip_log_lines_dropped_total Log lines dropped because stderr was not being read.\n",
+        );
+        out.push_str("# TYPE rip_log_lines_dropped_total counter\n");
+        let _ = writeln!(out, "rip_log_lines_dropped_total {}", gauges.log_lines_dropped);
         out.push_str("# HELP rip_worker_rss_bytes Resident memory of each worker.\n");
         out.push_str("# TYPE rip_worker_rss_bytes gauge\n");
         for w in &gauges.workers {

@@ -8,3 +8,5 @@ pub mod admin;
 pub mod logging;
 /// Counters and the Prometheus text for the admin listener.
 pub mod metrics;
+/// stderr through a bounded queue and a thread of its own: never waited on.
+pub mod sink;

@@ -11,6 +11,7 @@ mod framing;
 mod handlers;
 mod handoff;
 mod limits;
+mod log_sink;
 mod observability;
 mod pool;
 mod refusals;

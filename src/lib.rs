@@ -63,6 +63,8 @@ pub(crate) mod runtime_dir;
 pub(crate) mod serve;
 /// Worker processes as a state machine and its executor.
 pub(crate) mod supervisor;
+/// The owner of `rip serve`'s long-lived tasks: none ends unnoticed.
+pub(crate) mod tasks;
 /// Logs, the access log, metrics and the admin listener.
 #[doc(hidden)]
 pub mod telemetry;

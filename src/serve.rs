@@ -23,6 +23,7 @@ use crate::frontend::{self, Edge, Limits};
 use crate::proxy::{self, Proxy};
 use crate::runtime_dir::RuntimeDir;
 use crate::supervisor::{self, ReloadResult, SupervisorHandle};
+use crate::tasks::Tasks;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::metrics::Metrics;
 
@@ -108,7 +109,8 @@ async fn serve(parent: Parent) -> Result<()> {
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let proxy = Proxy::new(proxy::Settings::from(config), reports_tx, metrics.clone(), access_log.clone());
-    tokio::spawn({
+    let mut tasks = Tasks::new();
+    tasks.essential("discovery", {
         let proxy = proxy.clone();
         async move { proxy.follow(changes_rx).await }
     });
@@ -133,12 +135,14 @@ async fn serve(parent: Parent) -> Result<()> {
         reports_rx,
     )
     .context("starting the supervisor")?;
+    let supervisor_task = tasks.essential("supervisor", propagate_panic(supervisor_task));
     let controls = Controls { supervisor: supervisor.clone(), proxy: proxy.clone(), intents: intents_tx };
-    let control_task = control::serve(&dir.path().join(control::SOCKET_NAME), controls)?;
+    let control_task =
+        tasks.essential("control socket", control::serve(&dir.path().join(control::SOCKET_NAME), controls)?);
 
     let stop = CancellationToken::new();
     if let Some(addr) = config.admin {
-        let bound = crate::telemetry::admin::serve(
+        let (bound, serving) = crate::telemetry::admin::serve(
             addr,
             metrics.clone(),
             proxy.clone(),
@@ -146,22 +150,22 @@ async fn serve(parent: Parent) -> Result<()> {
             stop.clone(),
         )
         .await?;
+        tasks.essential("admin listener", serving);
         info!(addr = %bound, "admin listener started");
     }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
     let door = frontend::Door::new(&proxy, parent.edge.as_ref());
-    let frontend = tokio::spawn(frontend::serve(
-        listener,
-        proxy.clone(),
-        door,
-        limits,
-        stop.clone(),
-        config.graceful_timeout,
-    ));
+    let frontend = tasks.essential(
+        "front-end",
+        frontend::serve(listener, proxy.clone(), door, limits, stop.clone(), config.graceful_timeout),
+    );
     tokio::spawn(announce_ready(supervisor.clone(), config.workers, local));
 
-    let reason =
-        run_until_stopped(&parent, &mut intents, &supervisor, &proxy, access_log.as_ref(), listener_fd).await;
+    let reason = tokio::select! {
+        reason = run_until_stopped(&parent, &mut intents, &supervisor, &proxy, access_log.as_ref(), listener_fd) => reason,
+        ended = tasks.first_ended() => Stop::Failed(ended.task),
+    };
+    tasks.shutting_down();
     info!(reason = reason.as_str(), "shutting down");
     // After an upgrade the new process is the service's main pid; systemd must not hear
     // that "the service" is stopping.
@@ -170,10 +174,22 @@ async fn serve(parent: Parent) -> Result<()> {
     }
     control_task.abort();
     shutdown(stop, frontend, &mut intents, supervisor).await;
-    supervisor_task.await.context("waiting for the supervisor")?;
+    let _ = supervisor_task.await;
     drop(dir);
+    if let Stop::Failed(task) = reason {
+        bail!("the {task} task ended unexpectedly (see the log); rip stopped its workers and exits");
+    }
     info!("rip stopped");
     Ok(())
+}
+
+/// A spawned task's panic as a panic of the future awaiting it, so that its owner sees it.
+async fn propagate_panic(task: tokio::task::JoinHandle<()>) {
+    if let Err(e) = task.await {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }
 
 /// What `--upstream handoff` gives up, said once at start so nobody relies on it unawares.
@@ -324,7 +340,7 @@ async fn finish_reload(
 /// skips the rest of the front-end's grace.
 async fn shutdown(
     stop: CancellationToken,
-    frontend: tokio::task::JoinHandle<usize>,
+    frontend: tokio::task::JoinHandle<Option<usize>>,
     intents: &mut IntentReceiver,
     supervisor: SupervisorHandle,
 ) {
@@ -346,8 +362,9 @@ async fn shutdown(
     };
     tokio::select! {
         open = frontend => match open {
-            Ok(0) => info!("front-end drained"),
-            Ok(open) => warn!(open, "graceful timeout elapsed with client connections open"),
+            Ok(Some(0)) => info!("front-end drained"),
+            Ok(Some(open)) => warn!(open, "graceful timeout elapsed with client connections open"),
+            Ok(None) => warn!("front-end task failed"),
             Err(e) => warn!(error = %e, "front-end task failed"),
         },
         reason = second_signal => warn!(reason = reason.as_str(), "second stop request, not waiting for requests"),

@@ -159,15 +159,26 @@ impl Controls {
     }
 }
 
-/// Binds the control socket (mode 0600) and answers commands until the task is dropped.
-pub fn serve(path: &Path, controls: Controls) -> Result<tokio::task::JoinHandle<()>> {
+/// Binds the control socket (mode 0600); the returned future answers commands until dropped.
+pub fn serve(
+    path: &Path,
+    controls: Controls,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))?;
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and the like: wait rather than spin on a full file table.
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
             let controls = controls.clone();
             tokio::spawn(async move {
                 if let Err(e) = answer_connection(stream, &controls).await {
@@ -175,7 +186,7 @@ pub fn serve(path: &Path, controls: Controls) -> Result<tokio::task::JoinHandle<
                 }
             });
         }
-    }))
+    })
 }
 
 async fn answer_connection(stream: UnixStream, controls: &Controls) -> std::io::Result<()> {

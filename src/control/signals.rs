@@ -34,6 +34,8 @@ pub enum Stop {
     Upgraded,
     /// Every sender of intents is gone.
     Closed,
+    /// An essential task ended before shutdown (see `crate::tasks`).
+    Failed(&'static str),
 }
 
 impl Stop {
@@ -43,6 +45,7 @@ impl Stop {
             Stop::Command => "rip stop",
             Stop::Upgraded => "upgraded",
             Stop::Closed => "closed",
+            Stop::Failed(task) => task,
         }
     }
 }

@@ -33,7 +33,7 @@ pub async fn serve(
     proxy: Proxy,
     supervisor: SupervisorHandle,
     stop: CancellationToken,
-) -> Result<SocketAddr> {
+) -> Result<(SocketAddr, impl std::future::Future<Output = ()> + Send + 'static)> {
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding admin listener {addr}"))?;
     let local = listener.local_addr().context("reading the admin address")?;
     let app = Router::new()
@@ -41,11 +41,11 @@ pub async fn serve(
         .route("/live", get(|| async { "ok\n" }))
         .route("/ready", get(ready))
         .with_state(Admin { metrics, proxy, supervisor });
-    tokio::spawn(async move {
+    let serving = async move {
         let _ =
             axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
-    });
-    Ok(local)
+    };
+    Ok((local, serving))
 }
 
 async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {

@@ -2,7 +2,9 @@
 //! from the moment it has the whole request (a client that uploads slowly is the client's
 //! problem, bounded by the body's own idle timeout, not a hung worker). A worker that
 //! outlives it is reported hung, once, for the supervisor to kill and replace, and the
-//! request gets its 504.
+//! request gets its 504. `--request-timeout`, when set and shorter, is the same clock for
+//! the one request only: its 504, the request cancelled on the worker (its stream reset, or
+//! its connection closed), and the worker left alone.
 //!
 //! The layer sits below the balancer, per attempt, because the timer starts only once a
 //! worker holds the request and the report must name that worker.
@@ -46,7 +48,9 @@ where
     }
 
     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
-        let timeout = self.settings.load().timeout;
+        let settings = self.settings.load();
+        let timeout = settings.timeout;
+        let request_timeout = settings.request_timeout;
         let request = &dispatch.forward.request;
         let progress = request.body().progress();
         // For the warning only; both are reference-counted, not copied.
@@ -56,29 +60,43 @@ where
         let answer = self.inner.call(dispatch);
         Box::pin(async move {
             let started = Instant::now();
-            let expired = async {
-                if let Some(progress) = progress {
+            let sent = async {
+                if let Some(progress) = &progress {
                     progress.ended().await;
                 }
-                tokio::time::sleep(timeout).await;
             };
-            tokio::select! {
-                answered = answer => answered,
-                () = expired => {
-                    let elapsed = started.elapsed();
-                    warn!(
-                        worker = %endpoint.id,
-                        method = %method,
-                        path = uri.path(),
-                        elapsed_ms = elapsed.as_millis() as u64,
-                        "request timed out, worker will be replaced"
-                    );
-                    if endpoint.mark_hung() {
-                        let _ = reports.send(Report::Hung(endpoint.id));
-                    }
-                    Err(Failed::new(Cause::Timeout(elapsed), Some(endpoint.id)))
+            let expired = async {
+                sent.await;
+                let request_only = !request_timeout.is_zero() && request_timeout < timeout;
+                tokio::time::sleep(if request_only { request_timeout } else { timeout }).await;
+                request_only
+            };
+            let request_only = tokio::select! {
+                answered = answer => return answered,
+                request_only = expired => request_only,
+            };
+            let elapsed = started.elapsed();
+            if request_only {
+                warn!(
+                    worker = %endpoint.id,
+                    method = %method,
+                    path = uri.path(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "request timed out, cancelled on its worker"
+                );
+            } else {
+                warn!(
+                    worker = %endpoint.id,
+                    method = %method,
+                    path = uri.path(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    "request timed out, worker will be replaced"
+                );
+                if endpoint.mark_hung() {
+                    let _ = reports.send(Report::Hung(endpoint.id));
                 }
             }
+            Err(Failed::new(Cause::Timeout(elapsed), Some(endpoint.id)))
         })
     }
 }
@@ -120,6 +138,26 @@ mod tests {
         }
         assert_eq!(rx.try_recv().unwrap(), Report::Hung(id));
         assert!(rx.try_recv().is_err(), "reported twice");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_past_the_request_timeout_gets_504_and_its_worker_is_not_reported() {
+        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
+        pool.apply(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket: "/nonexistent".into() });
+        let (reports, mut rx) = mpsc::unbounded_channel();
+        let config = crate::config::Config {
+            timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let settings = Arc::new(ArcSwap::from_pointee(Settings::from(&config)));
+        let never =
+            service_fn(|_d: Dispatch| std::future::pending::<Result<Response<ResponseBody>, Failed>>());
+        let started = tokio::time::Instant::now();
+        let failed = Deadline::new(never, settings, reports).oneshot(dispatch(&pool)).await.unwrap_err();
+        assert_eq!(failed.into_proxy_error().status().as_u16(), 504);
+        assert!(started.elapsed() < Duration::from_secs(2), "waited for --timeout instead");
+        assert!(rx.try_recv().is_err(), "a worker was reported hung for one slow request");
     }
 
     #[tokio::test(start_paused = true)]

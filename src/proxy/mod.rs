@@ -62,6 +62,8 @@ pub struct Settings {
     pub max_requests: u64,
     pub max_requests_jitter: u64,
     pub timeout: Duration,
+    /// Per request, without killing anything; zero = off.
+    pub request_timeout: Duration,
     pub queue_timeout: Duration,
     /// 0 means unlimited.
     pub max_body: u64,
@@ -88,6 +90,7 @@ impl From<&crate::config::Config> for Settings {
             max_requests: config.max_requests,
             max_requests_jitter: config.max_requests_jitter,
             timeout: config.timeout,
+            request_timeout: config.request_timeout,
             queue_timeout: config.queue_timeout,
             max_body: config.max_body,
             // The same patience for a client's body as for its headers.

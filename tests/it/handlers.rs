@@ -111,3 +111,47 @@ fn a_panic_in_a_user_handler_costs_one_500_not_the_worker() {
 fn event_of(line: &str, event: &str, worker: &str) -> bool {
     WorkerEvent::parse(line).is_some_and(|e| e.is(event) && e.worker == worker)
 }
+
+/// `--request-timeout` answers 504 to the one slow request and cancels it on its worker; the
+/// worker lives, and sixteen echoes in flight on it at the same time come back byte for byte.
+#[test]
+fn a_request_past_the_request_timeout_gets_504_while_its_worker_and_neighbours_live_on() {
+    let rt = runtime();
+    let rip = Rip::start(&["--workers", "1", "--request-timeout", "1s", "--timeout", "30s"]);
+    rip.wait_all_ready();
+    let addr = rip.addr();
+    let before = rt.block_on(async { crate::harness::whoami(addr).await }).pid;
+    let echoes: Vec<_> = (0..16)
+        .map(|client| {
+            rt.spawn(async move {
+                let mut http = Client::new(addr);
+                let body = format!("client {client} says hello; ").repeat(4000);
+                let deadline = Instant::now() + Duration::from_millis(1500);
+                let mut sent = 0;
+                while Instant::now() < deadline && sent < 200 {
+                    let reply = http.post("/echo", body.clone()).await.expect("POST /echo");
+                    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+                    assert!(reply.body == body.as_bytes(), "echo {client} came back changed");
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let slow = rt.block_on(async { Client::new(addr).get("/sleep/5000").await }).expect("GET /sleep/5000");
+    let elapsed = started.elapsed();
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT, "{}", slow.text());
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "504 after {elapsed:?}"
+    );
+    let echoed: usize = echoes.into_iter().map(|e| rt.block_on(e).expect("an echo client")).sum();
+    let after = rt.block_on(async { crate::harness::whoami(addr).await }).pid;
+    assert_eq!(after, before, "the worker was replaced for one slow request");
+    assert!(lines_after(&rip, 0, "worker hung").is_empty(), "the worker was taken for hung");
+    println!(
+        "faults: request_timeout status=504 after_ms={} echoes_ok={echoed} worker_kept=true",
+        elapsed.as_millis()
+    );
+}

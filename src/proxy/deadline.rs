@@ -76,25 +76,20 @@ where
                 request_only = expired => request_only,
             };
             let elapsed = started.elapsed();
-            if request_only {
-                warn!(
-                    worker = %endpoint.id,
-                    method = %method,
-                    path = uri.path(),
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "request timed out, cancelled on its worker"
-                );
+            let outcome = if request_only {
+                "request timed out, cancelled on its worker"
             } else {
-                warn!(
-                    worker = %endpoint.id,
-                    method = %method,
-                    path = uri.path(),
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    "request timed out, worker will be replaced"
-                );
-                if endpoint.mark_hung() {
-                    let _ = reports.send(Report::Hung(endpoint.id));
-                }
+                "request timed out, worker will be replaced"
+            };
+            warn!(
+                worker = %endpoint.id,
+                method = %method,
+                path = uri.path(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                "{outcome}"
+            );
+            if !request_only && endpoint.mark_hung() {
+                let _ = reports.send(Report::Hung(endpoint.id));
             }
             Err(Failed::new(Cause::Timeout(elapsed), Some(endpoint.id)))
         })

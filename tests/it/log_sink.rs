@@ -8,12 +8,9 @@ use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 
-use crate::harness::{runtime, summary, wait_until, Client, Control, Load, TempDir, START_TIMEOUT};
-
-/// A port nothing listens on now, for a server whose log cannot be read to learn its port.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use crate::harness::{
+    free_port, runtime, summary, wait_until, Client, Control, Load, TempDir, START_TIMEOUT,
+};
 
 /// `rip serve`, killed on drop (its workers die with it).
 struct Serve(Child);

@@ -5,12 +5,7 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 
-use crate::harness::{example_binary, runtime, wait_until, Client, Rip, START_TIMEOUT};
-
-/// A port nothing listens on now, for a binary whose log does not say which it bound.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use crate::harness::{example_binary, free_port, runtime, wait_until, Client, Rip, START_TIMEOUT};
 
 const WARNING: &str = "filters out rip's own events";
 

@@ -84,3 +84,10 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("building the test runtime")
 }
+
+/// A port nothing listens on now, for a server started where its log cannot tell the test
+/// which port it bound. Racy in principle; the kernel does not hand the same ephemeral port
+/// out again at once.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

@@ -78,10 +78,16 @@ type ProxyFuture =
 /// One client connection's service. The proxy knows the peer the listener saw: the stack is
 /// made for this connection, or (behind an edge router) each request carries it, as a
 /// [`Peer`] and, for edge handlers, as axum's `ConnectInfo`.
-#[derive(Clone)]
 struct Connection {
-    door: Door,
+    front: Front,
     peer: Arc<Peer>,
+}
+
+/// What answers one proxied connection's requests.
+enum Front {
+    Edge(Router),
+    /// The stack made for this connection's peer.
+    Proxy(Stack),
 }
 
 impl hyper::service::Service<Request<Incoming>> for Connection {
@@ -91,20 +97,19 @@ impl hyper::service::Service<Request<Incoming>> for Connection {
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         // Both are always ready; each is cloned (a few Arcs) because `call` takes `&mut`.
-        match &self.door {
-            Door::Edge(router) => {
+        match &self.front {
+            Front::Edge(router) => {
                 req.extensions_mut().insert(self.peer.clone());
                 req.extensions_mut().insert(ConnectInfo(self.peer.addr));
                 let edge: fn(Answered<axum::body::Body>) -> Answered<FrontBody> =
                     |r| r.map(|r| r.map(http_body_util::Either::Right));
                 Either::Left(router.clone().call(req).map(edge))
             }
-            Door::Proxy(stack) => {
+            Front::Proxy(stack) => {
                 let proxy: fn(Answered<ResponseBody>) -> Answered<FrontBody> =
                     |r| r.map(|r| r.map(http_body_util::Either::Left));
                 Either::Right(stack.clone().call(req.map(ClientBody::new)).map(proxy))
             }
-            Door::Handoff(_) => unreachable!("hand-off connections are never served here"),
         }
     }
 }
@@ -164,14 +169,16 @@ pub async fn serve(
             });
             continue;
         }
-        let stream = StrictFraming::new(stream);
         let trusted = proxy.settings_now().trusts(peer.ip());
         let peer = Arc::new(Peer::new(peer, trusted));
-        let door = match &door {
-            Door::Proxy(stack) => Door::Proxy(stack.for_peer(peer.clone())),
-            other => other.clone(),
+        let front = match &door {
+            Door::Edge(router) => Front::Edge(router.clone()),
+            Door::Proxy(stack) => Front::Proxy(stack.for_peer(peer.clone())),
+            // Handed off above.
+            Door::Handoff(_) => continue,
         };
-        let service = Connection { door, peer };
+        let stream = StrictFraming::new(stream);
+        let service = Connection { front, peer };
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         connections.spawn(conn, permit);
     }

@@ -67,7 +67,7 @@ where
             None => req.extensions().get::<Arc<Peer>>().map(|p| p.addr.ip()),
         };
         let inner = self.inner.call(req);
-        let this = self.clone_settings();
+        let this = self.observing();
         Box::pin(async move {
             let mut response = match inner.await {
                 Ok(response) => response,
@@ -125,7 +125,7 @@ struct Observing {
 }
 
 impl<S> Observe<S> {
-    fn clone_settings(&self) -> Observing {
+    fn observing(&self) -> Observing {
         Observing {
             metrics: self.metrics.clone(),
             access_log: self.access_log.clone(),

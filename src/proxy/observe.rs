@@ -24,11 +24,17 @@ use crate::telemetry::metrics::Metrics;
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
+    /// What the response half of `call` needs: one reference per request, not three.
+    observing: Arc<Observing>,
+    /// The client, when the stack serves one connection; else each request's extension.
+    peer: Option<Arc<Peer>>,
+}
+
+#[derive(Debug)]
+struct Observing {
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
     closing: Arc<AtomicBool>,
-    /// The client, when the stack serves one connection; else each request's extension.
-    peer: Option<Arc<Peer>>,
 }
 
 impl<S> Observe<S> {
@@ -38,7 +44,7 @@ impl<S> Observe<S> {
         access_log: Option<AccessLog>,
         closing: Arc<AtomicBool>,
     ) -> Self {
-        Observe { inner, metrics, access_log, closing, peer: None }
+        Observe { inner, observing: Arc::new(Observing { metrics, access_log, closing }), peer: None }
     }
 }
 
@@ -67,7 +73,7 @@ where
             None => req.extensions().get::<Arc<Peer>>().map(|p| p.addr.ip()),
         };
         let inner = self.inner.call(req);
-        let this = self.observing();
+        let this = self.observing.clone();
         Box::pin(async move {
             let mut response = match inner.await {
                 Ok(response) => response,
@@ -85,7 +91,7 @@ where
             if this.closing.load(Ordering::Relaxed) && response.status() != StatusCode::SWITCHING_PROTOCOLS {
                 response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            if let Some(log) = this.access_log {
+            if let Some(log) = &this.access_log {
                 let target =
                     uri.path_and_query().map_or_else(|| uri.to_string(), |pq| pq.as_str().to_owned());
                 let record = Record {
@@ -96,7 +102,7 @@ where
                     worker: worker.map(|w| w.to_string()),
                     started,
                 };
-                response.body_mut().log_to(log, record);
+                response.body_mut().log_to(log.clone(), record);
             }
             Ok(response)
         })
@@ -114,23 +120,6 @@ impl<S> Observe<Rewrite<S>> {
         stack.inner.peer = Some(peer.clone());
         stack.peer = Some(peer);
         stack
-    }
-}
-
-/// What the response half of `call` needs, without the inner service.
-struct Observing {
-    metrics: Arc<Metrics>,
-    access_log: Option<AccessLog>,
-    closing: Arc<AtomicBool>,
-}
-
-impl<S> Observe<S> {
-    fn observing(&self) -> Observing {
-        Observing {
-            metrics: self.metrics.clone(),
-            access_log: self.access_log.clone(),
-            closing: self.closing.clone(),
-        }
     }
 }
 

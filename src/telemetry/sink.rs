@@ -45,13 +45,11 @@ impl Sink {
         let (lines, queue) = sync_channel(BACKLOG);
         let dropped = Arc::new(AtomicU64::new(0));
         let counted = dropped.clone();
-        let spawned = std::thread::Builder::new()
+        // Without a thread (the process is out of them) the queue only fills: lines are then
+        // dropped and counted rather than written on the caller's thread.
+        let _ = std::thread::Builder::new()
             .name("rip-stderr".into())
             .spawn(move || write_lines(queue, out, &counted));
-        if spawned.is_err() {
-            // No thread for it (the process is out of threads): lines are dropped and counted
-            // rather than written on the caller's thread.
-        }
         Sink { lines, dropped }
     }
 

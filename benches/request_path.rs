@@ -137,7 +137,9 @@ async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::syn
     // Metrics are always on in `rip serve`; the access log is off here as in compare.sh.
     let proxy = Proxy::new(proxy::Settings::from(&config), reports, Arc::new(Metrics::default()), None);
     let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
-    changes_tx.send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket }).unwrap();
+    changes_tx
+        .send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket, heartbeat: None })
+        .unwrap();
     tokio::spawn({
         let proxy = proxy.clone();
         async move {

@@ -132,6 +132,9 @@ pub struct WorkerArgs {
     /// With --handoff: peers whose forwarding headers are believed, comma-separated CIDRs.
     #[arg(long, default_value = "")]
     pub trusted_proxies: String,
+    /// The fd of the heartbeat page the parent shares with this worker.
+    #[arg(long, value_name = "FD")]
+    pub heartbeat_fd: Option<i32>,
 }
 
 impl Cli {

@@ -111,14 +111,14 @@ settings! {
     /// Time in-flight requests get to finish at shutdown, e.g. 30s
     graceful_timeout: Duration = Duration::from_secs(30), shown "30s",
         flag "DURATION", parse parse_duration;
-    /// A worker that has not answered a request in this time is killed; 504
+    /// A worker whose event loop has been silent this long (its heartbeat stopped: a handler
+    /// blocking its thread) is killed and replaced; it left the rotation after 100 ms
     timeout: Duration = Duration::from_secs(30), shown "30s",
         flag "DURATION", parse parse_positive_duration;
     /// Longest a request may wait for its response headers once its worker has the whole
     /// request; past it, that request gets 504 and is cancelled on its worker, which lives on
-    /// (nginx's proxy_read_timeout); 0 = off, since --timeout already catches hung workers and
-    /// an app's long requests should not get a 504 nobody asked for
-    request_timeout: Duration = Duration::ZERO, shown "0 (off)",
+    /// (nginx's proxy_read_timeout, and its default); 0 = off
+    request_timeout: Duration = Duration::from_secs(60), shown "60s",
         flag "DURATION", parse parse_duration;
     /// Longest wait for a ready worker before 503
     queue_timeout: Duration = Duration::from_secs(5), shown "5s",

@@ -4,8 +4,11 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
+
+use crate::heartbeat::Heartbeat;
 
 /// A worker's identity: its slot in the pool and how many workers held that slot before it.
 /// Shown as `slot/generation`; pids are reused by the kernel, these never are.
@@ -24,8 +27,9 @@ impl fmt::Display for WorkerId {
 /// Supervisor to proxy.
 #[derive(Debug)]
 pub enum Change {
-    /// The worker answered its health probe: start sending it requests.
-    Ready { id: WorkerId, socket: PathBuf },
+    /// The worker answered its health probe: start sending it requests. Its heartbeat page
+    /// tells the proxy whether its event loop is turning.
+    Ready { id: WorkerId, socket: PathBuf, heartbeat: Option<Arc<Heartbeat>> },
     /// Stop sending the worker requests. When `drained` is given, it is completed once the
     /// worker has no request in flight (every response body ended), so it may then be stopped.
     Leave { id: WorkerId, drained: Option<oneshot::Sender<()>> },
@@ -36,7 +40,7 @@ pub enum Change {
 pub enum Report {
     /// The worker was sent its `--max-requests`: start its replacement.
     Exhausted(WorkerId),
-    /// The worker did not answer a request within `--timeout`: kill and replace it.
+    /// The worker's event loop has been silent for `--timeout`: kill and replace it.
     Hung(WorkerId),
 }
 

@@ -54,6 +54,8 @@ pub mod discovery;
 pub mod frontend;
 /// `--upstream handoff`: client sockets passed to workers over SCM_RIGHTS, both sides.
 pub(crate) mod handoff;
+/// Worker liveness through shared memory.
+pub(crate) mod heartbeat;
 /// The request path from the front-end to a worker, as a tower stack.
 #[doc(hidden)]
 pub mod proxy;

@@ -114,6 +114,10 @@ async fn serve(parent: Parent) -> Result<()> {
         let proxy = proxy.clone();
         async move { proxy.follow(changes_rx).await }
     });
+    tasks.essential("heartbeat watcher", {
+        let proxy = proxy.clone();
+        async move { proxy.watch_heartbeats().await }
+    });
 
     info!(
         addr = %local,

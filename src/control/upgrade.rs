@@ -76,7 +76,9 @@ pub async fn start(exe: &Path, args: Vec<OsString>, listener: RawFd, within: Dur
     Err(anyhow!("new rip (pid {pid}) did not become ready: {status}"))
 }
 
-fn dup_high(fd: RawFd) -> Result<OwnedFd> {
+/// A copy of `fd` numbered 10 or above, so that a child's dup2 onto low numbers cannot
+/// clobber it.
+pub(crate) fn dup_high(fd: RawFd) -> Result<OwnedFd> {
     let high = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(10)).context("duplicating a descriptor")?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(high) })

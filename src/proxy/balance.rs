@@ -92,7 +92,11 @@ mod tests {
     ) {
         let pool = Arc::new(Pool::new(Strategy::LeastPending, 0, Upstream::Http1));
         for slot in 0..workers {
-            pool.apply(Change::Ready { id: id(slot), socket: format!("/nonexistent/{slot}").into() });
+            pool.apply(Change::Ready {
+                id: id(slot),
+                socket: format!("/nonexistent/{slot}").into(),
+                heartbeat: None,
+            });
         }
         let config = crate::config::Config {
             max_requests,

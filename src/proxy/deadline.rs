@@ -1,13 +1,19 @@
-//! `--timeout` on each attempt: the worker must send response headers within it, counted
-//! from the moment it has the whole request (a client that uploads slowly is the client's
-//! problem, bounded by the body's own idle timeout, not a hung worker). A worker that
-//! outlives it is reported hung, once, for the supervisor to kill and replace, and the
-//! request gets its 504. `--request-timeout`, when set and shorter, is the same clock for
-//! the one request only: its 504, the request cancelled on the worker (its stream reset, or
-//! its connection closed), and the worker left alone.
+//! What bounds one attempt's wait for response headers, other than the worker answering:
 //!
-//! The layer sits below the balancer, per attempt, because the timer starts only once a
-//! worker holds the request and the report must name that worker.
+//! - `--request-timeout`, counted from the moment the worker has the whole request (a client
+//!   that uploads slowly is the client's problem, bounded by the body's own idle timeout):
+//!   504, the request cancelled on the worker (its stream reset, or its connection closed),
+//!   and the worker left alone. A slow request says nothing about a multiplexed worker.
+//! - The worker's heartbeat (`proxy::watch`). When the worker stalls, a request that can be
+//!   sent again (idempotent, no body) and is not the one the worker is stuck in gives up its
+//!   place: the attempt fails as [`Cause::Stalled`], the retry layer sends it to another
+//!   worker, and dropping this attempt cancels it on the stalled one. A request moves once: a
+//!   request that stalls every worker it reaches must not walk the whole pool. When the worker
+//!   has been silent for `--timeout` and is declared hung, every request still on it gets its
+//!   504 now rather than a 502 when the kill cuts its connection.
+//!
+//! The layer sits below the balancer, per attempt, because its clock starts only once a
+//! worker holds the request and its heartbeat is that worker's.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,19 +25,24 @@ use tower::Service;
 use tracing::warn;
 
 use super::{Cause, Dispatch, Failed, LiveSettings, ResponseBody};
-use crate::discovery::{Report, ReportSender};
 
 #[derive(Debug, Clone)]
 pub struct Deadline<S> {
     inner: S,
     settings: LiveSettings,
-    reports: ReportSender,
 }
 
 impl<S> Deadline<S> {
-    pub fn new(inner: S, settings: LiveSettings, reports: ReportSender) -> Self {
-        Deadline { inner, settings, reports }
+    pub fn new(inner: S, settings: LiveSettings) -> Self {
+        Deadline { inner, settings }
     }
+}
+
+/// Why an attempt stopped waiting for its worker.
+enum Ended {
+    Expired,
+    Move,
+    Hung,
 }
 
 impl<S> Service<Dispatch> for Deadline<S>
@@ -48,50 +59,77 @@ where
     }
 
     fn call(&mut self, dispatch: Dispatch) -> Self::Future {
-        let settings = self.settings.load();
-        let timeout = settings.timeout;
-        let request_timeout = settings.request_timeout;
-        let request = &dispatch.forward.request;
+        let request_timeout = self.settings.load().request_timeout;
+        let forward = &dispatch.forward;
+        let (id, movable) = (forward.id, forward.movable && !forward.moved);
+        let request = &forward.request;
         let progress = request.body().progress();
         // For the warning only; both are reference-counted, not copied.
         let (method, uri) = (request.method().clone(), request.uri().clone());
         let endpoint = dispatch.endpoint().clone();
-        let reports = self.reports.clone();
         let answer = self.inner.call(dispatch);
         Box::pin(async move {
             let started = Instant::now();
-            let sent = async {
+            let expired = async {
+                if request_timeout.is_zero() {
+                    return std::future::pending().await;
+                }
                 if let Some(progress) = &progress {
                     progress.ended().await;
                 }
+                tokio::time::sleep(request_timeout).await;
             };
-            let expired = async {
-                sent.await;
-                let request_only = !request_timeout.is_zero() && request_timeout < timeout;
-                tokio::time::sleep(if request_only { request_timeout } else { timeout }).await;
-                request_only
+            let silenced = async {
+                if endpoint.heartbeat().is_none() {
+                    return std::future::pending().await;
+                }
+                endpoint
+                    .until_silent(|e| {
+                        if e.is_hung() {
+                            Some(Ended::Hung)
+                        } else if movable && e.is_stalled() && e.stuck_on() != id {
+                            Some(Ended::Move)
+                        } else {
+                            None
+                        }
+                    })
+                    .await
             };
-            let request_only = tokio::select! {
-                answered = answer => return answered,
-                request_only = expired => request_only,
+            let ended = tokio::select! {
+                answered = answer => return match answered {
+                    // The kill of a hung worker cut the connection: the request was answered
+                    // 504 above, or is now.
+                    Err(_) if endpoint.is_hung() => Err(Failed::new(Cause::Timeout(started.elapsed()), Some(endpoint.id))),
+                    answered => answered,
+                },
+                () = expired => Ended::Expired,
+                ended = silenced => ended,
             };
             let elapsed = started.elapsed();
-            let outcome = if request_only {
-                "request timed out, cancelled on its worker"
-            } else {
-                "request timed out, worker will be replaced"
+            let cause = match ended {
+                Ended::Move => return Err(Failed::new(Cause::Stalled, Some(endpoint.id))),
+                Ended::Expired => {
+                    warn!(
+                        worker = %endpoint.id,
+                        method = %method,
+                        path = uri.path(),
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "request timed out, cancelled on its worker"
+                    );
+                    Cause::Timeout(elapsed)
+                }
+                Ended::Hung => {
+                    warn!(
+                        worker = %endpoint.id,
+                        method = %method,
+                        path = uri.path(),
+                        elapsed_ms = elapsed.as_millis() as u64,
+                        "request on a hung worker answered 504"
+                    );
+                    Cause::Timeout(elapsed)
+                }
             };
-            warn!(
-                worker = %endpoint.id,
-                method = %method,
-                path = uri.path(),
-                elapsed_ms = elapsed.as_millis() as u64,
-                "{outcome}"
-            );
-            if !request_only && endpoint.mark_hung() {
-                let _ = reports.send(Report::Hung(endpoint.id));
-            }
-            Err(Failed::new(Cause::Timeout(elapsed), Some(endpoint.id)))
+            Err(Failed::new(cause, Some(endpoint.id)))
         })
     }
 }
@@ -100,72 +138,82 @@ where
 mod tests {
     use super::*;
     use crate::discovery::{Change, WorkerId};
+    use crate::heartbeat::Heartbeat;
     use crate::proxy::{Forward, Pool, RequestBody, Settings, Strategy, Upstream};
     use arc_swap::ArcSwap;
     use std::sync::Arc;
     use std::time::Duration;
-    use tokio::sync::mpsc;
     use tower::{service_fn, ServiceExt};
 
-    fn dispatch(pool: &Pool) -> Dispatch {
-        let endpoint = pool.pick(None).unwrap();
-        Dispatch { forward: Forward::new(http::Request::new(RequestBody::empty())), lease: endpoint.lease() }
+    fn pool(heartbeat: bool) -> Pool {
+        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
+        let heartbeat = heartbeat.then(|| Arc::new(Heartbeat::create().unwrap().0));
+        pool.apply(Change::Ready {
+            id: WorkerId { slot: 0, generation: 0 },
+            socket: "/nonexistent".into(),
+            heartbeat,
+        });
+        pool
     }
 
-    fn settings(timeout: Duration) -> LiveSettings {
-        let config = crate::config::Config { timeout, ..Default::default() };
+    fn dispatch(pool: &Pool, id: u64, movable: bool) -> Dispatch {
+        let endpoint = pool.snapshot()[0].clone();
+        let mut forward = Forward::new(http::Request::new(RequestBody::empty()));
+        (forward.id, forward.movable) = (id, movable);
+        Dispatch { forward, lease: endpoint.lease() }
+    }
+
+    fn settings(request_timeout: Duration) -> LiveSettings {
+        let config = crate::config::Config { request_timeout, ..Default::default() };
         Arc::new(ArcSwap::from_pointee(Settings::from(&config)))
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_worker_that_outlives_the_timeout_is_reported_hung_once_and_the_request_gets_504() {
-        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
-        let id = WorkerId { slot: 0, generation: 0 };
-        pool.apply(Change::Ready { id, socket: "/nonexistent".into() });
-        let (reports, mut rx) = mpsc::unbounded_channel();
-        let never =
-            service_fn(|_d: Dispatch| std::future::pending::<Result<Response<ResponseBody>, Failed>>());
-        let svc = Deadline::new(never, settings(Duration::from_secs(2)), reports);
-        for _ in 0..2 {
-            let failed = svc.clone().oneshot(dispatch(&pool)).await.unwrap_err();
-            assert!(matches!(failed.cause, Cause::Timeout(t) if t >= Duration::from_secs(2)));
-            assert_eq!(failed.into_proxy_error().status().as_u16(), 504);
-        }
-        assert_eq!(rx.try_recv().unwrap(), Report::Hung(id));
-        assert!(rx.try_recv().is_err(), "reported twice");
+    fn never(
+    ) -> impl Service<Dispatch, Response = Response<ResponseBody>, Error = Failed, Future: Send> + Clone {
+        service_fn(|_d: Dispatch| std::future::pending::<Result<Response<ResponseBody>, Failed>>())
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_request_past_the_request_timeout_gets_504_and_its_worker_is_not_reported() {
-        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
-        pool.apply(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket: "/nonexistent".into() });
-        let (reports, mut rx) = mpsc::unbounded_channel();
-        let config = crate::config::Config {
-            timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(1),
-            ..Default::default()
-        };
-        let settings = Arc::new(ArcSwap::from_pointee(Settings::from(&config)));
-        let never =
-            service_fn(|_d: Dispatch| std::future::pending::<Result<Response<ResponseBody>, Failed>>());
+    async fn a_request_past_the_request_timeout_gets_504_and_its_worker_is_left_alone() {
+        let pool = pool(false);
         let started = tokio::time::Instant::now();
-        let failed = Deadline::new(never, settings, reports).oneshot(dispatch(&pool)).await.unwrap_err();
+        let svc = Deadline::new(never(), settings(Duration::from_secs(1)));
+        let failed = svc.oneshot(dispatch(&pool, 1, true)).await.unwrap_err();
         assert_eq!(failed.into_proxy_error().status().as_u16(), 504);
-        assert!(started.elapsed() < Duration::from_secs(2), "waited for --timeout instead");
-        assert!(rx.try_recv().is_err(), "a worker was reported hung for one slow request");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let endpoint = &pool.snapshot()[0];
+        assert!(endpoint.is_usable() && !endpoint.is_hung(), "one slow request judged the worker");
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_in_time_passes_through_untouched() {
-        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
-        pool.apply(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket: "/nonexistent".into() });
-        let (reports, mut rx) = mpsc::unbounded_channel();
+        let pool = pool(true);
         let slow = service_fn(|_d: Dispatch| async {
             tokio::time::sleep(Duration::from_millis(1900)).await;
             Ok::<_, Failed>(Response::new(ResponseBody::full("late but in time")))
         });
-        let svc = Deadline::new(slow, settings(Duration::from_secs(2)), reports);
-        assert!(svc.oneshot(dispatch(&pool)).await.is_ok());
-        assert!(rx.try_recv().is_err());
+        let svc = Deadline::new(slow, settings(Duration::from_secs(2)));
+        assert!(svc.oneshot(dispatch(&pool, 1, true)).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_a_stall_only_requests_that_can_move_and_did_not_cause_it_move_and_on_a_hang_all_get_504() {
+        let pool = pool(true);
+        let svc = Deadline::new(never(), settings(Duration::ZERO));
+        let waiting = |id, movable| tokio::spawn(svc.clone().oneshot(dispatch(&pool, id, movable)));
+        let (culprit, queued, post) = (waiting(7, true), waiting(8, true), waiting(9, false));
+        tokio::task::yield_now().await;
+        let endpoint = pool.snapshot()[0].clone();
+        endpoint.stall(7);
+        let moved = queued.await.unwrap().unwrap_err();
+        assert!(matches!(moved.cause, Cause::Stalled), "{:?}", moved.cause);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!culprit.is_finished(), "the request the worker is stuck in moved");
+        assert!(!post.is_finished(), "a request that cannot be replayed moved");
+        assert!(endpoint.mark_hung());
+        for stuck in [culprit, post] {
+            let failed = stuck.await.unwrap().unwrap_err();
+            assert_eq!(failed.into_proxy_error().status().as_u16(), 504);
+        }
     }
 }

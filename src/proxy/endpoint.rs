@@ -16,6 +16,7 @@ use tokio::sync::{Notify, OnceCell};
 use super::body::RequestBody;
 use super::pool::Capacity;
 use crate::discovery::WorkerId;
+use crate::heartbeat::Heartbeat;
 
 /// Idle connections kept per worker; beyond this a finished connection is closed. Enough for
 /// the front-end's concurrency to reuse connections, small enough to bound file descriptors.
@@ -78,6 +79,14 @@ pub struct Endpoint {
     /// Refused a connection: the process is gone even if the supervisor has not said so yet.
     unreachable: AtomicBool,
     hung_reported: AtomicBool,
+    /// Shared with the worker's runtime; `None` for a worker that has none.
+    heartbeat: Option<Arc<Heartbeat>>,
+    /// Its heartbeat stopped: out of the rotation until it beats again.
+    stalled: AtomicBool,
+    /// The request the worker was running when it stalled; 0 when none is known.
+    stuck_on: AtomicU64,
+    /// Wakes the requests on this worker when it stalls or is declared hung.
+    silence: Notify,
     idle: Mutex<Vec<Sender>>,
     h2: Mutex<Option<H2Sender>>,
     /// Held while the HTTP/2 connection is being opened, so that requests arriving meanwhile
@@ -100,6 +109,7 @@ impl Endpoint {
         capacity: Arc<Capacity>,
         jitter: u64,
         upstream: Upstream,
+        heartbeat: Option<Arc<Heartbeat>>,
     ) -> Endpoint {
         Endpoint {
             id,
@@ -110,6 +120,10 @@ impl Endpoint {
             leaving: AtomicBool::new(false),
             unreachable: AtomicBool::new(false),
             hung_reported: AtomicBool::new(false),
+            heartbeat,
+            stalled: AtomicBool::new(false),
+            stuck_on: AtomicU64::new(0),
+            silence: Notify::new(),
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_opening: tokio::sync::Mutex::new(()),
@@ -135,7 +149,64 @@ impl Endpoint {
     }
 
     pub fn is_usable(&self) -> bool {
-        !self.leaving.load(Ordering::Relaxed) && !self.unreachable.load(Ordering::Relaxed)
+        !self.leaving.load(Ordering::Relaxed)
+            && !self.unreachable.load(Ordering::Relaxed)
+            && !self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Out of the rotation for good (not merely stalled).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
+    }
+
+    pub fn heartbeat(&self) -> Option<&Heartbeat> {
+        self.heartbeat.as_deref()
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// The request the worker was running when it stalled, 0 for none known.
+    pub fn stuck_on(&self) -> u64 {
+        self.stuck_on.load(Ordering::Relaxed)
+    }
+
+    /// Takes the worker out of the rotation because its heartbeat stopped, and wakes the
+    /// requests on it so that those that can move do.
+    pub fn stall(&self, stuck_on: u64) {
+        self.stuck_on.store(stuck_on, Ordering::Relaxed);
+        self.stalled.store(true, Ordering::Relaxed);
+        self.silence.notify_waiters();
+    }
+
+    /// Puts a stalled worker back in the rotation when it beats again; false if it was
+    /// declared hung meanwhile (it is being killed) or was not stalled.
+    pub fn recover(&self) -> bool {
+        if self.is_hung() || !self.stalled.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        self.stuck_on.store(0, Ordering::Relaxed);
+        self.capacity.touch();
+        true
+    }
+
+    pub fn is_hung(&self) -> bool {
+        self.hung_reported.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `check` says something of the worker's silence (a stall, a hang) matters
+    /// to the caller. `check` runs now and after each change.
+    pub async fn until_silent<T>(&self, check: impl Fn(&Endpoint) -> Option<T>) -> T {
+        loop {
+            let notified = self.silence.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(found) = check(self) {
+                return found;
+            }
+            notified.await;
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -175,9 +246,14 @@ impl Endpoint {
         self.channel.get_or_try_init(|| open).await.map(|c| &**c)
     }
 
-    /// True the first time only, so one hung worker is reported once.
+    /// True the first time only, so one hung worker is reported once; wakes the requests on
+    /// it, which are then answered rather than left to the kill.
     pub fn mark_hung(&self) -> bool {
-        !self.hung_reported.swap(true, Ordering::Relaxed)
+        let first = !self.hung_reported.swap(true, Ordering::Relaxed);
+        if first {
+            self.silence.notify_waiters();
+        }
+        first
     }
 
     /// Stops choosing this worker until the supervisor replaces it, and wakes requests
@@ -329,6 +405,7 @@ mod tests {
             pool.capacity(),
             0,
             Upstream::Http1,
+            None,
         ))
     }
 

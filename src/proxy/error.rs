@@ -33,8 +33,10 @@ pub enum Cause {
     Body(BodyError),
     /// The worker took the request and then failed before response headers came back.
     Worker(hyper::Error),
-    /// The worker did not answer within `--timeout`.
+    /// The worker did not answer within `--request-timeout`, or was declared hung.
     Timeout(Duration),
+    /// The worker stalled before it began to answer; the request can go elsewhere.
+    Stalled,
 }
 
 impl Failed {
@@ -54,7 +56,7 @@ impl Failed {
     pub fn is_retryable(&self, replayable: bool) -> bool {
         match self.cause {
             Cause::Unreachable(_) | Cause::NotReady => self.unsent.is_some(),
-            Cause::Worker(_) => replayable,
+            Cause::Worker(_) | Cause::Stalled => replayable,
             Cause::NoWorker | Cause::Body(_) | Cause::Timeout(_) => false,
         }
     }
@@ -63,7 +65,9 @@ impl Failed {
     pub fn into_proxy_error(self) -> ProxyError {
         match self.cause {
             Cause::NoWorker => ProxyError::NoWorker,
-            Cause::Unreachable(_) | Cause::NotReady | Cause::Worker(_) => ProxyError::Upstream,
+            Cause::Unreachable(_) | Cause::NotReady | Cause::Worker(_) | Cause::Stalled => {
+                ProxyError::Upstream
+            }
             Cause::Body(BodyError::TooLarge) => ProxyError::BodyTooLarge,
             Cause::Body(BodyError::Timeout) => ProxyError::BodyTimeout,
             Cause::Body(BodyError::Client) => ProxyError::BadBody,
@@ -81,6 +85,7 @@ impl std::fmt::Display for Cause {
             Cause::Body(e) => write!(f, "{e}"),
             Cause::Worker(e) => write!(f, "{e}"),
             Cause::Timeout(elapsed) => write!(f, "no answer within {} ms", elapsed.as_millis()),
+            Cause::Stalled => f.write_str("worker stalled before it began to answer"),
         }
     }
 }

@@ -59,12 +59,13 @@ async fn exchange(Dispatch { forward, lease }: Dispatch) -> Result<Response<Resp
         }
     };
     let progress = forward.request.body().progress();
-    let Forward { request, upgrade, avoid } = forward;
+    let Forward { request, upgrade, avoid, id: number, movable, moved } = forward;
     match sender.try_send_request(request).await {
         Ok(response) => Ok(respond(response, lease, sender, upgrade)),
         Err(mut err) => {
             if let Some(request) = err.take_message() {
-                return Err(Failed::unsent(Cause::NotReady, id, Forward { request, upgrade, avoid }));
+                let forward = Forward { request, upgrade, avoid, id: number, movable, moved };
+                return Err(Failed::unsent(Cause::NotReady, id, forward));
             }
             let err = err.into_error();
             let body_error = progress.and_then(|p| p.failure()).or_else(|| cause::<BodyError>(&err));

@@ -18,6 +18,10 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// `ConnectInfo<SocketAddr>`. Set by the front-end on every request (replacing whatever a
 /// client sent), and taken off again by the worker before the app sees the request.
 pub static PEER: HeaderName = HeaderName::from_static("x-rip-peer");
+/// The front-end's number for the request, which the worker writes into its heartbeat page
+/// while it runs the request, so that the one a stalled worker is stuck in is known (and not
+/// moved to another worker to stall that one too). Removed by the worker like [`PEER`].
+pub static REQUEST: HeaderName = HeaderName::from_static("x-rip-request");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 

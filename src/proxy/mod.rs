@@ -7,11 +7,13 @@
 //! | [`Rewrite`] | `rewrite.rs` | client checks (CONNECT, Host, `--max-body`), hop-by-hop and forwarded headers |
 //! | [`Retry`] | `retry.rs` | sends the request again when that is safe ([`Failed::is_retryable`]) |
 //! | [`Balance`] | `balance.rs` | picks a worker, waits for one up to `--queue-timeout`, counts its budget |
-//! | [`Deadline`] | `deadline.rs` | `--timeout` on the worker's answer; a worker that outlives it is reported hung |
+//! | [`Deadline`] | `deadline.rs` | `--request-timeout`; moves a request off a worker that stalls, 504 when it hangs |
 //! | [`Exchange`] | `exchange.rs` | one request over an HTTP/2 or HTTP/1 connection to the chosen worker |
 //!
 //! Each layer is a `tower::Service` generic over the one below, so each is tested against an
 //! in-memory inner service; only the outermost future is boxed per request by the router.
+//! Beside the stack, `watch.rs` reads every worker's heartbeat and takes a stalled worker out
+//! of the balancer's choice.
 
 mod balance;
 mod body;
@@ -26,6 +28,7 @@ mod retry;
 mod rewrite;
 mod strategy;
 mod upgrade;
+mod watch;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -61,6 +64,7 @@ pub struct Settings {
     pub upstream: Upstream,
     pub max_requests: u64,
     pub max_requests_jitter: u64,
+    /// Silence after which a worker is reported hung.
     pub timeout: Duration,
     /// Per request, without killing anything; zero = off.
     pub request_timeout: Duration,
@@ -124,12 +128,25 @@ pub struct Forward {
     pub upgrade: Option<OnUpgrade>,
     /// The worker that just failed this request: chosen again only if it is the only one.
     pub avoid: Option<WorkerId>,
+    /// The front-end's number for the request (its [`headers::REQUEST`]); 0 for none.
+    pub id: u64,
+    /// The retry layer can send it again (idempotent, no body): it may move off a stalled
+    /// worker.
+    pub movable: bool,
+    /// Already moved once off a stalled worker; it stays where it goes next.
+    pub moved: bool,
 }
 
 impl Forward {
     pub fn new(request: Request<RequestBody>) -> Forward {
-        Forward { request, upgrade: None, avoid: None }
+        Forward { request, upgrade: None, avoid: None, id: 0, movable: false, moved: false }
     }
+}
+
+/// The next request number; never 0, which means "none" in a heartbeat page.
+pub fn next_request_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// One attempt on the worker the balancer chose, holding its place in that worker's
@@ -205,7 +222,7 @@ impl Proxy {
     pub fn stack(&self) -> Stack {
         let s = &self.shared;
         let exchange = Exchange::new();
-        let deadline = Deadline::new(exchange, s.settings.clone(), s.reports.clone());
+        let deadline = Deadline::new(exchange, s.settings.clone());
         let balance = Balance::new(deadline, s.pool.clone(), s.settings.clone(), s.reports.clone());
         let retry = Retry::new(balance, s.metrics.clone());
         let rewrite = Rewrite::new(retry, s.settings.clone());
@@ -248,6 +265,14 @@ impl Proxy {
     /// Per-worker request counts: (worker, requests sent to it, requests in flight).
     pub fn worker_counts(&self) -> Vec<(WorkerId, u64, usize)> {
         self.shared.pool.snapshot().iter().map(|e| (e.id, e.sent(), e.in_flight())).collect()
+    }
+
+    /// Watches the workers' heartbeats, for as long as rip runs.
+    pub async fn watch_heartbeats(&self) {
+        let s = &self.shared;
+        watch::Watcher::new(s.pool.clone(), s.settings.clone(), s.reports.clone(), s.metrics.clone())
+            .run()
+            .await
     }
 
     /// Applies the supervisor's discovery messages until it hangs up.

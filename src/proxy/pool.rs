@@ -139,11 +139,12 @@ impl Pool {
     /// Applies one discovery message.
     pub fn apply(&self, change: Change) {
         match change {
-            Change::Ready { id, socket } => {
+            Change::Ready { id, socket, heartbeat } => {
                 debug!(worker = %id, "worker joined the rotation");
                 let jitter = random_up_to(self.jitter.load(Ordering::Relaxed));
+                let capacity = self.capacity.clone();
                 let endpoint =
-                    Arc::new(Endpoint::new(id, socket, self.capacity.clone(), jitter, self.upstream));
+                    Arc::new(Endpoint::new(id, socket, capacity, jitter, self.upstream, heartbeat));
                 self.update(|list| {
                     list.retain(|e| e.id != id);
                     list.push(endpoint);
@@ -204,7 +205,11 @@ mod tests {
     }
 
     fn ready(pool: &Pool, slot: usize) {
-        pool.apply(Change::Ready { id: id(slot), socket: format!("/nonexistent/{slot}").into() });
+        pool.apply(Change::Ready {
+            id: id(slot),
+            socket: format!("/nonexistent/{slot}").into(),
+            heartbeat: None,
+        });
     }
 
     #[tokio::test]

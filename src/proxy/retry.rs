@@ -78,11 +78,13 @@ pub struct Policy {
     attempt: usize,
     /// Attempts that never reached one.
     unsent: usize,
+    /// The request has moved off a stalled worker once.
+    moved: bool,
 }
 
 impl Policy {
     pub fn new(replay: Option<Replay>) -> Policy {
-        Policy { replay, attempt: 1, unsent: 0 }
+        Policy { replay, attempt: 1, unsent: 0, moved: false }
     }
 
     /// The request to send next after `failed`, or the answer to give the client.
@@ -117,10 +119,24 @@ impl Policy {
             }
             None => {
                 let replay = self.replay.as_ref().expect("retryable after sending only with a replay");
-                warn!(worker = shown, attempt = self.attempt, error = %failed.cause, "worker failed before responding, request retried");
-                metrics.retry();
+                let stalled = matches!(failed.cause, Cause::Stalled);
+                if stalled {
+                    warn!(
+                        worker = shown,
+                        attempt = self.attempt,
+                        path = replay.path(),
+                        "request moved off a stalled worker"
+                    );
+                    metrics.moved();
+                } else {
+                    warn!(worker = shown, attempt = self.attempt, error = %failed.cause, "worker failed before responding, request retried");
+                    metrics.retry();
+                }
                 self.attempt += 1;
-                Forward::new(replay.rebuild())
+                self.moved |= stalled;
+                let mut forward = replay.forward();
+                forward.moved = self.moved;
+                forward
             }
         };
         next.avoid = worker;
@@ -131,6 +147,7 @@ impl Policy {
 /// What it takes to send a request again: only kept for idempotent requests without a body.
 #[derive(Debug)]
 pub struct Replay {
+    id: u64,
     method: Method,
     uri: Uri,
     version: Version,
@@ -146,11 +163,29 @@ impl Replay {
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
         );
         (idempotent && bodiless).then(|| Replay {
+            id: 0,
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
             headers: parts.headers.clone(),
         })
+    }
+
+    pub fn path(&self) -> &str {
+        self.uri.path()
+    }
+
+    /// The same replay, for the request numbered `id`.
+    pub fn numbered(self, id: u64) -> Replay {
+        Replay { id, ..self }
+    }
+
+    /// The request again, as the first attempt had it.
+    pub fn forward(&self) -> Forward {
+        let mut forward = Forward::new(self.rebuild());
+        forward.id = self.id;
+        forward.movable = true;
+        forward
     }
 
     pub fn rebuild(&self) -> Request<RequestBody> {

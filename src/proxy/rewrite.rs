@@ -51,13 +51,19 @@ impl<S> Rewrite<S> {
             }
             None => headers::prepare_request(&mut parts, &unknown_peer(), &unknown_peer(), false),
         };
-        let replay = Replay::capture(&parts, body.is_end_stream() && !upgrade);
+        let id = super::next_request_id();
+        let mut value = http::HeaderValue::from(id);
+        value.set_sensitive(true);
+        parts.headers.insert(&headers::REQUEST, value);
+        let replay = Replay::capture(&parts, body.is_end_stream() && !upgrade).map(|r| r.numbered(id));
         let client_upgrade = if upgrade { parts.extensions.remove::<OnUpgrade>() } else { None };
         // What the router and the edge layers put here means nothing to a worker process.
         parts.extensions.clear();
         let body = RequestBody::client(body, max_body, settings.body_timeout);
         let mut forward = Forward::new(Request::from_parts(parts, body));
         forward.upgrade = client_upgrade;
+        forward.id = id;
+        forward.movable = replay.is_some();
         Ok(Prepared { forward, replay })
     }
 }

@@ -29,11 +29,13 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 pub use process::{describe as describe_status, Spec};
 pub use table::{WorkerState, WorkerStatus};
 
 use crate::discovery::{Change, ChangeSender, Report, ReportReceiver, WorkerId};
+use crate::heartbeat::Heartbeat;
 use crate::runtime_dir::RuntimeDir;
 use crate::telemetry::metrics::Metrics;
 use machine::{Action, Event, Machine};
@@ -145,11 +147,19 @@ pub fn start(
         events_tx,
         ready_tx,
         probes: HashMap::new(),
+        heartbeats: HashMap::new(),
         reload_waiters: Vec::new(),
         stop_waiters: Vec::new(),
     };
     let task = tokio::spawn(supervisor.run(commands, events, reports));
     Ok((SupervisorHandle { commands: commands_tx, ready }, task))
+}
+
+/// A heartbeat page and its fd, numbered where a child's dup2 cannot clobber it.
+fn new_heartbeat() -> anyhow::Result<(Heartbeat, std::os::fd::OwnedFd)> {
+    let (page, fd) = Heartbeat::create()?;
+    let high = crate::control::upgrade::dup_high(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    Ok((page, high))
 }
 
 /// After a worker exits, how long to wait for the rest of its stderr (a grandchild may keep
@@ -168,6 +178,8 @@ struct Supervisor {
     ready_tx: watch::Sender<usize>,
     /// Stops a worker's probes once it is on its way out.
     probes: HashMap<WorkerId, CancellationToken>,
+    /// Each worker's heartbeat page, handed to the proxy when the worker joins the rotation.
+    heartbeats: HashMap<WorkerId, Arc<Heartbeat>>,
     reload_waiters: Vec<oneshot::Sender<ReloadResult>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -241,7 +253,8 @@ impl Supervisor {
                 }
                 Action::Admit { id } => {
                     if let Ok(socket) = self.dir.socket_path(id.slot, id.generation) {
-                        let _ = self.changes.send(Change::Ready { id, socket });
+                        let heartbeat = self.heartbeats.get(&id).cloned();
+                        let _ = self.changes.send(Change::Ready { id, socket, heartbeat });
                     }
                 }
                 Action::Leave { id, drain: None } => {
@@ -261,6 +274,7 @@ impl Supervisor {
                 Action::StopAfter { after } => self.after(after, Event::StopDue),
                 Action::ProbeLiveness { id, within } => self.probe_liveness(id, within),
                 Action::Forget { id } => {
+                    self.heartbeats.remove(&id);
                     if let Some(probes) = self.probes.remove(&id) {
                         probes.cancel();
                     }
@@ -310,13 +324,26 @@ impl Supervisor {
             }
         };
         let _ = std::fs::remove_file(&socket);
-        let cmd = process::command(&self.spec, id, &socket);
+        let heartbeat = match new_heartbeat() {
+            Ok((page, fd)) => {
+                self.heartbeats.insert(id, Arc::new(page));
+                Some(fd)
+            }
+            Err(e) => {
+                warn!(worker = %id, error = %e, "no heartbeat for this worker: a stall will go unnoticed");
+                None
+            }
+        };
+        let cmd = process::command(&self.spec, id, &socket, heartbeat.as_ref());
         let cancel = CancellationToken::new();
         self.probes.insert(id, cancel.clone());
         let spawner = self.spawner.clone();
         let exe = self.spec.exe.clone();
         tokio::spawn(async move {
-            let mut child = match spawner.spawn(cmd).await {
+            let spawned = spawner.spawn(cmd).await;
+            // The child has its own copy now.
+            drop(heartbeat);
+            let mut child = match spawned {
                 Ok(child) => child,
                 Err(e) => {
                     let error = format!("{}: {e}", exe.display());

@@ -15,7 +15,10 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+
 use crate::discovery::WorkerId;
+use crate::heartbeat;
 
 /// Lines of a worker's stderr kept to explain why it died.
 const TAIL_LINES: usize = 8;
@@ -52,8 +55,9 @@ impl Tail {
     }
 }
 
-/// The `rip worker` command for `id` on `socket`.
-pub fn command(spec: &Spec, id: WorkerId, socket: &Path) -> Command {
+/// The `rip worker` command for `id` on `socket`, given `heartbeat` (an fd the caller keeps
+/// open until the process has started) as [`heartbeat::CHILD_FD`].
+pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&OwnedFd>) -> Command {
     let mut cmd = Command::new(&spec.exe);
     cmd.arg("worker")
         .arg("--socket")
@@ -84,6 +88,19 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path) -> Command {
         if !limits.trusted_proxies.is_empty() {
             let list: Vec<String> = limits.trusted_proxies.iter().map(ToString::to_string).collect();
             cmd.arg("--trusted-proxies").arg(list.join(","));
+        }
+    }
+    if let Some(fd) = heartbeat {
+        let fd = fd.as_raw_fd();
+        cmd.arg("--heartbeat-fd").arg(heartbeat::CHILD_FD.to_string());
+        // SAFETY: between fork and exec the closure only calls dup2, which is
+        // async-signal-safe; the copy it makes has no FD_CLOEXEC, so the page survives the exec
+        // in this child alone. `fd` is numbered 10 or above (see `dup_high`), never CHILD_FD.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::dup2(fd, heartbeat::CHILD_FD)?;
+                Ok(())
+            });
         }
     }
     cmd.stdin(Stdio::null())

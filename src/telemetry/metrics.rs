@@ -44,6 +44,8 @@ pub struct Metrics {
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
     retries: AtomicU64,
+    moved: AtomicU64,
+    stalls: AtomicU64,
     recycles: [AtomicU64; 4],
     restarts: AtomicU64,
 }
@@ -57,6 +59,8 @@ impl Default for Metrics {
             latency_sum_us: AtomicU64::new(0),
             latency_count: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
             recycles: Default::default(),
             restarts: AtomicU64::new(0),
         }
@@ -105,6 +109,16 @@ impl Metrics {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request moved off a stalled worker to another.
+    pub fn moved(&self) {
+        self.moved.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A worker's heartbeat stopped long enough to take it out of the rotation.
+    pub fn stall(&self) {
+        self.stalls.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn recycle(&self, reason: RecycleReason) {
         self.recycles[reason as usize].fetch_add(1, Ordering::Relaxed);
     }
@@ -148,6 +162,18 @@ impl Metrics {
         let _ = writeln!(out, "rip_request_duration_seconds_count {count}");
 
         counter(&mut out, "rip_retries_total", "Requests retried on another worker.", load(&self.retries));
+        counter(
+            &mut out,
+            "rip_requests_moved_total",
+            "Requests moved off a stalled worker before it began to answer them.",
+            load(&self.moved),
+        );
+        counter(
+            &mut out,
+            "rip_worker_stalls_total",
+            "Times a worker's heartbeat stopped and it left the rotation.",
+            load(&self.stalls),
+        );
         out.push_str("# HELP rip_worker_recycles_total Healthy workers replaced, by reason.\n");
         out.push_str("# TYPE rip_worker_recycles_total counter\n");
         for reason in RecycleReason::ALL {

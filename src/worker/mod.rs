@@ -30,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::cli::WorkerArgs;
 use crate::frontend::connections::Connections;
+use crate::heartbeat::Heartbeat;
 use crate::AppFactory;
 
 /// What a worker's app may know about the worker serving it.
@@ -44,6 +45,8 @@ pub struct WorkerContext {
     served: Arc<AtomicU64>,
     draining: CancellationToken,
     tracker: TaskTracker,
+    /// Shared with the front-end, when the worker was started by `rip serve`.
+    heartbeat: Option<Arc<Heartbeat>>,
 }
 
 /// Keeps the worker from exiting while it lives (up to `--graceful-timeout` after the worker
@@ -60,6 +63,7 @@ impl WorkerContext {
             served: Arc::new(AtomicU64::new(0)),
             draining: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            heartbeat: None,
         }
     }
 
@@ -108,7 +112,8 @@ pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
     // Sockets this process creates are for its own user only.
     umask(Mode::from_bits_truncate(0o077));
     let runtime = crate::runtime(args.threads).context("starting the worker runtime")?;
-    let ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
+    let mut ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
+    ctx.heartbeat = args.heartbeat_fd.map(open_heartbeat).transpose()?.map(Arc::new);
     let router = match app {
         AppFactory::Sync(app) => {
             let _entered = runtime.enter();
@@ -173,7 +178,32 @@ fn die_with_parent(parent: Option<i32>) -> Result<()> {
     Ok(())
 }
 
+/// The page the parent shares on `fd`.
+fn open_heartbeat(fd: i32) -> Result<Heartbeat> {
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD)
+        .with_context(|| format!("--heartbeat-fd {fd} is not an open file descriptor"))?;
+    // SAFETY: the fd is open (checked above) and was passed to this process for it alone.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    Heartbeat::open(fd).context("mapping the heartbeat page")
+}
+
+/// Beats from the worker's own runtime, so the beats stop exactly when the event loop that
+/// runs the app stops turning.
+fn beat(heartbeat: Arc<Heartbeat>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(crate::heartbeat::BEAT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            every.tick().await;
+            heartbeat.beat();
+        }
+    });
+}
+
 async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Result<()> {
+    if let Some(heartbeat) = &ctx.heartbeat {
+        beat(heartbeat.clone());
+    }
     let service = WorkerService::new(router, &ctx);
     let stop = CancellationToken::new();
     // The channel first: once the HTTP socket answers the readiness probe, both must work.

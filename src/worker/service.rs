@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 
 use std::net::SocketAddr;
 
+use crate::heartbeat::Heartbeat;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
@@ -24,12 +25,41 @@ use tower_http::catch_panic::{CatchPanic, CatchPanicLayer, DefaultResponseForPan
 pub struct WorkerService {
     app: CatchPanic<Router, DefaultResponseForPanic>,
     served: Arc<AtomicU64>,
+    heartbeat: Option<Arc<Heartbeat>>,
 }
 
 impl WorkerService {
     /// Wraps the app a worker serves; requests are counted in `ctx`.
     pub fn new(router: Router, ctx: &crate::WorkerContext) -> WorkerService {
-        WorkerService { app: CatchPanicLayer::new().layer(router), served: ctx.served.clone() }
+        WorkerService {
+            app: CatchPanicLayer::new().layer(router),
+            served: ctx.served.clone(),
+            heartbeat: ctx.heartbeat.clone(),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's future that names the request in the heartbeat page while it is polled:
+    /// if the worker's thread blocks inside the poll, the page keeps the name, and the
+    /// front-end knows which request not to move elsewhere.
+    struct Named<F> {
+        #[pin]
+        inner: F,
+        request: u64,
+        heartbeat: Arc<Heartbeat>,
+    }
+}
+
+impl<F: Future> Future for Named<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.heartbeat.set_current(*this.request);
+        let polled = this.inner.poll(cx);
+        this.heartbeat.set_current(0);
+        polled
     }
 }
 
@@ -54,13 +84,21 @@ where
         }
         self.served.fetch_add(1, Ordering::Relaxed);
         set_connect_info(&mut req);
+        let request = req.headers_mut().remove(&crate::proxy::headers::REQUEST);
         let future = self.app.call(req);
-        Box::pin(async move {
+        let answer = async move {
             match future.await {
                 Ok(response) => Ok(response.map(Body::new)),
                 Err(never) => match never {},
             }
-        })
+        };
+        let request = request.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        match (request, &self.heartbeat) {
+            (Some(request), Some(heartbeat)) => {
+                Box::pin(Named { inner: answer, request, heartbeat: heartbeat.clone() })
+            }
+            _ => Box::pin(answer),
+        }
     }
 }
 

@@ -26,17 +26,27 @@ use crate::harness::{
 };
 
 #[test]
-fn sigkill_of_random_workers_under_load_fails_no_request() {
+fn sigkill_of_random_workers_under_load_fails_no_request_with_2_workers() {
+    sigkill_of_random_workers_under_load_fails_no_request(2);
+}
+
+#[test]
+fn sigkill_of_random_workers_under_load_fails_no_request_with_4_workers() {
+    sigkill_of_random_workers_under_load_fails_no_request(4);
+}
+
+fn sigkill_of_random_workers_under_load_fails_no_request(workers: usize) {
     /// The fault pattern: one SIGKILL this often, for this long.
     const KILL_EVERY: Duration = Duration::from_millis(300);
     const KILLING_FOR: Duration = Duration::from_secs(10);
     let rt = runtime();
     // A queue timeout well past the kill pace lets requests wait out a moment with no worker
     // ready instead of getting a 503 by design. Any failure left is then a fault.
-    let rip = Rip::start(&["--workers", "4", "--queue-timeout", "15s", "--access-log", "off"]);
+    let rip =
+        Rip::start(&["--workers", &workers.to_string(), "--queue-timeout", "15s", "--access-log", "off"]);
     rip.wait_all_ready();
 
-    let load = Load::get("/whoami").clients(16).total(usize::MAX).deadline(Duration::from_secs(60));
+    let load = Load::get("/whoami").clients(32).total(usize::MAX).deadline(Duration::from_secs(60));
     let traffic = load.handle();
     let running = rt.spawn(load.run(rip.addr()));
     assert!(wait_until(WAIT, || traffic.done() >= 100), "load did not get going");
@@ -60,8 +70,8 @@ fn sigkill_of_random_workers_under_load_fails_no_request() {
     // start failure: the pool is whole again within a second of the last kill.
     let last_kill = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(1), || ready_workers(&rip).len() == 4),
-        "the pool is at {} of 4 workers a second after the last kill",
+        wait_until(Duration::from_secs(1), || ready_workers(&rip).len() == workers),
+        "the pool is at {} of {workers} workers a second after the last kill",
         ready_workers(&rip).len()
     );
     let whole_after_ms = last_kill.elapsed().as_millis();
@@ -72,7 +82,7 @@ fn sigkill_of_random_workers_under_load_fails_no_request() {
     let report = rt.block_on(running).unwrap();
 
     println!(
-        "faults: kill_under_load sent={} failed={} kills={kills} statuses={:?} logged_502={} \
+        "faults: kill_under_load workers={workers} clients=32 sent={} failed={} kills={kills} statuses={:?} logged_502={} \
          seed={:#x} distinct_pids={} restarts={} pool_whole_after_ms={whole_after_ms}",
         report.sent,
         report.failed,

@@ -18,6 +18,7 @@ mod refusals;
 mod reload;
 mod serve;
 mod slow_clients;
+mod stalls;
 mod static_files;
 mod systemd;
 mod upgrade;

@@ -68,6 +68,8 @@ pub struct LoadReport {
     pub bodies: Vec<Bytes>,
     /// The deadline passed before `total` requests were sent.
     pub timed_out: bool,
+    /// How long each answered request took, in the order each client sent them.
+    pub latencies: Vec<Duration>,
 }
 
 /// Requests that must succeed after an operation finished, to show traffic still flows.
@@ -87,6 +89,16 @@ impl LoadReport {
         self.whoami().iter().map(|w| w.pid).collect()
     }
 
+    /// Answered requests that took longer than `limit`.
+    pub fn slower_than(&self, limit: Duration) -> usize {
+        self.latencies.iter().filter(|l| **l > limit).count()
+    }
+
+    /// The slowest answered request.
+    pub fn slowest(&self) -> Duration {
+        self.latencies.iter().copied().max().unwrap_or_default()
+    }
+
     fn merge(&mut self, other: LoadReport) {
         self.sent += other.sent;
         self.ok += other.ok;
@@ -98,6 +110,7 @@ impl LoadReport {
         self.errors.extend(other.errors.into_iter().take(room));
         self.bodies.extend(other.bodies);
         self.timed_out |= other.timed_out;
+        self.latencies.extend(other.latencies);
     }
 }
 
@@ -151,9 +164,11 @@ impl Load {
                 break;
             }
             report.sent += 1;
+            let started = tokio::time::Instant::now();
             let result = tokio::time::timeout_at(deadline, client.get(&self.path)).await;
             match result {
                 Ok(Ok(reply)) => {
+                    report.latencies.push(started.elapsed());
                     *report.statuses.entry(reply.status.as_u16()).or_default() += 1;
                     if reply.status.is_success() {
                         report.ok += 1;

@@ -17,6 +17,8 @@
 #   rip-base     `rip serve --workers $WORKERS` from the binary at $BASE_RIP (another build, e.g.
 #                the commit before a change), to measure a change side by side in one run:
 #                BASE_RIP=/path/to/old/rip SETUPS="rip-base rip nginx-auto" benches/compare.sh
+#   rip-log-stderr  `rip serve --workers $WORKERS` with its default access log, to stderr (a
+#                file here); every other rip setup runs with `--access-log off`
 # Cases: GET / at c=1 and c=$CONNS, and at c=$CONNS with a browser's request head; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
 # c=$BODY_CONNS; GET / with `Connection: close` at c=$CONNS. Each run is preceded by a $WARMUP s warm-up of the same case;
 # the table shows medians over $RUNS runs. Then `rip serve --workers $STARTUP_WORKERS` is
@@ -155,7 +157,7 @@ start_rip() {
     shift
     local port
     port=$(free_port)
-    local access=off
+    local access=${ACCESS:-off}
     [[ $ACCESS_LOG == on ]] && access=$TMP/$name-access.log
     # rip creates its runtime directory (0700) itself.
     (cd "$TMP" && RUST_LOG=info exec "${BIN:-$RIP}" serve --host 127.0.0.1 --port "$port" --workers "$WORKERS" \
@@ -244,6 +246,8 @@ start_setup() {
             [[ -x ${BASE_RIP:-} ]] || die "rip-base needs BASE_RIP=<path of a rip binary>"
             BIN=$BASE_RIP start_rip rip-base ;;
         rip-handoff) start_rip rip-handoff --upstream handoff ;;
+        # The default access log, to stderr (here a file, as journald stores it).
+        rip-log-stderr) ACCESS=- start_rip rip-log-stderr ;;
         rip-recycle) start_rip rip-recycle --max-requests "$MAX_REQUESTS" ;;
         rip-handoff-recycle) start_rip rip-handoff-recycle --upstream handoff --max-requests "$MAX_REQUESTS" ;;
         nginx-1) start_nginx nginx-1 1 ;;
@@ -523,6 +527,7 @@ setup_title() {
     case $1 in
         rip) echo "rip serve --workers $WORKERS" ;;
         rip-base) echo "rip serve --workers $WORKERS, base build ($BASE_RIP)" ;;
+        rip-log-stderr) echo "rip serve --workers $WORKERS --access-log - (stderr to a file)" ;;
         rip-handoff) echo "rip serve --workers $WORKERS --upstream handoff" ;;
         rip-recycle) echo "rip serve --workers $WORKERS --max-requests $MAX_REQUESTS" ;;
         rip-handoff-recycle) echo "rip serve --workers $WORKERS --upstream handoff --max-requests $MAX_REQUESTS" ;;

@@ -1,7 +1,7 @@
 //! Which worker gets the next request. Pure: it sees counters, not connections, so every
 //! strategy is tested as a table. Every pick scans all workers in the rotation (a handful),
-//! starting from a rotating index so that ties spread evenly. Invariant: a worker that is leaving or unreachable is never
-//! chosen, and an exhausted worker (past `--max-requests`, replacement not ready yet) is chosen
+//! starting from a rotating index so that ties spread evenly. Invariant: a worker that is
+//! leaving, unreachable or stalled is never chosen, and an exhausted worker (past `--max-requests`, replacement not ready yet) is chosen
 //! only when no fresh worker is usable, so recycling never drops capacity to zero.
 
 pub use crate::config::Strategy;
@@ -12,7 +12,7 @@ pub struct Candidate {
     pub in_flight: usize,
     /// Past its request budget; kept only as a fallback.
     pub exhausted: bool,
-    /// Leaving the rotation, or refused a connection.
+    /// Leaving the rotation, refused a connection, stalled, or full.
     pub unusable: bool,
 }
 

@@ -1,9 +1,10 @@
-//! Liveness, with `--upstream handoff`. In the default mode a hung worker is found by the
-//! front-end, when a request on it outlives `--timeout`; with hand-off no request passes the
-//! front-end, so the supervisor asks instead: every ready worker's socket is probed each
-//! second, and one that does not answer within `--timeout` is killed and replaced. The probe
-//! is answered by rip in the worker, ahead of the app, so only a worker whose thread is stuck
-//! fails it. Invariant: at most one liveness probe per worker is in flight.
+//! Liveness probes, with `--upstream handoff`. Every worker's heartbeat (`proxy::watch`)
+//! finds a stuck event loop in either mode; with hand-off the supervisor also asks the worker
+//! directly, since its hand-off channel and socket are all the front-end uses of it: every
+//! ready worker's socket is probed each second, and one that does not answer within
+//! `--timeout` is killed and replaced. The probe is answered by rip in the worker, ahead of the
+//! app, so only a worker whose thread is stuck fails it. Invariant: at most one liveness probe
+//! per worker is in flight.
 
 use nix::unistd::Pid;
 use tracing::warn;

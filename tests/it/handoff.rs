@@ -3,13 +3,13 @@
 //! stop, replacement of a dead worker.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use nix::sys::signal::Signal;
 
 use crate::harness::{
-    assert_status, request, runtime, send_signal, wait_until, Client, Load, Rip, WhoAmI, WorkerEvent, WAIT,
+    assert_status, log_field, request, runtime, send_signal, wait_until, Client, Load, Rip, WhoAmI, WorkerEvent, WAIT,
 };
 
 const HANDOFF: [&str; 2] = ["--upstream", "handoff"];
@@ -141,25 +141,47 @@ fn a_killed_worker_is_replaced_and_new_connections_are_served() {
     );
 }
 
+/// A worker whose thread is stuck gets no new connection once its heartbeat stops, and is
+/// killed and replaced after `--timeout`; the connection it held ends with it (with hand-off
+/// nothing can move off a worker: its requests are on connections only it reads).
 #[test]
-fn a_worker_stuck_in_a_request_fails_its_liveness_probe_and_is_replaced() {
+fn a_stuck_worker_gets_no_new_connection_and_is_killed_and_replaced() {
     let rt = runtime();
-    let rip = start(&["--workers", "2", "--timeout", "1s"]);
+    // Round-robin, so that only the stall keeps new connections off the stuck worker
+    // (least-pending would avoid it for the connection it holds).
+    let rip = start(&["--workers", "2", "--timeout", "3s", "--balance", "round-robin"]);
     let addr = rip.addr();
 
     // Blocks the thread of the worker that gets this connection, far past --timeout.
     let mark = rip.log_mark();
     let stuck = rt.spawn(async move { Client::new(addr).get("/block/30000").await });
-    let failed = rip
-        .wait_for_log_from(
-            mark,
-            |l| WorkerEvent::parse(l).is_some_and(|e| e.is("worker failed its liveness probe")),
-            WAIT,
-        )
-        .expect("no worker failed its liveness probe");
-    let failed = WorkerEvent::parse(&failed).unwrap();
-    let replacement = rip.wait_for_replacement(mark, failed.slot(), WAIT).pid;
-    assert_ne!(replacement, failed.pid);
+    let stalled = rip
+        .wait_for_log_from(mark, |l| l.contains("worker stalled"), WAIT)
+        .expect("the stall was logged");
+    let stalled = log_field(&stalled, "worker").expect("the stall names the worker").to_string();
+    // Out of the rotation: new connections, while it is still alive, all go to the other one.
+    let (survivor, slowest) = rt.block_on(async {
+        let mut pids = BTreeSet::new();
+        let mut slowest = Duration::ZERO;
+        for _ in 0..20 {
+            let started = Instant::now();
+            let reply = Client::new(addr).get("/whoami").await.expect("GET /whoami on a new connection");
+            slowest = slowest.max(started.elapsed());
+            pids.insert(WhoAmI::parse(&reply.body).expect("a /whoami answer").pid);
+        }
+        (pids, slowest)
+    });
+    assert_eq!(survivor.len(), 1, "new connections went to the stalled worker too: {survivor:?}");
+    assert!(slowest < Duration::from_secs(1), "a new connection waited {slowest:?}");
+
+    let killed = rip
+        .wait_for_log_from(mark, |l| WorkerEvent::parse(l).is_some_and(|e| e.is("worker hung, killed")), WAIT)
+        .expect("the stuck worker was not killed");
+    let killed = WorkerEvent::parse(&killed).unwrap();
+    assert_eq!(killed.worker, stalled);
+    assert!(!survivor.contains(&killed.pid), "the stuck worker answered");
+    let replacement = rip.wait_for_replacement(mark, killed.slot(), WAIT).pid;
+    assert_ne!(replacement, killed.pid);
 
     // The stuck request's connection ended with its worker, long before the 30 s.
     let outcome = rt.block_on(stuck).unwrap();
@@ -174,5 +196,6 @@ fn a_worker_stuck_in_a_request_fails_its_liveness_probe_and_is_replaced() {
         pids
     });
     assert!(pids.contains(&replacement), "the replacement {replacement} never answered: {pids:?}");
-    assert!(!pids.contains(&failed.pid), "the stuck worker answered: {pids:?}");
+    assert!(!pids.contains(&killed.pid), "the stuck worker answered: {pids:?}");
+    println!("faults: handoff_stuck_worker new_connections_slowest_ms={} killed_after_timeout=true", slowest.as_millis());
 }

@@ -7,10 +7,11 @@
 //!
 //! Shared memory rather than a message: the worker pays one relaxed store per beat and per
 //! poll of a request, and the front-end one load per sample, with no syscall, no wakeup and
-//! nothing on the request path. Alternatives measured worse or answer a different question: a
-//! byte per beat on a pipe wakes the front-end 100 times a second per worker; a probe over the
-//! worker's socket (what `--upstream handoff` also does) queues behind the requests it is
-//! meant to judge, and cannot say which request is stuck.
+//! nothing on the request path (`benches/compare.sh` measures it against the build before
+//! it). The alternatives cost more or answer a different question: a byte per beat on a pipe
+//! is a syscall on each side and a wakeup of the front-end per beat per worker; a probe over
+//! the worker's socket (what `--upstream handoff` also does) is a connection per probe, queues
+//! behind the requests it is meant to judge, and cannot say which request is stuck.
 //!
 //! The memory is a sealed memfd: the parent creates it, fixes its size and seals it, so a
 //! worker (whatever it runs) cannot shrink it and turn the parent's next read into SIGBUS.

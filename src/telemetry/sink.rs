@@ -15,6 +15,12 @@ use std::sync::{Arc, OnceLock};
 pub const BACKLOG: usize = 8_192;
 /// Bytes gathered into one write(2), so that a busy log costs few system calls.
 const BATCH_BYTES: usize = 64 * 1024;
+/// How long the writer lets lines gather after a write before it looks again. While it
+/// sleeps, a new line costs its sender a queue push and nothing else; a writer that waited on
+/// the queue instead would be woken (a futex call and a context switch) for nearly every line,
+/// which measured as a fifth of the throughput with the access log on. A line reaches stderr
+/// at most this late.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A cheap handle to the stderr writer.
 #[derive(Debug, Clone)]
@@ -98,7 +104,9 @@ fn write_lines<W: Write>(queue: Receiver<Message>, mut out: W, dropped: &AtomicU
         // Blocking here is this thread's job: it holds up nobody but the queue.
         let _ = out.write_all(&batch);
         let _ = out.flush();
+        let full = batch.len() >= BATCH_BYTES;
         batch.clear();
+        let flushing = !flushed.is_empty();
         for done in flushed {
             let _ = done.try_send(());
         }
@@ -110,6 +118,10 @@ fn write_lines<W: Write>(queue: Receiver<Message>, mut out: W, dropped: &AtomicU
             );
             let _ = out.write_all(note.as_bytes());
             reported = lost;
+        }
+        // A full batch means more is waiting; a flush means the process is about to exit.
+        if !full && !flushing {
+            std::thread::sleep(LINGER);
         }
     }
 }

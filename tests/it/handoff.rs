@@ -9,7 +9,8 @@ use hyper::{Method, StatusCode};
 use nix::sys::signal::Signal;
 
 use crate::harness::{
-    assert_status, log_field, request, runtime, send_signal, wait_until, Client, Load, Rip, WhoAmI, WorkerEvent, WAIT,
+    assert_status, log_field, request, runtime, send_signal, wait_until, Client, Load, Rip, WhoAmI,
+    WorkerEvent, WAIT,
 };
 
 const HANDOFF: [&str; 2] = ["--upstream", "handoff"];
@@ -155,9 +156,8 @@ fn a_stuck_worker_gets_no_new_connection_and_is_killed_and_replaced() {
     // Blocks the thread of the worker that gets this connection, far past --timeout.
     let mark = rip.log_mark();
     let stuck = rt.spawn(async move { Client::new(addr).get("/block/30000").await });
-    let stalled = rip
-        .wait_for_log_from(mark, |l| l.contains("worker stalled"), WAIT)
-        .expect("the stall was logged");
+    let stalled =
+        rip.wait_for_log_from(mark, |l| l.contains("worker stalled"), WAIT).expect("the stall was logged");
     let stalled = log_field(&stalled, "worker").expect("the stall names the worker").to_string();
     // Out of the rotation: new connections, while it is still alive, all go to the other one.
     let (survivor, slowest) = rt.block_on(async {
@@ -197,5 +197,8 @@ fn a_stuck_worker_gets_no_new_connection_and_is_killed_and_replaced() {
     });
     assert!(pids.contains(&replacement), "the replacement {replacement} never answered: {pids:?}");
     assert!(!pids.contains(&killed.pid), "the stuck worker answered: {pids:?}");
-    println!("faults: handoff_stuck_worker new_connections_slowest_ms={} killed_after_timeout=true", slowest.as_millis());
+    println!(
+        "faults: handoff_stuck_worker new_connections_slowest_ms={} killed_after_timeout=true",
+        slowest.as_millis()
+    );
 }

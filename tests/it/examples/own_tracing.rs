@@ -46,6 +46,10 @@ fn a_subscriber_that_lets_rip_through_gets_rips_log_and_no_warning() {
         .start_all_ready();
     let reply = runtime().block_on(async { Client::new(rip.addr()).get("/").await }).expect("GET /");
     assert_eq!(reply.status, StatusCode::OK);
-    assert!(rip.logs().iter().any(|l| l.contains("own_tracing app built")));
+    // Log lines reach stderr a few milliseconds after they are written.
+    assert!(
+        wait_until(Duration::from_secs(5), || rip.logs().iter().any(|l| l.contains("own_tracing app built"))),
+        "the app's own event did not reach its subscriber"
+    );
     assert!(!rip.logs().iter().any(|l| l.contains(WARNING)), "warned though rip's events get through");
 }

@@ -105,31 +105,20 @@ where
                 () = expired => Ended::Expired,
                 ended = silenced => ended,
             };
-            let elapsed = started.elapsed();
-            let cause = match ended {
+            let outcome = match ended {
                 Ended::Move => return Err(Failed::new(Cause::Stalled, Some(endpoint.id))),
-                Ended::Expired => {
-                    warn!(
-                        worker = %endpoint.id,
-                        method = %method,
-                        path = uri.path(),
-                        elapsed_ms = elapsed.as_millis() as u64,
-                        "request timed out, cancelled on its worker"
-                    );
-                    Cause::Timeout(elapsed)
-                }
-                Ended::Hung => {
-                    warn!(
-                        worker = %endpoint.id,
-                        method = %method,
-                        path = uri.path(),
-                        elapsed_ms = elapsed.as_millis() as u64,
-                        "request on a hung worker answered 504"
-                    );
-                    Cause::Timeout(elapsed)
-                }
+                Ended::Expired => "request timed out, cancelled on its worker",
+                Ended::Hung => "request on a hung worker answered 504",
             };
-            Err(Failed::new(cause, Some(endpoint.id)))
+            let elapsed = started.elapsed();
+            warn!(
+                worker = %endpoint.id,
+                method = %method,
+                path = uri.path(),
+                elapsed_ms = elapsed.as_millis() as u64,
+                "{outcome}"
+            );
+            Err(Failed::new(Cause::Timeout(elapsed), Some(endpoint.id)))
         })
     }
 }

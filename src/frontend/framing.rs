@@ -13,15 +13,24 @@
 //! chunked, next head), so it knows where each head starts under keep-alive and pipelining.
 //! The byte at which a violation shows becomes `POISON` (0x01) before hyper reads it. httparse
 //! fails on that byte as soon as it reaches it, even if the rest of the head never comes, and
-//! hyper answers 400 and closes. Anything the scanner does not follow (input hyper refuses
-//! anyway, a protocol upgrade) stops the scanning: the rest of the connection passes
-//! untouched and hyper's parser stays the judge, so valid traffic is never rewritten.
+//! hyper answers 400 and closes. Input hyper refuses anyway stops the scanning: hyper closes
+//! the connection, so nothing after it is served.
+//!
+//! A request that asks for a protocol switch (`Upgrade`, CONNECT) is followed to its end like
+//! any other; then the bytes after it are held back from hyper until the request's answer is
+//! known ([`Verdict`], told by the connection's service through [`Judged`]). A 101 makes the
+//! rest of the connection a tunnel, passed untouched; anything else means the bytes are the
+//! next request, scanned as strictly as the first. So a declined upgrade never switches the
+//! guard off.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
 
+use http::{Method, Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
@@ -34,23 +43,163 @@ const POISON: u8 = 0x01;
 pub struct StrictFraming<S> {
     inner: S,
     scanner: Scanner,
+    verdict: Arc<Verdict>,
+    /// Bytes read past the end of a request that asked for an upgrade, held back from hyper
+    /// until its answer says whether they are a tunnel or the next request.
+    held: Vec<u8>,
 }
 
 impl<S> StrictFraming<S> {
     pub fn new(inner: S) -> StrictFraming<S> {
-        StrictFraming { inner, scanner: Scanner::default() }
+        StrictFraming { inner, scanner: Scanner::default(), verdict: Arc::default(), held: Vec::new() }
+    }
+
+    /// Where the connection's service says how upgrade requests were answered.
+    pub fn verdict(&self) -> Arc<Verdict> {
+        self.verdict.clone()
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for StrictFraming<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let start = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        if let Some(violation) = this.scanner.scan(&mut buf.filled_mut()[start..]) {
-            debug!(%violation, "request head refused before parsing");
+        loop {
+            if this.scanner.state == State::Verdict {
+                let switched = ready!(this.verdict.poll_answer(cx));
+                this.scanner.state = if switched { State::Off } else { State::Idle };
+            }
+            let start = buf.filled().len();
+            if this.held.is_empty() {
+                ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            } else {
+                let n = this.held.len().min(buf.remaining());
+                buf.put_slice(&this.held[..n]);
+                this.held.drain(..n);
+            }
+            let read = buf.filled().len() - start;
+            let scanned = this.scanner.scan(&mut buf.filled_mut()[start..]);
+            if let Some(violation) = scanned.violation {
+                debug!(%violation, "request head refused before parsing");
+            }
+            if std::mem::take(&mut this.scanner.asks_upgrade) {
+                // Before hyper sees the head, so before anyone can answer it.
+                this.verdict.expect();
+            }
+            if scanned.used < read {
+                let rest = buf.filled()[start + scanned.used..].to_vec();
+                this.held.splice(0..0, rest);
+                buf.set_filled(start + scanned.used);
+            }
+            // Zero bytes from the inner stream is its end, passed on; zero bytes because all
+            // of them are held means waiting for the verdict instead.
+            if scanned.used > 0 || read == 0 {
+                return Poll::Ready(Ok(()));
+            }
         }
-        Poll::Ready(Ok(()))
+    }
+}
+
+/// How the requests of one connection that asked for an upgrade were answered, shared by the
+/// connection's [`StrictFraming`] (which waits for it) and its service (which tells it).
+#[derive(Debug, Default)]
+pub struct Verdict(Mutex<Answer>);
+
+#[derive(Debug, Default)]
+enum Answer {
+    /// No upgrade request is waiting for its answer.
+    #[default]
+    None,
+    /// One is; the reader waits with this waker.
+    Awaited(Option<Waker>),
+    Declined,
+    Switched,
+}
+
+impl Verdict {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Answer> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The scanner passed an upgrade request's head to hyper: its answer is awaited.
+    fn expect(&self) {
+        *self.lock() = Answer::Awaited(None);
+    }
+
+    /// The upgrade request was answered; `switched` when with 101.
+    pub fn answered(&self, switched: bool) {
+        let answer = if switched { Answer::Switched } else { Answer::Declined };
+        if let Answer::Awaited(Some(waker)) = std::mem::replace(&mut *self.lock(), answer) {
+            waker.wake();
+        }
+    }
+
+    /// Whether the connection switched protocols, once the answer is known.
+    fn poll_answer(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut answer = self.lock();
+        match &mut *answer {
+            Answer::Awaited(waker) => {
+                *waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+            Answer::Switched => Poll::Ready(true),
+            Answer::Declined | Answer::None => {
+                *answer = Answer::None;
+                Poll::Ready(false)
+            }
+        }
+    }
+}
+
+/// A connection's service that tells its [`Verdict`] how each upgrade request was answered.
+#[derive(Debug, Clone)]
+pub struct Judged<S> {
+    inner: S,
+    verdict: Arc<Verdict>,
+}
+
+impl<S> Judged<S> {
+    pub fn new(inner: S, verdict: Arc<Verdict>) -> Judged<S> {
+        Judged { inner, verdict }
+    }
+}
+
+impl<S, B, Body> hyper::service::Service<Request<B>> for Judged<S>
+where
+    S: hyper::service::Service<Request<B>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = JudgedFuture<S::Future>;
+
+    fn call(&self, req: Request<B>) -> Self::Future {
+        // The scanner's rule exactly: a request with an Upgrade field, or CONNECT.
+        let asks = req.method() == Method::CONNECT || req.headers().contains_key(http::header::UPGRADE);
+        JudgedFuture { inner: self.inner.call(req), verdict: asks.then(|| self.verdict.clone()) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    pub struct JudgedFuture<F> {
+        #[pin]
+        inner: F,
+        verdict: Option<Arc<Verdict>>,
+    }
+}
+
+impl<F, Body, E> Future for JudgedFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let answered = ready!(this.inner.poll(cx));
+        if let Some(verdict) = this.verdict.take() {
+            let switched = matches!(&answered, Ok(r) if r.status() == StatusCode::SWITCHING_PROTOCOLS);
+            verdict.answered(switched);
+        }
+        Poll::Ready(answered)
     }
 }
 
@@ -91,6 +240,9 @@ enum Violation {
     LengthAndChunked,
     /// Content-Length more than once, even with equal values.
     DuplicateLength,
+    /// Whitespace after a chunk size that no extension follows (`0 \r\n`): the grammar allows
+    /// it only before `;` (RFC 9112 §7.1).
+    ChunkSize,
 }
 
 impl fmt::Display for Violation {
@@ -99,6 +251,7 @@ impl fmt::Display for Violation {
             Violation::BareLf => "bare LF line ending",
             Violation::LengthAndChunked => "both Content-Length and Transfer-Encoding",
             Violation::DuplicateLength => "more than one Content-Length",
+            Violation::ChunkSize => "whitespace after a chunk size",
         })
     }
 }
@@ -110,6 +263,20 @@ struct Scanner {
     /// The previous byte of a head or trailer line was CR: this one must be LF.
     cr: bool,
     head: Head,
+    /// The message being followed asked for an upgrade: its end is where the verdict is
+    /// awaited.
+    upgrade_pending: bool,
+    /// Set when such a head has just ended, for the reader to await its verdict.
+    asks_upgrade: bool,
+}
+
+/// What one [`Scanner::scan`] did.
+#[derive(Debug, PartialEq, Eq)]
+struct Scanned {
+    violation: Option<Violation>,
+    /// Bytes followed: all of them, unless an upgrade request ended among them, in which case
+    /// the ones after it wait for its verdict.
+    used: usize,
 }
 
 /// What the current head said so far about the body that follows it.
@@ -164,8 +331,10 @@ enum State {
     /// At the start of a trailer line, or of the empty line that ends the message.
     TrailerStart,
     Trailer,
-    /// Not scanning any more: a violation was poisoned (hyper closes after its 400), or the
-    /// stream is something this scanner does not follow.
+    /// After a request that asked for an upgrade, until its answer says what follows.
+    Verdict,
+    /// Not scanning any more: a violation was poisoned (hyper closes after its 400), the
+    /// stream is something this scanner does not follow, or it became a tunnel.
     Off,
 }
 
@@ -179,16 +348,18 @@ const FIELDS: [(u8, &[u8]); 3] =
 impl Scanner {
     /// Follows `bytes`, the next bytes from the client, and poisons the first violation in
     /// them. Body bytes are counted past, never looked at.
-    fn scan(&mut self, bytes: &mut [u8]) -> Option<Violation> {
+    fn scan(&mut self, bytes: &mut [u8]) -> Scanned {
+        let all = bytes.len();
         let mut i = 0;
         while i < bytes.len() {
             match self.state {
-                State::Off => return None,
+                State::Off => break,
+                State::Verdict => return Scanned { violation: None, used: i },
                 State::Body(left) | State::ChunkData(left) => {
                     let skipped = left.min((bytes.len() - i) as u64);
                     i += skipped as usize;
                     self.state = match (self.state, left - skipped) {
-                        (State::Body(_), 0) => State::Idle,
+                        (State::Body(_), 0) => self.message_ended(),
                         (State::Body(_), left) => State::Body(left),
                         (_, 0) => State::ChunkDataCr,
                         (_, left) => State::ChunkData(left),
@@ -197,19 +368,28 @@ impl Scanner {
                 _ => {
                     match self.next_relevant(&bytes[i..]) {
                         Some(Some(at)) => i += at,
-                        Some(None) => return None,
+                        Some(None) => break,
                         None => {}
                     }
                     if let Err(violation) = self.step(bytes[i]) {
                         bytes[i] = POISON;
                         self.state = State::Off;
-                        return Some(violation);
+                        return Scanned { violation: Some(violation), used: all };
                     }
                     i += 1;
                 }
             }
         }
-        None
+        Scanned { violation: None, used: all }
+    }
+
+    /// The state after a message's last byte.
+    fn message_ended(&mut self) -> State {
+        if std::mem::take(&mut self.upgrade_pending) {
+            State::Verdict
+        } else {
+            State::Idle
+        }
     }
 
     /// Where in `rest` the next byte that can change the state is, when the state is one
@@ -238,7 +418,8 @@ impl Scanner {
             }
             (ChunkSize(n) | ChunkSpace(n), b' ' | b'\t') => ChunkSpace(n),
             (ChunkSize(n) | ChunkSpace(n), b';') => ChunkExtension(n),
-            (ChunkSize(n) | ChunkSpace(n) | ChunkExtension(n), b'\r') => ChunkSizeLf(n),
+            (ChunkSpace(_), b'\r') => return Err(Violation::ChunkSize),
+            (ChunkSize(n) | ChunkExtension(n), b'\r') => ChunkSizeLf(n),
             (ChunkSize(_) | ChunkSpace(_), _) | (ChunkExtension(_), b'\n') => Off,
             (ChunkExtension(n), _) => ChunkExtension(n),
             (ChunkSizeLf(0), b'\n') => TrailerStart,
@@ -338,28 +519,28 @@ impl Scanner {
             }
             LineStart => self.body(),
             Trailer => TrailerStart,
-            TrailerStart => Idle,
+            TrailerStart => self.message_ended(),
             // A request line that is only a method, a field line without a colon, an empty
             // Content-Length: hyper refuses them.
             _ => Off,
         }
     }
 
-    /// The state after the head: its body, the next message, or off for a tunnel.
+    /// The state after the head: its body, or the end of the message. After a request that
+    /// asked for an upgrade, whether the next bytes are a tunnel or a request is decided by
+    /// its answer: the message's end waits for it.
     fn body(&mut self) -> State {
         let head = std::mem::take(&mut self.head);
         if head.tunnel {
-            // Whether the upgrade happens is decided by the response: from here on the bytes
-            // may be WebSocket frames, which must not be rewritten. If the worker declines,
-            // hyper keeps the connection and the rest of it goes unchecked, unless the proxy
-            // closes connections after a declined upgrade.
-            State::Off
-        } else if head.chunked {
+            self.upgrade_pending = true;
+            self.asks_upgrade = true;
+        }
+        if head.chunked {
             State::ChunkStart
         } else if head.length > 0 {
             State::Body(head.length)
         } else {
-            State::Idle
+            self.message_ended()
         }
     }
 }
@@ -389,6 +570,8 @@ mod tests {
         bytes: Vec<u8>,
         violation: Option<Violation>,
         state: State,
+        /// Bytes followed before the scanner stopped to await an upgrade's verdict.
+        used: usize,
     }
 
     /// Scans `input` as reads that end at each of `cuts`.
@@ -396,15 +579,18 @@ mod tests {
         let mut scanner = Scanner::default();
         let mut bytes = input.to_vec();
         let mut violation = None;
-        let mut start = 0;
+        let mut used = 0;
         for &cut in cuts.iter().chain([input.len()].iter()) {
-            if let Some(v) = scanner.scan(&mut bytes[start..cut]) {
+            // Bytes the scanner held back come again with the next read, as the reader does.
+            let from = used;
+            let scanned = scanner.scan(&mut bytes[from..cut]);
+            if let Some(v) = scanned.violation {
                 assert_eq!(violation, None, "a second violation was reported");
                 violation = Some(v);
             }
-            start = cut;
+            used = from + scanned.used;
         }
-        Outcome { bytes, violation, state: scanner.state }
+        Outcome { bytes, violation, state: scanner.state, used }
     }
 
     /// Scans `input` whole, cut in two at every position, and byte by byte: reads may end
@@ -564,14 +750,96 @@ mod tests {
         }
     }
 
+    /// An upgrade request is followed to its end; what comes after waits for its verdict.
+    fn assert_awaits_verdict_after(request: &[u8], after: &[u8]) {
+        let outcome = scan(&[request, after].concat());
+        assert_eq!(outcome.violation, None, "{:?}", show(request));
+        assert_eq!(outcome.state, State::Verdict, "{:?}", show(request));
+        assert_eq!(outcome.used, request.len(), "{:?}", show(request));
+        assert_eq!(&outcome.bytes[request.len()..], after, "bytes after the upgrade request were touched");
+    }
+
     #[test]
-    fn nothing_after_an_upgrade_or_connect_head_is_touched() {
-        assert_left_to_hyper(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nupgrade: websocket\r\n\r\n\x81\n\n",
+    fn after_an_upgrade_or_connect_request_the_scanner_awaits_the_verdict() {
+        assert_awaits_verdict_after(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+            b"\x81\n\n",
         );
-        assert_left_to_hyper(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n\n\x16\x03");
-        // Only the exact method CONNECT opens a tunnel.
+        assert_awaits_verdict_after(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\n\r\n", b"GET /\n\n");
+        assert_awaits_verdict_after(b"CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n", b"\n\x16\x03");
+        // A body first: the verdict is awaited where the message ends, not the head.
+        assert_awaits_verdict_after(
+            b"POST / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\n\n\n\n",
+            b"\n",
+        );
+        assert_awaits_verdict_after(
+            b"POST / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n\n\r\n0\r\n\r\n",
+            b"\n",
+        );
+        // Only the exact method CONNECT asks for a tunnel.
         assert_passes(b"CONNECTX / HTTP/1.1\r\nHost: x\r\n\r\nconnect / HTTP/1.1\r\nHost: x\r\n\r\n");
+    }
+
+    #[test]
+    fn whitespace_after_a_chunk_size_is_poisoned_unless_an_extension_follows() {
+        let head: &[u8] = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_poisoned(&[head, b"0 "].concat(), b"\r\n\r\n", Violation::ChunkSize);
+        assert_poisoned(&[head, b"1\r\na\r\n0\t"].concat(), b"\r\n\r\n", Violation::ChunkSize);
+        assert_passes(&[head, b"1 ;a=b\r\na\r\n0\t; last\r\n\r\n"].concat());
+    }
+
+    /// Reads that the test hands over one at a time.
+    struct Reads(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Reads {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(next) = self.get_mut().0.pop_front() {
+                buf.put_slice(&next);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Reads once from `io`, or `None` if the read would wait.
+    fn read_now<S: AsyncRead + Unpin>(io: &mut StrictFraming<S>) -> Option<Vec<u8>> {
+        let mut bytes = [0u8; 1024];
+        let mut buf = ReadBuf::new(&mut bytes);
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(io).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(result) => {
+                result.unwrap();
+                Some(buf.filled().to_vec())
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    const UPGRADE: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\n\r\n";
+    const SMUGGLED: &[u8] = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\na";
+
+    #[test]
+    fn after_a_declined_upgrade_the_next_request_is_checked_as_strictly() {
+        let mut io = StrictFraming::new(Reads(vec![[UPGRADE, SMUGGLED].concat()].into()));
+        let verdict = io.verdict();
+        assert_eq!(read_now(&mut io).unwrap(), UPGRADE, "only the upgrade request reaches hyper");
+        assert_eq!(read_now(&mut io), None, "the next bytes wait for the verdict");
+        verdict.answered(false);
+        let next = read_now(&mut io).unwrap();
+        assert_eq!(next.len(), SMUGGLED.len());
+        assert_ne!(next, SMUGGLED, "the second Content-Length was not poisoned");
+    }
+
+    #[test]
+    fn after_a_switch_the_tunnel_passes_untouched() {
+        let mut io = StrictFraming::new(Reads(vec![[UPGRADE, SMUGGLED].concat()].into()));
+        let verdict = io.verdict();
+        assert_eq!(read_now(&mut io).unwrap(), UPGRADE);
+        verdict.answered(true);
+        assert_eq!(read_now(&mut io).unwrap(), SMUGGLED);
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use tower::Service;
 use tracing::warn;
 
 use crate::frontend::connections::Connections;
-use crate::frontend::framing::StrictFraming;
+use crate::frontend::framing::{Judged, StrictFraming};
 use crate::proxy::{ClientBody, Peer, Proxy, ProxyError, ResponseBody, Stack, Upstream};
 
 /// What a user's binary adds at the edge: it gets the router whose fallback is the proxy to
@@ -178,7 +178,7 @@ pub async fn serve(
             Door::Handoff(_) => continue,
         };
         let stream = StrictFraming::new(stream);
-        let service = Connection { front, peer };
+        let service = Judged::new(Connection { front, peer }, stream.verdict());
         let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         connections.spawn(conn, permit);
     }
@@ -222,5 +222,7 @@ async fn refuse(builder: &http1::Builder, client: TcpStream) {
         response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         Ok::<_, std::convert::Infallible>(response)
     });
-    let _ = builder.serve_connection(TokioIo::new(StrictFraming::new(client)), service).await;
+    let stream = StrictFraming::new(client);
+    let service = Judged::new(service, stream.verdict());
+    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
 }

@@ -30,7 +30,7 @@ use tower::Service;
 use tracing::{debug, warn};
 
 use crate::frontend::connections::Connections;
-use crate::frontend::framing::StrictFraming;
+use crate::frontend::framing::{Judged, StrictFraming};
 use crate::handoff::{self, Received};
 use crate::proxy::headers;
 use crate::worker::{WorkerContext, WorkerService};
@@ -201,8 +201,9 @@ impl Clients {
             forwarded_for: headers::forwarded_for(peer.ip()),
             trusted: self.shared.trusted_proxies.iter().any(|cidr| cidr.contains(peer.ip())),
         };
-        let io = TokioIo::new(StrictFraming::new(stream));
-        let conn = self.shared.builder.serve_connection(io, service).with_upgrades();
+        let stream = StrictFraming::new(stream);
+        let service = Judged::new(service, stream.verdict());
+        let conn = self.shared.builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         self.shared.connections.spawn(conn, permit);
     }
 

@@ -108,6 +108,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     /// CONNECT: rip is a gateway to its workers, not a forward proxy.
     MethodNotAllowed,
+    /// A transfer coding other than chunked (RFC 9112 §6.1): rip cannot decode the body.
+    NotImplemented,
 }
 
 /// Seconds a client is asked to wait after a 503; a worker restart takes well under this.
@@ -123,6 +125,7 @@ impl ProxyError {
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadBody | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
         }
     }
 
@@ -136,6 +139,7 @@ impl ProxyError {
             ProxyError::BadBody => "invalid request body\n",
             ProxyError::BadRequest(_) => "bad request\n",
             ProxyError::MethodNotAllowed => "method not allowed\n",
+            ProxyError::NotImplemented => "transfer coding not implemented\n",
         }
     }
 
@@ -147,7 +151,7 @@ impl ProxyError {
     /// The rest of the request was not read, or cannot be trusted: the connection cannot
     /// carry another request.
     fn closes_connection(&self) -> bool {
-        self.is_client_error()
+        self.is_client_error() || matches!(self, ProxyError::NotImplemented)
     }
 
     pub fn into_response(self) -> Response<ResponseBody> {
@@ -181,13 +185,17 @@ mod tests {
             (ProxyError::BadBody, 400),
             (ProxyError::BadRequest("x"), 400),
             (ProxyError::MethodNotAllowed, 405),
+            (ProxyError::NotImplemented, 501),
         ];
         for (err, status) in table {
             let no_worker = matches!(err, ProxyError::NoWorker);
             let resp = err.into_response();
             assert_eq!(resp.status().as_u16(), status);
             assert_eq!(resp.headers().contains_key("retry-after"), no_worker);
-            assert_eq!(resp.headers().contains_key("connection"), (400..500).contains(&status));
+            assert_eq!(
+                resp.headers().contains_key("connection"),
+                (400..500).contains(&status) || status == 501
+            );
         }
     }
 }

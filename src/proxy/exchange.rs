@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use http::{header, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -98,11 +98,6 @@ fn respond(
             let (parts, _) = upstream.into_parts();
             return Response::from_parts(parts, ResponseBody::empty().from_worker(id));
         }
-    }
-    if client_upgrade.is_some() {
-        // A declined upgrade: the client may already be sending the other protocol, and
-        // the framing guard stopped watching this connection. It must not carry more.
-        parts.headers.insert(header::CONNECTION, http::HeaderValue::from_static("close"));
     }
     Response::from_parts(parts, ResponseBody::upstream(body, lease, sender))
 }

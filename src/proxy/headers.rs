@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{request, StatusCode, Uri, Version};
+use http::{request, Method, StatusCode, Uri, Version};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -87,7 +87,41 @@ pub fn check_request(parts: &request::Parts) -> Result<(), &'static str> {
     if parts.headers.get(header::HOST).is_some_and(|host| !is_valid_host(host)) {
         return Err("invalid Host header");
     }
+    // RFC 9112 §3.2.3: authority-form (`example.com:443`) is for CONNECT only, which is
+    // refused before this; §3.2.4: asterisk-form (`*`) for a server-wide OPTIONS only.
+    if parts.uri.scheme().is_none() && parts.uri.authority().is_some() {
+        return Err("an authority-form target without CONNECT");
+    }
+    if parts.uri.path() == "*" && parts.method != Method::OPTIONS {
+        return Err("an asterisk-form target without OPTIONS");
+    }
+    // RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message means the framing is faulty.
+    if parts.version == Version::HTTP_10 && parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return Err("Transfer-Encoding in an HTTP/1.0 request");
+    }
     Ok(())
+}
+
+/// Whether every transfer coding of the request is one rip decodes: chunked alone. hyper
+/// frames `gzip, chunked` by its last coding and would hand the still-gzipped body on as if
+/// it were plain; RFC 9112 §6.1 asks for 501 instead.
+pub fn codings_understood(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if values.peek().is_none() {
+        return true;
+    }
+    let mut chunked = 0;
+    for value in values {
+        let Ok(value) = value.to_str() else { return false };
+        for coding in value.split(',') {
+            if !coding.trim().eq_ignore_ascii_case("chunked") {
+                return false;
+            }
+            chunked += 1;
+        }
+    }
+    // Chunked applied twice is not a coding anyone sends in good faith.
+    chunked == 1
 }
 
 /// `uri-host [ ":" port ]` (RFC 9110 §7.2, RFC 3986 §3.2.2): a registered name, an IPv4
@@ -289,6 +323,34 @@ mod tests {
         for bad in ["bad host", "a/b", "a:99999", "a:x", "user@a", "a?b", "[::1"] {
             assert!(check_request(&host(bad)).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn targets_are_checked_against_their_method() {
+        let req = |method: &str, target: &str| {
+            parts(Request::builder().method(method).uri(target).header("host", "a").body(()).unwrap())
+        };
+        assert!(check_request(&req("GET", "example.com:443")).is_err(), "authority-form without CONNECT");
+        assert!(check_request(&req("GET", "*")).is_err(), "asterisk-form without OPTIONS");
+        assert_eq!(check_request(&req("OPTIONS", "*")), Ok(()));
+        assert_eq!(check_request(&req("GET", "http://a/x")), Ok(()), "absolute-form");
+        let te_10 = Request::post("/").version(Version::HTTP_10).header("transfer-encoding", "chunked");
+        assert!(check_request(&parts(te_10.body(()).unwrap())).is_err());
+    }
+
+    #[test]
+    fn only_chunked_alone_is_an_understood_transfer_coding() {
+        let te = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::TRANSFER_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            codings_understood(&headers)
+        };
+        assert!(te(&[]));
+        assert!(te(&["chunked"]) && te(&["Chunked"]) && te(&[" chunked "]));
+        assert!(!te(&["gzip, chunked"]) && !te(&["gzip", "chunked"]) && !te(&["identity"]));
+        assert!(!te(&["chunked, chunked"]) && !te(&["chunked", "chunked"]));
     }
 
     #[test]

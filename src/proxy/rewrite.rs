@@ -69,13 +69,17 @@ impl<S> Rewrite<S> {
 }
 
 /// Why a client request must not be forwarded, if it must not: CONNECT (rip is a gateway to
-/// its workers, not a forward proxy), an ambiguous Host, or a declared body over `max_body`.
+/// its workers, not a forward proxy), a target or Host that is not what its method allows, a
+/// transfer coding rip cannot decode, or a declared body over `max_body`.
 pub fn refusal(parts: &request::Parts, max_body: u64) -> Option<ProxyError> {
     if parts.method == Method::CONNECT {
         return Some(ProxyError::MethodNotAllowed);
     }
     if let Err(why) = headers::check_request(parts) {
         return Some(ProxyError::BadRequest(why));
+    }
+    if !headers::codings_understood(&parts.headers) {
+        return Some(ProxyError::NotImplemented);
     }
     if super::declared_length(&parts.headers).is_some_and(|len| len > max_body) {
         return Some(ProxyError::BodyTooLarge);

@@ -22,14 +22,14 @@ fn start() -> Rip {
 
 /// One response as read off the wire.
 #[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
+pub struct Answer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
 }
 
 /// Sends `request` in one write, then reads every response until rip closes the connection.
-fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<Answer> {
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<Answer> {
     let mut stream = connect(addr);
     stream.write_all(request).expect("sending the request");
     read_until_closed(&mut stream)

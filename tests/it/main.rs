@@ -5,6 +5,7 @@ mod harness;
 
 mod backoff;
 mod chaos;
+mod conformance;
 mod examples;
 mod forwarding;
 mod framing;

@@ -141,6 +141,10 @@ pub fn client_builder(header_timeout: Duration) -> http1::Builder {
         .header_read_timeout(header_timeout)
         .max_headers(MAX_HEADERS)
         .max_header_size(MAX_HEADER_BYTES)
+        // A client may close its sending side once its request is out and still wait for the
+        // answer (RFC 9112 §9.6); hyper would otherwise take the EOF for an abort and drop
+        // the request. A client that is really gone is found when its answer is written.
+        .half_close(true)
         .keep_alive(true);
     builder
 }

@@ -3,6 +3,7 @@
 //! `rip serve` that started it: the kernel kills it when the parent dies, and it checks at
 //! start that the parent is still the one that spawned it.
 
+mod drain;
 mod service;
 
 pub use crate::handoff::worker::ClientLimits;

@@ -67,7 +67,7 @@ type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>>
 
 impl<B> Service<Request<B>> for WorkerService
 where
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: Into<axum::BoxError>,
 {
     type Response = Response<Body>;
@@ -85,7 +85,7 @@ where
         self.served.fetch_add(1, Ordering::Relaxed);
         set_connect_info(&mut req);
         let request = req.headers_mut().remove(&crate::proxy::headers::REQUEST);
-        let future = self.app.call(req);
+        let future = self.app.call(req.map(super::drain::Drained::new));
         let answer = async move {
             match future.await {
                 Ok(response) => Ok(response.map(Body::new)),

@@ -144,3 +144,30 @@ fn check(addr: SocketAddr, (name, prefix, before): &(&str, &[u8], &[u16]), case:
         )
     })
 }
+
+/// RFC 9112 §9.6: a client may close its sending side once its request is out and still
+/// wait for the answer (a half-close is not an abort), so it gets the answer, even one the
+/// worker takes its time over.
+#[test]
+fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    use std::io::{Read, Write};
+    let rip = Rip::start(&["--workers", "1", "--access-log", "off"]);
+    rip.wait_all_ready();
+    for request in [
+        &b"GET /sleep/300 HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello",
+    ] {
+        let mut stream = crate::harness::connect_raw(rip.addr());
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        stream.write_all(request).unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut received = Vec::new();
+        let _ = stream.read_to_end(&mut received);
+        let text = String::from_utf8_lossy(&received);
+        assert!(
+            text.starts_with("HTTP/1.1 200 "),
+            "{:?} after a half-close got {text:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+}

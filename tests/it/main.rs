@@ -6,6 +6,7 @@ mod harness;
 mod backoff;
 mod chaos;
 mod conformance;
+mod early_answers;
 mod examples;
 mod forwarding;
 mod framing;

@@ -177,7 +177,11 @@ async fn serve(parent: Parent) -> Result<()> {
         notify::stopping();
     }
     control_task.abort();
-    shutdown(stop, frontend, &mut intents, supervisor).await;
+    shutdown(&proxy, stop, frontend, &mut intents, supervisor).await;
+    let tunnels = proxy.pool().tunnels();
+    if tunnels > 0 {
+        warn!(tunnels, "tunnels still open after the workers stopped are closed");
+    }
     let _ = supervisor_task.await;
     drop(dir);
     if let Stop::Failed(task) = reason {
@@ -198,7 +202,7 @@ async fn propagate_panic(task: tokio::task::JoinHandle<()>) {
 
 /// What `--upstream handoff` gives up, said once at start so nobody relies on it unawares.
 fn warn_about_handoff(config: &Config, access_log: bool) {
-    info!("upstream handoff: each client connection is served by one worker; requests are not retried on another worker, --max-in-flight does not apply, and --timeout bounds a worker's answer to its liveness probe instead of each request");
+    info!("upstream handoff: each client connection is served by one worker; requests are not retried on another worker or moved off a stalled one, and neither --max-in-flight nor --request-timeout applies");
     if access_log {
         warn!("the access log stays empty with upstream handoff: workers answer clients directly");
     }
@@ -343,6 +347,7 @@ async fn finish_reload(
 /// Stop accepting and drain the front-end, then stop the workers. A second shutdown signal
 /// skips the rest of the front-end's grace.
 async fn shutdown(
+    proxy: &Proxy,
     stop: CancellationToken,
     frontend: tokio::task::JoinHandle<Option<usize>>,
     intents: &mut IntentReceiver,
@@ -366,7 +371,7 @@ async fn shutdown(
     };
     tokio::select! {
         open = frontend => match open {
-            Ok(Some(0)) => info!("front-end drained"),
+            Ok(Some(0)) => info!(tunnels = proxy.pool().tunnels(), "front-end drained"),
             Ok(Some(open)) => warn!(open, "graceful timeout elapsed with client connections open"),
             Ok(None) => warn!("front-end task failed"),
             Err(e) => warn!(error = %e, "front-end task failed"),

@@ -73,6 +73,9 @@ pub struct Status {
     pub workers: Vec<WorkerRow>,
     pub requests: u64,
     pub in_flight: usize,
+    /// Upgraded connections (WebSockets) open, apart from requests.
+    #[serde(default)]
+    pub tunnels: usize,
     pub rss_bytes: u64,
 }
 
@@ -86,6 +89,8 @@ pub struct WorkerRow {
     /// Requests the front-end sent to this worker.
     pub requests: u64,
     pub in_flight: usize,
+    #[serde(default)]
+    pub tunnels: usize,
     pub rss_bytes: u64,
     pub last_exit: Option<String>,
 }
@@ -103,13 +108,14 @@ impl Controls {
         let counts = self.proxy.worker_counts();
         let mut status = Status { pid: std::process::id(), ..Default::default() };
         for w in self.supervisor.status().await {
-            let (requests, in_flight) =
-                counts.iter().find(|(id, _, _)| *id == w.id).map_or((0, 0), |(_, sent, n)| (*sent, *n));
+            let (requests, in_flight, tunnels) =
+                counts.iter().find(|c| c.id == w.id).map_or((0, 0, 0), |c| (c.sent, c.in_flight, c.tunnels));
             if w.state == crate::supervisor::WorkerState::Ready {
                 status.workers_ready += 1;
             }
             status.requests += requests;
             status.in_flight += in_flight;
+            status.tunnels += tunnels;
             status.rss_bytes += w.rss_bytes;
             status.workers.push(WorkerRow {
                 id: w.id.to_string(),
@@ -118,6 +124,7 @@ impl Controls {
                 age_secs: w.age.as_secs_f64(),
                 requests,
                 in_flight,
+                tunnels,
                 rss_bytes: w.rss_bytes,
                 last_exit: w.last_exit,
             });
@@ -250,29 +257,31 @@ pub fn request(socket: &Path, request: &Request, timeout: Duration) -> Result<Re
 /// `rip status` as a table, readable like `pm2 ls`.
 pub fn format_status(status: &Status) -> String {
     let mut out = format!(
-        "{:<8} {:>8}  {:<9} {:>8} {:>9} {:>9} {:>10}  {}\n",
-        "WORKER", "PID", "STATE", "AGE", "REQUESTS", "IN FLIGHT", "RSS", "LAST EXIT"
+        "{:<8} {:>8}  {:<9} {:>8} {:>9} {:>9} {:>7} {:>10}  {}\n",
+        "WORKER", "PID", "STATE", "AGE", "REQUESTS", "IN FLIGHT", "TUNNELS", "RSS", "LAST EXIT"
     );
     for w in &status.workers {
         out.push_str(&format!(
-            "{:<8} {:>8}  {:<9} {:>8} {:>9} {:>9} {:>10}  {}\n",
+            "{:<8} {:>8}  {:<9} {:>8} {:>9} {:>9} {:>7} {:>10}  {}\n",
             w.id,
             w.pid,
             w.state,
             age(w.age_secs),
             w.requests,
             w.in_flight,
+            w.tunnels,
             mib(w.rss_bytes),
             w.last_exit.as_deref().unwrap_or("-")
         ));
     }
     out.push_str(&format!(
-        "rip pid {}: {} of {} workers ready, {} requests, {} in flight, {} in workers\n",
+        "rip pid {}: {} of {} workers ready, {} requests, {} in flight, {} tunnels, {} in workers\n",
         status.pid,
         status.workers_ready,
         status.workers.len(),
         status.requests,
         status.in_flight,
+        status.tunnels,
         mib(status.rss_bytes)
     ));
     out
@@ -326,17 +335,19 @@ mod tests {
                 age_secs: 125.0,
                 requests: 7,
                 in_flight: 1,
+                tunnels: 2,
                 rss_bytes: 3 * 1024 * 1024,
                 last_exit: Some("signal 9 (SIGKILL)".into()),
             }],
             requests: 7,
             in_flight: 1,
+            tunnels: 2,
             rss_bytes: 3 * 1024 * 1024,
         };
         let table = format_status(&status);
         assert!(table.lines().nth(1).unwrap().starts_with("0/3"), "{table}");
         assert!(table.contains("2m05s") && table.contains("3.0 MiB") && table.contains("SIGKILL"), "{table}");
-        assert!(table.contains("1 of 1 workers ready, 7 requests"), "{table}");
+        assert!(table.contains("1 of 1 workers ready, 7 requests, 1 in flight, 2 tunnels"), "{table}");
     }
 
     #[test]

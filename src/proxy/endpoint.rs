@@ -72,6 +72,9 @@ pub struct Endpoint {
     pub id: WorkerId,
     socket: PathBuf,
     in_flight: AtomicUsize,
+    /// Upgraded connections (WebSockets) open through this worker: counted apart from
+    /// requests, since they last as long as the client wants and say nothing of its load.
+    tunnels: AtomicUsize,
     sent: AtomicU64,
     exhausted: AtomicBool,
     /// Left the rotation; kept alive only by requests still in flight.
@@ -115,6 +118,7 @@ impl Endpoint {
             id,
             socket,
             in_flight: AtomicUsize::new(0),
+            tunnels: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
@@ -137,6 +141,11 @@ impl Endpoint {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Upgraded connections open through this worker.
+    pub fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::Relaxed)
     }
 
     /// Requests sent to this worker so far.
@@ -285,7 +294,8 @@ impl Endpoint {
         Lease(self.clone())
     }
 
-    /// Waits until no request is in flight.
+    /// Waits until no request is in flight; tunnels are not waited for: the worker's app
+    /// closes them when it hears the worker is draining, within the worker's grace.
     pub async fn drained(&self) {
         loop {
             let notified = self.drained.notified();
@@ -382,6 +392,15 @@ impl Lease {
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.0
     }
+
+    /// The request became a tunnel (a 101): it stops counting as a request in flight.
+    pub fn into_tunnel(self) -> Tunnel {
+        let endpoint = self.0.clone();
+        endpoint.tunnels.fetch_add(1, Ordering::Relaxed);
+        endpoint.capacity.tunnels.fetch_add(1, Ordering::Relaxed);
+        drop(self);
+        Tunnel(endpoint)
+    }
 }
 
 impl Drop for Lease {
@@ -390,6 +409,23 @@ impl Drop for Lease {
             self.0.drained.notify_waiters();
         }
         self.0.capacity.released();
+    }
+}
+
+/// One upgraded connection open through a worker.
+#[derive(Debug)]
+pub struct Tunnel(Arc<Endpoint>);
+
+impl Tunnel {
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::Relaxed);
+        self.0.capacity.tunnels.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

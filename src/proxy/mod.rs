@@ -187,6 +187,17 @@ impl Peer {
     }
 }
 
+/// What the proxy counts of one worker.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerCounts {
+    pub id: WorkerId,
+    /// Requests sent to it so far.
+    pub sent: u64,
+    pub in_flight: usize,
+    /// Upgraded connections open through it.
+    pub tunnels: usize,
+}
+
 /// Cheap to clone; all clones share the pool and the settings.
 #[derive(Debug, Clone)]
 pub struct Proxy {
@@ -262,9 +273,18 @@ impl Proxy {
         self.shared.settings.store(Arc::new(settings));
     }
 
-    /// Per-worker request counts: (worker, requests sent to it, requests in flight).
-    pub fn worker_counts(&self) -> Vec<(WorkerId, u64, usize)> {
-        self.shared.pool.snapshot().iter().map(|e| (e.id, e.sent(), e.in_flight())).collect()
+    /// Per-worker counts, for the workers in the rotation.
+    pub fn worker_counts(&self) -> Vec<WorkerCounts> {
+        let endpoints = self.shared.pool.snapshot();
+        endpoints
+            .iter()
+            .map(|e| WorkerCounts {
+                id: e.id,
+                sent: e.sent(),
+                in_flight: e.in_flight(),
+                tunnels: e.tunnels(),
+            })
+            .collect()
     }
 
     /// Watches the workers' heartbeats, for as long as rip runs.

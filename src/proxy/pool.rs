@@ -37,6 +37,8 @@ pub struct Pool {
 pub struct Capacity {
     version: watch::Sender<u64>,
     waiting: AtomicUsize,
+    /// Tunnels open through every worker, those that left the rotation included.
+    pub(super) tunnels: AtomicUsize,
 }
 
 impl Capacity {
@@ -64,7 +66,11 @@ impl Pool {
     pub fn new(strategy: Strategy, max_in_flight: usize, upstream: Upstream) -> Pool {
         Pool {
             endpoints: ArcSwap::from_pointee(Vec::new()),
-            capacity: Arc::new(Capacity { version: watch::Sender::new(0), waiting: AtomicUsize::new(0) }),
+            capacity: Arc::new(Capacity {
+                version: watch::Sender::new(0),
+                waiting: AtomicUsize::new(0),
+                tunnels: AtomicUsize::new(0),
+            }),
             next: AtomicUsize::new(0),
             strategy,
             max_in_flight: AtomicUsize::new(max_in_flight),
@@ -85,6 +91,11 @@ impl Pool {
 
     pub fn capacity(&self) -> Arc<Capacity> {
         self.capacity.clone()
+    }
+
+    /// Tunnels open through any worker, in the rotation or not.
+    pub fn tunnels(&self) -> usize {
+        self.capacity.tunnels.load(Ordering::Relaxed)
     }
 
     /// Requests now waiting for a worker.

@@ -7,9 +7,11 @@ use tracing::debug;
 
 use super::endpoint::Lease;
 
-/// Joins the two upgraded connections in a task of their own. The lease keeps the worker
-/// counted as busy, so a drain waits for the tunnel (bounded by the drain's grace period).
+/// Joins the two upgraded connections in a task of their own, counted as a tunnel of the
+/// worker's rather than a request in flight: a drain of the worker does not wait for it (the
+/// worker's app closes it, politely, when told the worker drains).
 pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, lease: Lease) {
+    let lease = lease.into_tunnel();
     tokio::spawn(async move {
         let (client, upstream) = match tokio::try_join!(client, upstream) {
             Ok(pair) => pair,

@@ -163,8 +163,9 @@ impl Machine {
         worker.state = WorkerState::Draining;
         // Past the grace the worker is stopped anyway; its own drain gets the same grace.
         self.act(Action::Leave { id, drain: Some(self.settings.grace) });
-        // Then the drain notice: the app closes its long-lived connections (a WebSocket's
-        // tunnel holds the worker's drain until it ends) while requests in flight finish.
+        // Then the drain notice: the app closes its long-lived connections (WebSockets) while
+        // requests in flight finish. The drain waits for the requests only; the tunnels are
+        // the app's to close, within the worker's own grace after SIGTERM.
         if let Some(pid) = self.workers.get(&id).and_then(|w| w.pid) {
             self.act(Action::DrainNotice { id, pid });
         }

@@ -221,7 +221,11 @@ impl Machine {
             Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error),
             Event::Exited { id, status, stderr } => self.on_exited(id, status, stderr),
             Event::Probed { id, result } => self.on_probed(id, result),
-            Event::Drained { id } => self.terminate(id),
+            Event::Drained { id } => {
+                self.terminate(id);
+                // Past its requests, a replaced worker holds no surge slot.
+                self.start_replacements();
+            }
             Event::Alive { id, result } => self.on_alive(id, result),
             Event::RespawnDue { slot } => self.on_respawn_due(slot),
             Event::KillDue { id } => self.on_kill_due(id),

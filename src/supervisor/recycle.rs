@@ -97,12 +97,15 @@ impl Machine {
         if !self.reloading {
             return;
         }
-        let done = self.slots.iter().filter(|s| s.is_active()).all(|s| {
+        let replaced = self.slots.iter().filter(|s| s.is_active()).all(|s| {
             s.next.is_none()
                 && s.current
                     .and_then(|id| self.workers.get(&id))
                     .is_some_and(|w| w.epoch >= self.epoch && w.state == WorkerState::Ready)
         });
+        // Finished means the old code is gone: every worker of an earlier epoch has exited.
+        let old_gone = self.workers.values().all(|w| w.epoch >= self.epoch);
+        let done = replaced && old_gone;
         if done {
             info!(epoch = self.epoch, "reload finished");
             self.reloading = false;
@@ -177,16 +180,16 @@ impl Machine {
         }
     }
 
-    /// Replacements starting, plus replaced workers still draining or exiting: while either
-    /// exists, it is one process above the configured number.
+    /// Replacements starting, plus replaced workers still draining requests. A replaced
+    /// worker that is past its requests and only exiting (closing its WebSockets, within its
+    /// grace) no longer holds up the roll: a pool of long-lived connections would otherwise
+    /// take one grace period per worker to reload.
     fn replacements_in_progress(&self) -> usize {
         let starting = self.slots.iter().filter(|s| s.next.is_some()).count();
         let leaving = self
             .workers
             .iter()
-            .filter(|(id, w)| {
-                matches!(w.state, WorkerState::Draining | WorkerState::Stopping) && !self.is_slot_member(**id)
-            })
+            .filter(|(id, w)| w.state == WorkerState::Draining && !self.is_slot_member(**id))
             .count();
         starting + leaving
     }

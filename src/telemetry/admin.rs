@@ -52,7 +52,8 @@ async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {
     let workers = admin.supervisor.status().await;
     let counts = admin.proxy.worker_counts();
     let gauges = Gauges {
-        in_flight: counts.iter().map(|(_, _, n)| n).sum(),
+        in_flight: counts.iter().map(|c| c.in_flight).sum(),
+        tunnels: counts.iter().map(|c| c.tunnels).sum(),
         queued: admin.proxy.pool().waiting(),
         workers_ready: admin.supervisor.ready_count(),
         log_lines_dropped: super::sink::Sink::stderr().dropped(),

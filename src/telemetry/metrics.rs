@@ -80,6 +80,8 @@ pub struct WorkerGauge {
 #[derive(Debug, Clone, Default)]
 pub struct Gauges {
     pub in_flight: usize,
+    /// Upgraded connections open through workers.
+    pub tunnels: usize,
     pub queued: usize,
     pub workers_ready: usize,
     /// Log lines dropped because stderr was not being read.
@@ -191,6 +193,12 @@ impl Metrics {
             "rip_in_flight_requests",
             "Requests being served by workers.",
             gauges.in_flight as u64,
+        );
+        gauge(
+            &mut out,
+            "rip_tunnels_open",
+            "Upgraded connections (WebSockets) open through workers, apart from requests.",
+            gauges.tunnels as u64,
         );
         gauge(&mut out, "rip_queued_requests", "Requests waiting for a free worker.", gauges.queued as u64);
         gauge(&mut out, "rip_workers_ready", "Workers in the rotation.", gauges.workers_ready as u64);

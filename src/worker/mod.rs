@@ -133,6 +133,10 @@ pub fn connections(stop: CancellationToken) -> Connections {
     Connections::new(stop, Duration::ZERO)
 }
 
+/// What a stopping worker keeps of its grace to log what it had to cut and exit, before the
+/// supervisor's SIGKILL at the grace's end (a tenth of the grace when that is less).
+const EXIT_MARGIN: Duration = Duration::from_millis(200);
+
 /// Most concurrent requests on one HTTP/2 connection from the front-end; more wait in the
 /// front-end, which counts them against `--max-in-flight` and `--queue-timeout` anyway.
 const MAX_STREAMS: u32 = 1024;
@@ -242,26 +246,42 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
     drop(listener);
     let _ = std::fs::remove_file(&args.socket);
     stop.cancel();
+    // Everything below fits in one grace, less a moment to say what was cut and exit before
+    // the supervisor's SIGKILL at the grace's end.
     let grace = Duration::from_millis(args.graceful_ms);
-    let (open, clients_open) = tokio::join!(connections.drain(grace), async {
-        match handoff {
-            Some(handoff) => handoff.stop(grace).await,
-            None => 0,
+    let deadline = tokio::time::Instant::now() + grace.saturating_sub(EXIT_MARGIN.min(grace / 10));
+    let (open, clients_open) = tokio::join!(
+        connections.drain(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        async {
+            match handoff {
+                Some(handoff) => {
+                    handoff.stop(deadline.saturating_duration_since(tokio::time::Instant::now())).await
+                }
+                None => 0,
+            }
         }
-    });
+    );
     // Upgraded connections (WebSockets) are the app's tasks, not connections any more; the
     // app holds a `Tracked` for each, and the worker waits for them within the same grace.
     ctx.tracker.close();
     let tasks = ctx.tracker.len();
-    let tracked_open =
-        if tokio::time::timeout(grace, ctx.tracker.wait()).await.is_err() { ctx.tracker.len() } else { 0 };
+    let tracked_open = if tokio::time::timeout_at(deadline, ctx.tracker.wait()).await.is_err() {
+        ctx.tracker.len()
+    } else {
+        0
+    };
     if tasks > 0 {
         info!(worker = %worker_id(&args), tasks, still_open = tracked_open, "waited for the app's tracked tasks");
     }
-    let open = open + clients_open + tracked_open;
     let id = worker_id(&args);
-    if open > 0 {
-        warn!(worker = %id, open, "graceful timeout elapsed with requests in flight");
+    if open + clients_open + tracked_open > 0 {
+        // Closed now, by the exit: each tunnel the app still held loses its connection.
+        warn!(
+            worker = %id,
+            connections = open + clients_open,
+            tracked_tasks = tracked_open,
+            "graceful timeout elapsed: closing what is still open"
+        );
     }
     info!(worker = %id, served = ctx.served(), "worker drained");
     Ok(())

@@ -23,4 +23,5 @@ mod slow_clients;
 mod stalls;
 mod static_files;
 mod systemd;
+mod tunnels;
 mod upgrade;

@@ -43,7 +43,10 @@ pub fn status(args: &StatusArgs) -> Result<()> {
 pub fn reload(args: &ReloadArgs) -> Result<()> {
     let timeout = crate::config::parse_duration(&args.timeout).context("invalid value for --timeout")?;
     call(&args.control, Request::Reload { wait: args.wait }, if args.wait { timeout } else { QUICK })?;
-    println!("{}", if args.wait { "reloaded: every worker replaced and ready" } else { "reload started" });
+    println!(
+        "{}",
+        if args.wait { "reloaded: every worker replaced, the old ones exited" } else { "reload started" }
+    );
     Ok(())
 }
 

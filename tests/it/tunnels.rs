@@ -64,6 +64,9 @@ fn a_reload_rolls_past_open_tunnels_and_finishes_when_the_old_workers_are_gone()
     for socket in &mut sockets {
         told_going_away(socket);
     }
+    // Log lines reach stderr a few milliseconds after the command's answer; the ones before
+    // this one are there once it is.
+    rip.wait_for_log_from(mark, |l| l.contains(" reload finished "), WAIT).expect("the reload finished");
     let logs: Vec<String> = rip.logs().into_iter().skip(mark).collect();
     let at = |pred: &dyn Fn(&str) -> bool| logs.iter().position(|l| pred(l));
     let event = |name: &'static str, worker: &'static str| {

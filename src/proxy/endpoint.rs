@@ -393,9 +393,11 @@ impl Lease {
         &self.0
     }
 
-    /// The request became a tunnel (a 101): it stops counting as a request in flight.
+    /// The request became a tunnel (a 101): it stops counting as a request, in flight and
+    /// towards `--max-requests` (a WebSocket says nothing of how much a worker has served).
     pub fn into_tunnel(self) -> Tunnel {
         let endpoint = self.0.clone();
+        endpoint.sent.fetch_sub(1, Ordering::Relaxed);
         endpoint.tunnels.fetch_add(1, Ordering::Relaxed);
         endpoint.capacity.tunnels.fetch_add(1, Ordering::Relaxed);
         drop(self);

@@ -36,6 +36,7 @@ fn tunnels_are_counted_apart_from_requests_in_status_and_metrics() {
     let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("rip status --json");
     assert_eq!(status["tunnels"], 3, "{status}");
     assert_eq!(status["in_flight"], 0, "a tunnel counted as a request in flight: {status}");
+    assert_eq!(status["requests"], 0, "a tunnel counted towards --max-requests: {status}");
     let per_worker: u64 =
         status["workers"].as_array().unwrap().iter().map(|w| w["tunnels"].as_u64().unwrap()).sum();
     assert_eq!(per_worker, 3, "{status}");

@@ -27,6 +27,9 @@ pub enum Command {
     Upgrade(UpgradeArgs),
     /// Stop the running rip gracefully.
     Stop(ControlArgs),
+    /// Check flags, RIP_* variables and rip.toml as `rip serve` would, and print the
+    /// configuration it would run with, each value with where it came from.
+    Config(Box<ConfigArgs>),
     /// Serve the app on a Unix socket (started by `rip serve`, not by hand).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -57,7 +60,7 @@ pub struct ReloadArgs {
     /// Wait until every worker is replaced and ready; exit non-zero if the new ones fail
     #[arg(long)]
     pub wait: bool,
-    /// Longest wait with --wait [default: 5m]
+    /// Longest wait with --wait
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub timeout: String,
     #[command(flatten)]
@@ -74,7 +77,7 @@ pub struct ScaleArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct UpgradeArgs {
-    /// Longest wait for the new rip to become ready [default: 5m]
+    /// Longest wait for the new rip to become ready
     #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub timeout: String,
     #[command(flatten)]
@@ -89,6 +92,16 @@ pub struct ServeArgs {
     /// Every setting rip.toml and `RIP_*` can also set, declared in `config`.
     #[command(flatten)]
     pub settings: crate::config::Flags,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Print nothing; exit 0 if the configuration is valid, 1 (with the reason) if not
+    #[arg(long)]
+    pub check: bool,
+    /// The flags `rip serve` would get
+    #[command(flatten)]
+    pub serve: ServeArgs,
 }
 
 #[derive(Debug, Clone, Args)]

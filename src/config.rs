@@ -72,6 +72,22 @@ macro_rules! settings {
                 layer
             }
         }
+
+        /// Key `key` of `config` as rip.toml would set it.
+        pub fn raw_value(config: &Config, key: &str) -> String {
+            match key {
+                $( stringify!($key) => Raw::raw(&config.$key), )+
+                _ => String::new(),
+            }
+        }
+
+        /// Each key's default as `--help` shows it.
+        fn shown_default(key: &str) -> &'static str {
+            match key {
+                $( stringify!($key) => $shown, )+
+                _ => "",
+            }
+        }
     };
 }
 
@@ -163,6 +179,96 @@ settings! {
     /// addresses or CIDRs, e.g. 10.0.0.0/8,::1; from any other peer they are removed
     trusted_proxies: Vec<Cidr> = Vec::new(), shown "none",
         flag "CIDRS", parse parse_cidrs;
+}
+
+/// A value as rip.toml would set it, so that `rip config` prints a file rip can read back.
+trait Raw {
+    fn raw(&self) -> String;
+}
+
+macro_rules! raw_by_display {
+    ($($ty:ty),+) => { $( impl Raw for $ty { fn raw(&self) -> String { self.to_string() } } )+ };
+}
+raw_by_display!(IpAddr, u16, usize, u64, std::net::SocketAddr, Cidr);
+
+impl Raw for Duration {
+    fn raw(&self) -> String {
+        let ms = self.as_millis();
+        if ms % 1000 == 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    }
+}
+
+impl Raw for Strategy {
+    fn raw(&self) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl Raw for Upstream {
+    fn raw(&self) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl Raw for LogFormat {
+    fn raw(&self) -> String {
+        self.as_str().to_string()
+    }
+}
+
+impl Raw for AccessLogTarget {
+    fn raw(&self) -> String {
+        match self {
+            AccessLogTarget::Off => "off".into(),
+            AccessLogTarget::Stderr => "-".into(),
+            AccessLogTarget::File(path) => path.display().to_string(),
+        }
+    }
+}
+
+impl Raw for Option<PathBuf> {
+    fn raw(&self) -> String {
+        self.as_ref().map_or_else(String::new, |p| p.display().to_string())
+    }
+}
+
+impl Raw for Option<std::net::SocketAddr> {
+    fn raw(&self) -> String {
+        self.map_or_else(|| "off".into(), |a| a.to_string())
+    }
+}
+
+impl Raw for Vec<Cidr> {
+    fn raw(&self) -> String {
+        if self.is_empty() {
+            return "none".into();
+        }
+        self.iter().map(Raw::raw).collect::<Vec<_>>().join(",")
+    }
+}
+
+/// The effective configuration as a rip.toml, each key with where its value came from.
+pub fn render(config: &Config, sources: &[Source]) -> String {
+    let mut out = String::from(
+        "# The configuration rip serve would run with; each line says where its value came from.\n",
+    );
+    if let Some(file) = &config.file {
+        out.push_str(&format!("# file: {}\n", file.display()));
+    }
+    for source in sources {
+        let value = raw_value(config, source.key).replace('\\', "\\\\").replace('"', "\\\"");
+        let line = if value.is_empty() {
+            format!("# {} is not set", source.key)
+        } else {
+            format!("{} = \"{value}\"", source.key)
+        };
+        out.push_str(&format!("{line:<40} # {}\n", source.origin.describe(source.key)));
+    }
+    out
 }
 
 /// How requests are spread over workers (see `proxy::strategy`).
@@ -345,16 +451,41 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Where a raw value came from, for error messages.
+/// Where a value came from.
 #[derive(Debug, Clone, PartialEq)]
-enum Origin {
+pub enum Origin {
+    Default,
     Flag,
     Env,
-    File(PathBuf),
+    /// A line of the config file.
+    File(PathBuf, usize),
+}
+
+impl Origin {
+    /// How an operator finds the value: `--max-requests`, `RIP_MAX_REQUESTS`, `rip.toml:3`.
+    pub fn describe(&self, key: &str) -> String {
+        match self {
+            Origin::Default => "default".to_string(),
+            Origin::Flag => format!("--{}", key.replace('_', "-")),
+            Origin::Env => format!("RIP_{}", key.to_uppercase()),
+            Origin::File(path, line) => format!("{}:{line}", path.display()),
+        }
+    }
+}
+
+/// One key of the effective configuration: its raw value and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    pub key: &'static str,
+    /// As given (or, for a default, as `--help` shows it).
+    pub value: String,
+    pub origin: Origin,
 }
 
 /// One layer's raw values, by key.
 type Layer = HashMap<&'static str, String>;
+/// The file's raw values, by key, with the line each is on.
+type FileLayer = HashMap<&'static str, (String, usize)>;
 
 /// Builds the config for `rip serve` from its flags, the process environment and the file.
 pub fn load(args: &ServeArgs) -> Result<Config> {
@@ -363,39 +494,63 @@ pub fn load(args: &ServeArgs) -> Result<Config> {
 
 /// The merge, with the environment passed in so that tests can fake it.
 pub fn resolve(args: &ServeArgs, env: impl Fn(&str) -> Option<String>) -> Result<Config> {
+    resolve_sourced(args, env).map(|(config, _)| config)
+}
+
+/// The merge, and where each key's value came from (for `rip config`). Every value of every
+/// layer is checked, the ones a higher layer overrides included: a file that would stop rip
+/// once someone removes a flag stops it now.
+pub fn resolve_sourced(
+    args: &ServeArgs,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(Config, Vec<Source>)> {
     let flags = args.settings.layer();
     let env_layer = env_layer(&env);
     let file = match file_to_read(args, &env) {
         Some(path) => Some((file_layer(&path)?, path)),
         None => None,
     };
+    let mut given: Vec<(&'static str, &String, Origin)> = Vec::new();
+    for key in KEYS {
+        if let Some(v) = flags.get(key) {
+            given.push((key, v, Origin::Flag));
+        }
+        if let Some(v) = env_layer.get(key) {
+            given.push((key, v, Origin::Env));
+        }
+        if let Some((layer, path)) = &file {
+            if let Some((v, line)) = layer.get(key) {
+                given.push((key, v, Origin::File(path.clone(), *line)));
+            }
+        }
+    }
+    for (key, raw, origin) in &given {
+        apply(&mut Config::default(), key, raw).with_context(|| describe(key, raw, origin))?;
+    }
 
     let mut config = Config::default();
+    let mut sources = Vec::new();
     for key in KEYS {
-        let (raw, origin) = if let Some(v) = flags.get(key) {
-            (v, Origin::Flag)
-        } else if let Some(v) = env_layer.get(key) {
-            (v, Origin::Env)
-        } else if let Some((layer, path)) = &file {
-            match layer.get(key) {
-                Some(v) => (v, Origin::File(path.clone())),
-                None => continue,
+        // `given` lists each key's layers highest first.
+        match given.iter().find(|(k, _, _)| k == key) {
+            Some((_, raw, origin)) => {
+                apply(&mut config, key, raw)?;
+                sources.push(Source { key, value: (*raw).clone(), origin: origin.clone() });
             }
-        } else {
-            continue;
-        };
-        apply(&mut config, key, raw).with_context(|| describe(key, raw, &origin))?;
+            None => {
+                sources.push(Source { key, value: shown_default(key).to_string(), origin: Origin::Default })
+            }
+        }
     }
     config.file = file.map(|(_, path)| path);
     validate(&config)?;
-    Ok(config)
+    Ok((config, sources))
 }
 
 fn describe(key: &str, raw: &str, origin: &Origin) -> String {
     match origin {
-        Origin::Flag => format!("invalid value '{raw}' for --{}", key.replace('_', "-")),
-        Origin::Env => format!("invalid value '{raw}' for RIP_{}", key.to_uppercase()),
-        Origin::File(path) => format!("invalid value '{raw}' for {key} in {}", path.display()),
+        Origin::File(path, line) => format!("invalid value '{raw}' for {key} at {}:{line}", path.display()),
+        origin => format!("invalid value '{raw}' for {}", origin.describe(key)),
     }
 }
 
@@ -426,19 +581,29 @@ fn file_to_read(args: &ServeArgs, env: &impl Fn(&str) -> Option<String>) -> Opti
     default.exists().then(|| default.to_path_buf())
 }
 
-fn file_layer(path: &Path) -> Result<Layer> {
+fn file_layer(path: &Path) -> Result<FileLayer> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-    parse_file(&text).with_context(|| format!("reading config {}", path.display()))
+    parse_file(&text).map_err(|e| anyhow!("{}:{e:#}", path.display()))
 }
 
-fn parse_file(text: &str) -> Result<Layer> {
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| anyhow!("{}", e.message().lines().next().unwrap_or("invalid TOML")))?;
-    let mut layer = Layer::new();
+/// The file's keys with their raw values and lines. Errors start with `line[:column]: `, for
+/// the caller to put the file name in front.
+fn parse_file(text: &str) -> Result<FileLayer> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let message = e.message().lines().next().unwrap_or("invalid TOML").to_string();
+        match e.span() {
+            Some(span) => {
+                let (line, column) = line_and_column(text, span.start);
+                anyhow!("{line}:{column}: {message}")
+            }
+            None => anyhow!("{message}"),
+        }
+    })?;
+    let mut layer = FileLayer::new();
     for (name, value) in table {
+        let line = key_line(text, &name);
         let Some(key) = KEYS.iter().find(|k| **k == name) else {
-            bail!("unknown key '{name}'");
+            bail!("{line}: unknown key '{name}'");
         };
         let raw = match value {
             toml::Value::String(s) => s,
@@ -446,12 +611,37 @@ fn parse_file(text: &str) -> Result<Layer> {
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
             other => {
-                bail!("invalid value for {name}: expected a string or a number, got {}", other.type_str())
+                bail!(
+                    "{line}: invalid value for {name}: expected a string or a number, got {}",
+                    other.type_str()
+                )
             }
         };
-        layer.insert(*key, raw);
+        layer.insert(*key, (raw, line));
     }
     Ok(layer)
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The line that sets top-level `key` (bare or quoted), 0 if none is found.
+fn key_line(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            let rest = line
+                .strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")))
+                .or_else(|| line.strip_prefix(&format!("'{key}'")));
+            rest.is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map_or(0, |i| i + 1)
 }
 
 fn parse_host(raw: &str) -> Result<IpAddr> {
@@ -637,9 +827,49 @@ mod tests {
         );
         assert!(err.contains("RIP_TIMEOUT"), "{err}");
 
-        let (_dir, args) = with_file("balance = \"random\"");
+        let (_dir, args) = with_file("workers = 2\n\nbalance = \"random\"");
         let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
-        assert!(err.contains("balance in") && err.contains("rip.toml"), "{err}");
+        assert!(err.contains("for balance at") && err.contains("rip.toml:3"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_is_refused_even_where_a_higher_layer_overrides_it() {
+        let (_dir, mut args) = with_file("port = \"not-a-number\"");
+        args.settings.port = Some("0".into());
+        let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
+        assert!(err.contains("'not-a-number' for port at") && err.contains("rip.toml:1"), "{err}");
+        let env = |k: &str| (k == "RIP_WORKERS").then(|| "many".into());
+        let args = ServeArgs {
+            settings: Flags { workers: Some("2".into()), ..Default::default() },
+            ..Default::default()
+        };
+        let err = format!("{:#}", resolve(&args, env).unwrap_err());
+        assert!(err.contains("RIP_WORKERS"), "{err}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_file_line_and_column() {
+        let (_dir, args) = with_file("workers = 2\nmax_requests = 10 20\n");
+        let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
+        assert!(err.contains("rip.toml:2:19:"), "{err}");
+    }
+
+    #[test]
+    fn every_key_has_a_source_the_highest_layer_that_sets_it() {
+        let (_dir, mut args) = with_file("# settings\nworkers = 3\nmax_requests = 100\n");
+        args.settings.max_requests = Some("200".into());
+        let env = |k: &str| (k == "RIP_PORT").then(|| "0".into());
+        let (config, sources) = resolve_sourced(&args, env).unwrap();
+        assert_eq!((config.workers, config.max_requests, config.port), (3, 200, 0));
+        let source = |key: &str| sources.iter().find(|s| s.key == key).unwrap().clone();
+        assert_eq!(source("max_requests").origin, Origin::Flag);
+        assert_eq!(source("port").origin, Origin::Env);
+        assert!(matches!(source("workers").origin, Origin::File(_, 2)));
+        assert_eq!(
+            source("timeout"),
+            Source { key: "timeout", value: "30s".into(), origin: Origin::Default }
+        );
+        assert_eq!(sources.len(), KEYS.len());
     }
 
     #[test]

@@ -158,6 +158,7 @@ impl Rip {
             cli::Command::Scale(args) => commands::scale(&args),
             cli::Command::Upgrade(args) => commands::upgrade(&args),
             cli::Command::Stop(args) => commands::stop(&args),
+            cli::Command::Config(args) => commands::config(&args),
         };
         // The log's last lines are on their way to stderr through its writer thread.
         telemetry::sink::Sink::stderr().flush();

@@ -51,7 +51,7 @@ struct Parent {
 }
 
 /// The root must be a readable directory; workers would otherwise answer 404 to everything.
-fn check_root(root: &Path) -> Result<PathBuf> {
+pub(crate) fn check_root(root: &Path) -> Result<PathBuf> {
     let real = root.canonicalize().with_context(|| format!("reading root {}", root.display()))?;
     if !real.is_dir() {
         bail!("reading root {}: not a directory", root.display());
@@ -95,6 +95,8 @@ async fn serve(parent: Parent) -> Result<()> {
     let local = listener.local_addr().context("reading the bound address")?;
     let listener_fd = listener.as_raw_fd();
     let dir = Arc::new(RuntimeDir::create(config.runtime_dir.as_deref())?);
+    // Only a hint for `rip status` and friends when several rips run; serving goes on without.
+    let _ = std::fs::write(dir.path().join(control::LISTEN_NAME), format!("{local}\n"));
     let (intents_tx, mut intents) = signals::listen()?;
     let metrics = Arc::new(Metrics::default());
     let access_log = match &config.access_log {
@@ -140,7 +142,12 @@ async fn serve(parent: Parent) -> Result<()> {
     )
     .context("starting the supervisor")?;
     let supervisor_task = tasks.essential("supervisor", propagate_panic(supervisor_task));
-    let controls = Controls { supervisor: supervisor.clone(), proxy: proxy.clone(), intents: intents_tx };
+    let controls = Controls {
+        supervisor: supervisor.clone(),
+        proxy: proxy.clone(),
+        intents: intents_tx,
+        started: std::time::Instant::now(),
+    };
     let control_task =
         tasks.essential("control socket", control::serve(&dir.path().join(control::SOCKET_NAME), controls)?);
 
@@ -263,6 +270,15 @@ async fn run_until_stopped(
                 match upgrade::start(&parent.exe, args, listener_fd, within).await {
                     Ok(pid) => {
                         info!(new_pid = pid, "upgrade ready, handing over");
+                        if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                            // This process is the one the terminal waits for; the new one is
+                            // not its child and outlives it, still writing here.
+                            warn!(
+                                new_pid = pid,
+                                "this terminal's rip exits now; the new rip (pid {pid}) keeps running detached, \
+                                 and Ctrl-C no longer reaches it: stop it with `rip stop` or `kill {pid}`"
+                            );
+                        }
                         notify::main_pid(pid);
                         if let Some(reply) = reply {
                             let _ = reply.send(Ok(pid));
@@ -293,15 +309,16 @@ fn reload(
 ) -> Result<(usize, oneshot::Receiver<ReloadResult>), String> {
     let checked = crate::config::load(&parent.args)
         .and_then(|config| Ok((config.root.as_deref().map(check_root).transpose()?, config)));
-    let (root, mut config) = checked.map_err(|e| {
+    let (root, config) = checked.map_err(|e| {
         let message = format!("config rejected: {}", crate::error_chain(&e));
         error!(error = message, "reload refused, workers keep serving");
         message
     })?;
     let old = &parent.config;
-    let fixed = [
-        ("host", old.host != config.host),
-        ("port", old.port != config.port),
+    // What only a new process can apply; a reload that changes any of it is refused whole, so
+    // that "reloaded" is never said of a config that is only partly in force.
+    let restart = [("host", old.host != config.host), ("port", old.port != config.port)];
+    let upgrade = [
         ("runtime_dir", old.runtime_dir != config.runtime_dir),
         ("log_format", old.log_format != config.log_format),
         ("access_log", old.access_log != config.access_log),
@@ -311,15 +328,28 @@ fn reload(
         ("max_connections", old.max_connections != config.max_connections),
         ("upstream", old.upstream != config.upstream),
     ];
-    for (key, changed) in fixed {
-        if changed {
-            warn!(key, "this setting changes only with rip upgrade or a restart");
+    let changed = |keys: &[(&'static str, bool)]| -> Vec<&'static str> {
+        keys.iter().filter(|(_, changed)| *changed).map(|(key, _)| *key).collect()
+    };
+    let (needs_restart, needs_upgrade) = (changed(&restart), changed(&upgrade));
+    if !needs_restart.is_empty() || !needs_upgrade.is_empty() {
+        let mut why = Vec::new();
+        if !needs_restart.is_empty() {
+            why.push(format!(
+                "{} changed, which only a restart applies (the listening socket stays across `rip upgrade`)",
+                needs_restart.join(", ")
+            ));
         }
+        if !needs_upgrade.is_empty() {
+            why.push(format!(
+                "{} changed, which `rip upgrade` applies without closing the port",
+                needs_upgrade.join(", ")
+            ));
+        }
+        let message = format!("reload refused: {}; nothing was reloaded", why.join("; "));
+        error!(error = message, "reload refused, workers keep serving");
+        return Err(message);
     }
-    // New workers must speak what the running front-end speaks.
-    config.upstream = old.upstream;
-    config.header_timeout = old.header_timeout;
-    config.max_connections = old.max_connections;
     proxy.reconfigure(proxy::Settings::from(&config));
     let configured = config.workers;
     let mut settings = supervisor_settings(&config);

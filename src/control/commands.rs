@@ -74,3 +74,16 @@ pub fn stop(args: &ControlArgs) -> Result<()> {
     println!("stopping");
     Ok(())
 }
+
+/// `rip config`: everything `rip serve` checks before it starts, then the configuration it
+/// would run with (in the spirit of `nginx -t` and `nginx -T`).
+pub fn config(args: &crate::cli::ConfigArgs) -> Result<()> {
+    let (config, sources) = crate::config::resolve_sourced(&args.serve, |name| std::env::var(name).ok())?;
+    if let Some(root) = &config.root {
+        crate::serve::check_root(root)?;
+    }
+    if !args.check {
+        print!("{}", crate::config::render(&config, &sources));
+    }
+    Ok(())
+}

@@ -77,6 +77,20 @@ pub struct Status {
     #[serde(default)]
     pub tunnels: usize,
     pub rss_bytes: u64,
+    /// Since `rip serve` started, across every worker that has come and gone.
+    #[serde(default)]
+    pub lifetime: Lifetime,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Lifetime {
+    pub uptime_secs: f64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Healthy workers replaced (max requests, memory, age, reload).
+    pub recycles: u64,
+    /// Workers replaced after exiting unexpectedly (a crash, a kill, a hang).
+    pub restarts: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -101,12 +115,17 @@ pub struct Controls {
     pub supervisor: SupervisorHandle,
     pub proxy: Proxy,
     pub intents: IntentSender,
+    /// When `rip serve` started, for the status's uptime.
+    pub started: std::time::Instant,
 }
 
 impl Controls {
     pub async fn status(&self) -> Status {
         let counts = self.proxy.worker_counts();
-        let mut status = Status { pid: std::process::id(), ..Default::default() };
+        let (requests, recycles, restarts) = self.proxy.metrics().lifetime();
+        let lifetime =
+            Lifetime { uptime_secs: self.started.elapsed().as_secs_f64(), requests, recycles, restarts };
+        let mut status = Status { pid: std::process::id(), lifetime, ..Default::default() };
         for w in self.supervisor.status().await {
             let (requests, in_flight, tunnels) =
                 counts.iter().find(|c| c.id == w.id).map_or((0, 0, 0), |c| (c.sent, c.in_flight, c.tunnels));
@@ -214,6 +233,10 @@ async fn answer_connection(stream: UnixStream, controls: &Controls) -> std::io::
 }
 
 /// Finds the control socket of the one `rip serve` running for this user under `base`.
+/// The file in a rip's runtime directory that names the address it listens on, for the
+/// commands' hint when several rips run.
+pub const LISTEN_NAME: &str = "listen";
+
 pub fn discover(base: &Path) -> Result<PathBuf> {
     let mut found = Vec::new();
     if let Ok(entries) = std::fs::read_dir(base) {
@@ -230,8 +253,17 @@ pub fn discover(base: &Path) -> Result<PathBuf> {
         0 => bail!("no running rip found in {} (is rip serve running as this user?)", base.display()),
         1 => Ok(found.remove(0).1),
         n => {
-            let pids: Vec<String> = found.iter().map(|(pid, _)| pid.to_string()).collect();
-            bail!("{n} rip instances are running (pids {}); choose one with --control", pids.join(", "))
+            found.sort();
+            let each: Vec<String> = found
+                .iter()
+                .map(|(pid, socket)| {
+                    let listen = socket.parent().map(|dir| dir.join(LISTEN_NAME));
+                    let addr = listen.and_then(|path| std::fs::read_to_string(path).ok());
+                    let addr = addr.as_deref().map_or("an unknown address", str::trim);
+                    format!("pid {pid} on {addr}: --control {}", socket.display())
+                })
+                .collect();
+            bail!("{n} rip instances are running; choose one with --control ({})", each.join("; "))
         }
     }
 }
@@ -275,7 +307,7 @@ pub fn format_status(status: &Status) -> String {
         ));
     }
     out.push_str(&format!(
-        "rip pid {}: {} of {} workers ready, {} requests, {} in flight, {} tunnels, {} in workers\n",
+        "rip pid {}: {} of {} workers ready, {} requests sent to them, {} in flight, {} tunnels, {} in workers\n",
         status.pid,
         status.workers_ready,
         status.workers.len(),
@@ -283,6 +315,14 @@ pub fn format_status(status: &Status) -> String {
         status.in_flight,
         status.tunnels,
         mib(status.rss_bytes)
+    ));
+    let life = &status.lifetime;
+    out.push_str(&format!(
+        "since start ({} ago): {} requests, {} workers recycled, {} restarted\n",
+        age(life.uptime_secs),
+        life.requests,
+        life.recycles,
+        life.restarts
     ));
     out
 }
@@ -343,11 +383,19 @@ mod tests {
             in_flight: 1,
             tunnels: 2,
             rss_bytes: 3 * 1024 * 1024,
+            lifetime: Lifetime { uptime_secs: 3700.0, requests: 99_000, recycles: 98, restarts: 1 },
         };
         let table = format_status(&status);
         assert!(table.lines().nth(1).unwrap().starts_with("0/3"), "{table}");
         assert!(table.contains("2m05s") && table.contains("3.0 MiB") && table.contains("SIGKILL"), "{table}");
-        assert!(table.contains("1 of 1 workers ready, 7 requests, 1 in flight, 2 tunnels"), "{table}");
+        assert!(
+            table.contains("1 of 1 workers ready, 7 requests sent to them, 1 in flight, 2 tunnels"),
+            "{table}"
+        );
+        assert!(
+            table.contains("since start (1h01m ago): 99000 requests, 98 workers recycled, 1 restarted"),
+            "{table}"
+        );
     }
 
     #[test]

@@ -59,7 +59,14 @@ async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {
         log_lines_dropped: super::sink::Sink::stderr().dropped(),
         workers: workers
             .iter()
-            .map(|w| WorkerGauge { slot: w.id.slot, pid: w.pid, rss_bytes: w.rss_bytes, age: w.age })
+            .map(|w| WorkerGauge {
+                slot: w.id.slot,
+                generation: w.id.generation,
+                pid: w.pid,
+                state: w.state.as_str(),
+                rss_bytes: w.rss_bytes,
+                age: w.age,
+            })
             .collect(),
     };
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], admin.metrics.render(&gauges))

@@ -71,7 +71,9 @@ impl Default for Metrics {
 #[derive(Debug, Clone)]
 pub struct WorkerGauge {
     pub slot: usize,
+    pub generation: u64,
     pub pid: i32,
+    pub state: &'static str,
     pub rss_bytes: u64,
     pub age: Duration,
 }
@@ -129,6 +131,13 @@ impl Metrics {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Since start: requests answered, healthy workers recycled, workers restarted after an
+    /// unexpected exit.
+    pub fn lifetime(&self) -> (u64, u64, u64) {
+        let sum = |counters: &[AtomicU64]| counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        (sum(&self.by_status), sum(&self.recycles), self.restarts.load(Ordering::Relaxed))
+    }
+
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
@@ -147,7 +156,7 @@ impl Metrics {
         for (slot, c) in self.by_slot.iter().enumerate() {
             let n = load(c);
             if n > 0 {
-                let _ = writeln!(out, "rip_worker_requests_total{{worker=\"{slot}\"}} {n}");
+                let _ = writeln!(out, "rip_worker_requests_total{{slot=\"{slot}\"}} {n}");
             }
         }
         out.push_str("# HELP rip_request_duration_seconds Time from request to response headers.\n");
@@ -207,24 +216,36 @@ impl Metrics {
         );
         out.push_str("# TYPE rip_log_lines_dropped_total counter\n");
         let _ = writeln!(out, "rip_log_lines_dropped_total {}", gauges.log_lines_dropped);
-        out.push_str("# HELP rip_worker_rss_bytes Resident memory of each worker.\n");
-        out.push_str("# TYPE rip_worker_rss_bytes gauge\n");
+        // Per slot, not per process: a recycle replaces the worker, not the series, so
+        // dashboards follow a slot across recycles. While a slot's old worker drains beside
+        // its replacement, the replacement (the newer generation) is the one shown; every
+        // process, with its pid, is in rip_worker_info.
+        let mut current: Vec<&WorkerGauge> = Vec::new();
         for w in &gauges.workers {
-            let _ = writeln!(
-                out,
-                "rip_worker_rss_bytes{{worker=\"{}\",pid=\"{}\"}} {}",
-                w.slot, w.pid, w.rss_bytes
-            );
+            match current.iter_mut().find(|c| c.slot == w.slot) {
+                Some(c) if c.generation < w.generation => *c = w,
+                Some(_) => {}
+                None => current.push(w),
+            }
         }
-        out.push_str("# HELP rip_worker_age_seconds Time since each worker started.\n");
+        current.sort_by_key(|w| w.slot);
+        out.push_str("# HELP rip_worker_rss_bytes Resident memory of each slot's worker.\n");
+        out.push_str("# TYPE rip_worker_rss_bytes gauge\n");
+        for w in &current {
+            let _ = writeln!(out, "rip_worker_rss_bytes{{slot=\"{}\"}} {}", w.slot, w.rss_bytes);
+        }
+        out.push_str("# HELP rip_worker_age_seconds Time since each slot's worker started.\n");
         out.push_str("# TYPE rip_worker_age_seconds gauge\n");
+        for w in &current {
+            let _ = writeln!(out, "rip_worker_age_seconds{{slot=\"{}\"}} {:.3}", w.slot, w.age.as_secs_f64());
+        }
+        out.push_str("# HELP rip_worker_info Each worker process: its slot, generation, pid and state.\n");
+        out.push_str("# TYPE rip_worker_info gauge\n");
         for w in &gauges.workers {
             let _ = writeln!(
                 out,
-                "rip_worker_age_seconds{{worker=\"{}\",pid=\"{}\"}} {:.3}",
-                w.slot,
-                w.pid,
-                w.age.as_secs_f64()
+                "rip_worker_info{{slot=\"{}\",generation=\"{}\",pid=\"{}\",state=\"{}\"}} 1",
+                w.slot, w.generation, w.pid, w.state
             );
         }
         out
@@ -253,11 +274,34 @@ mod tests {
         let text = m.render(&Gauges { in_flight: 2, ..Default::default() });
         assert!(text.contains("rip_requests_total{status=\"200\"} 2\n"), "{text}");
         assert!(text.contains("rip_requests_total{status=\"503\"} 1\n"));
-        assert!(text.contains("rip_worker_requests_total{worker=\"1\"} 1\n"));
+        assert!(text.contains("rip_worker_requests_total{slot=\"1\"} 1\n"));
         assert!(text.contains("rip_request_duration_seconds_bucket{le=\"0.0005\"} 1\n"));
         assert!(text.contains("rip_request_duration_seconds_bucket{le=\"0.05\"} 2\n"));
         assert!(text.contains("rip_request_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("rip_worker_recycles_total{reason=\"memory\"} 1\n"));
         assert!(text.contains("rip_in_flight_requests 2\n"));
+    }
+
+    #[test]
+    fn per_worker_gauges_follow_the_slot_and_the_pid_is_an_info_label() {
+        let worker = |slot, generation, pid, state| WorkerGauge {
+            slot,
+            generation,
+            pid,
+            state,
+            rss_bytes: 1000 + pid as u64,
+            age: Duration::from_secs(1),
+        };
+        // Slot 0 mid-recycle: the old worker drains beside its replacement.
+        let workers =
+            vec![worker(0, 4, 10, "draining"), worker(0, 5, 11, "ready"), worker(1, 0, 12, "ready")];
+        let text = Metrics::default().render(&Gauges { workers, ..Default::default() });
+        assert!(text.contains("rip_worker_rss_bytes{slot=\"0\"} 1011\n"), "{text}");
+        assert_eq!(text.matches("rip_worker_rss_bytes{").count(), 2, "one series per slot: {text}");
+        assert!(
+            text.contains("rip_worker_info{slot=\"0\",generation=\"4\",pid=\"10\",state=\"draining\"} 1\n"),
+            "{text}"
+        );
+        assert_eq!(text.matches("rip_worker_info{").count(), 3, "{text}");
     }
 }

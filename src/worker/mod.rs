@@ -157,10 +157,15 @@ where
     connections.spawn(conn, ());
 }
 
-/// Binds a Unix socket at `path`, replacing a stale one.
+/// Binds a Unix socket at `path`, replacing a stale one, readable and writable by this user
+/// only (0600; connecting needs write permission, and nothing needs more).
 pub(crate) fn bind(path: &std::path::Path) -> Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
 }
 
 fn client_limits(args: &WorkerArgs) -> ClientLimits {

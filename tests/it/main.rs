@@ -15,6 +15,7 @@ mod handoff;
 mod limits;
 mod log_sink;
 mod observability;
+mod operator;
 mod pool;
 mod refusals;
 mod reload;

@@ -116,7 +116,7 @@ fn status_lists_every_worker_and_stop_ends_rip_gracefully() {
     let table = control.run(&["status"]);
     assert!(table.status.success(), "{table:?}");
     let lines: Vec<&str> = table.stdout.lines().collect();
-    assert_eq!(lines.len(), 4, "header, a row per worker, totals:\n{}", table.stdout);
+    assert_eq!(lines.len(), 5, "header, a row per worker, totals, totals since start:\n{}", table.stdout);
     assert!(lines[0].starts_with("WORKER") && lines[0].contains("PID") && lines[0].contains("STATE"));
     let mut rows = BTreeMap::new();
     for row in &lines[1..3] {
@@ -128,6 +128,7 @@ fn status_lists_every_worker_and_stop_ends_rip_gracefully() {
     assert_eq!(rows.keys().copied().collect::<BTreeSet<_>>(), workers);
     let totals = format!("rip pid {}: 2 of 2 workers ready", rip.pid());
     assert!(lines[3].starts_with(&totals), "{:?} vs {totals:?}", lines[3]);
+    assert!(lines[4].starts_with("since start ("), "{:?}", lines[4]);
 
     let json = control.run(&["status", "--json"]);
     assert!(json.status.success(), "{json:?}");

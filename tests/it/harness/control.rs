@@ -45,6 +45,16 @@ pub struct Row {
 }
 
 impl Control {
+    /// The binary alone, for commands that talk to no rip (`rip config`, `--help`).
+    pub fn cli() -> Control {
+        Control(Vec::new())
+    }
+
+    /// The rips under `base`, found as the commands find them by default.
+    pub fn under(base: &Path) -> Control {
+        Control(vec!["--runtime-dir".into(), base.into()])
+    }
+
     /// The one rip in `rip`'s runtime dir, found as the commands find it by default.
     pub fn of(rip: &Rip) -> Control {
         Control(vec!["--runtime-dir".into(), rip.runtime_dir().into()])
@@ -57,6 +67,11 @@ impl Control {
 
     /// Runs the real binary as a client, with none of the caller's RIP_* variables.
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with_env(args, &[])
+    }
+
+    /// Like [`Self::run`], with `env` set.
+    pub fn run_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rip"));
         cmd.args(args).args(&self.0).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         for (key, _) in std::env::vars_os() {
@@ -64,6 +79,7 @@ impl Control {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().expect("starting the rip client");
         let deadline = Instant::now() + CLIENT_TIMEOUT;
         let status = loop {

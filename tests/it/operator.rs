@@ -1,0 +1,161 @@
+//! What an operator is told: every command and message says what is true and what to do.
+//! A reload that cannot apply a change refuses it; `rip config` shows the configuration and
+//! where each value came from; sockets are the user's alone; help shows each default once;
+//! `rip status` has totals since start; with several rips running, the hint lists them.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+
+use crate::harness::{runtime, Client, Control, Rip};
+
+#[test]
+fn a_reload_that_changes_what_only_a_new_process_applies_is_refused_and_nothing_changes() {
+    let builder = Rip::builder();
+    let file = builder.dir().join("rip.toml");
+    std::fs::write(&file, "workers = 1\nhost = \"127.0.0.1\"\nbalance = \"least-pending\"\n").unwrap();
+    let rip = builder.arg("--config").arg(&file).start_all_ready();
+    let control = Control::of(&rip);
+    let before = rip.worker_pids();
+
+    std::fs::write(&file, "workers = 1\nhost = \"0.0.0.0\"\nbalance = \"round-robin\"\n").unwrap();
+    let out = control.run(&["reload", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = out.stderr.trim();
+    assert_eq!(said.lines().count(), 1, "one line: {said}");
+    assert!(said.contains("host changed") && said.contains("restart"), "{said}");
+    assert!(said.contains("balance changed") && said.contains("rip upgrade"), "{said}");
+    assert!(said.contains("nothing was reloaded"), "{said}");
+    assert_eq!(rip.worker_pids(), before, "workers were replaced by a refused reload");
+    let reply = runtime().block_on(async { Client::new(rip.addr()).get("/").await }).expect("still serving");
+    assert!(reply.status.is_success());
+
+    // Changes a reload can apply still reload.
+    std::fs::write(
+        &file,
+        "workers = 1\nhost = \"127.0.0.1\"\nbalance = \"least-pending\"\nmax_requests = 50\n",
+    )
+    .unwrap();
+    let out = control.run(&["reload", "--wait"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("the old ones exited"), "{out:?}");
+}
+
+#[test]
+fn rip_config_prints_every_key_with_its_source_and_checks_without_starting() {
+    let dir = crate::harness::TempDir::new();
+    let file = dir.path().join("rip.toml");
+    std::fs::write(&file, "# workers\nworkers = 3\nmax_requests = 100\n").unwrap();
+    let file_arg = file.to_str().unwrap();
+    let out = Control::cli()
+        .run_with_env(&["config", "-c", file_arg, "--max-requests", "200"], &[("RIP_PORT", "0")]);
+    assert!(out.status.success(), "{out:?}");
+    let line = |key: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("no {key} in:\n{}", out.stdout))
+            .to_string()
+    };
+    assert!(
+        line("workers").contains("\"3\"") && line("workers").contains(&format!("# {file_arg}:2")),
+        "{}",
+        line("workers")
+    );
+    assert!(line("max_requests").contains("\"200\"") && line("max_requests").ends_with("# --max-requests"));
+    assert!(line("port").contains("\"0\"") && line("port").ends_with("# RIP_PORT"));
+    assert!(line("timeout").contains("\"30s\"") && line("timeout").ends_with("# default"));
+    // What it prints is a rip.toml rip reads back to the same configuration.
+    let printed = dir.path().join("printed.toml");
+    std::fs::write(&printed, &out.stdout).unwrap();
+    let again = Control::cli().run(&["config", "-c", printed.to_str().unwrap()]);
+    assert!(again.status.success(), "{again:?}");
+    let values = |text: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split('#').next().unwrap().trim().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(values(&again.stdout), values(&out.stdout));
+
+    let check = Control::cli().run(&["config", "-c", file_arg, "--check"]);
+    assert!(check.status.success() && check.stdout.is_empty() && check.stderr.is_empty(), "{check:?}");
+
+    std::fs::write(&file, "workers = 3\nmax_requests = 10 20\n").unwrap();
+    let bad = Control::cli().run(&["config", "-c", file_arg, "--check"]);
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(bad.stderr.contains(&format!("{file_arg}:2:19:")), "no file:line:column in {:?}", bad.stderr);
+
+    // A bad value is refused even where a flag overrides it.
+    std::fs::write(&file, "port = \"not-a-number\"\n").unwrap();
+    let overridden = Control::cli().run(&["config", "-c", file_arg, "--port", "0", "--check"]);
+    assert_eq!(overridden.status.code(), Some(1), "{overridden:?}");
+    assert!(
+        overridden.stderr.contains("port") && overridden.stderr.contains(&format!("{file_arg}:1")),
+        "{:?}",
+        overridden.stderr
+    );
+}
+
+#[test]
+fn sockets_are_for_their_user_alone() {
+    let rip = Rip::start(&["--workers", "2"]);
+    rip.wait_all_ready();
+    let dir = rip.runtime_dir().join(rip.pid().to_string());
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    let mut sockets = 0;
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_socket() {
+            sockets += 1;
+            assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+        }
+    }
+    assert!(sockets >= 3, "the control socket and two workers' sockets, found {sockets}");
+}
+
+#[test]
+fn help_shows_each_default_once() {
+    for command in ["reload", "upgrade", "status", "serve", "config"] {
+        let out = Control::cli().run(&[command, "--help"]);
+        assert!(out.status.success(), "{out:?}");
+        for line in out.stdout.lines() {
+            assert!(line.matches("[default:").count() <= 1, "rip {command} --help: {line}");
+        }
+    }
+}
+
+#[test]
+fn status_has_totals_since_start_beside_the_current_workers() {
+    let rip = Rip::start(&["--workers", "2", "--max-requests", "5"]);
+    rip.wait_all_ready();
+    runtime().block_on(async {
+        let mut client = Client::new(rip.addr());
+        for _ in 0..40 {
+            assert!(client.get("/").await.expect("GET /").status.is_success());
+        }
+    });
+    let control = Control::of(&rip);
+    let out = control.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("rip status --json");
+    assert!(status["lifetime"]["requests"].as_u64().unwrap() >= 40, "{status}");
+    assert!(status["lifetime"]["recycles"].as_u64().unwrap() >= 4, "{status}");
+    assert!(status["requests"].as_u64().unwrap() < 40, "the current workers served them all? {status}");
+    let table = control.run(&["status"]).stdout;
+    assert!(table.contains("since start"), "{table}");
+}
+
+#[test]
+fn with_several_rips_running_the_hint_lists_each_with_its_address_and_socket() {
+    let base = crate::harness::TempDir::new();
+    let one = Rip::builder().runtime_dir(base.path()).args(&["--workers", "1"]).start();
+    let two = Rip::builder().runtime_dir(base.path()).args(&["--workers", "1"]).start();
+    let out = Control::under(base.path()).run(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = out.stderr.trim();
+    assert_eq!(said.lines().count(), 1, "{said}");
+    for rip in [&one, &two] {
+        assert!(said.contains(&format!("pid {} on {}", rip.pid(), rip.addr())), "{said}");
+        let socket = base.path().join(rip.pid().to_string()).join("control.sock");
+        assert!(said.contains(&format!("--control {}", socket.display())), "{said}");
+    }
+}

@@ -105,3 +105,87 @@ fn a_listener_passed_by_systemd_socket_activation_is_served() {
     let status = rip.wait_exit(WAIT).expect("rip exits after SIGTERM");
     assert_eq!(status.code(), Some(0), "rip exited with {status}");
 }
+
+/// `systemd-analyze`, installed from Debian's packages when it is missing.
+fn systemd_analyze() -> std::path::PathBuf {
+    let found = || {
+        ["/usr/bin/systemd-analyze", "/bin/systemd-analyze"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.exists())
+    };
+    if let Some(path) = found() {
+        return path;
+    }
+    let installed = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends", "systemd"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output();
+    found().unwrap_or_else(|| {
+        panic!(
+            "systemd-analyze is missing and could not be installed (apt-get install systemd: {:?}); \
+             install the systemd package to run this test",
+            installed.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        )
+    })
+}
+
+/// The shipped unit, with the binary's path pointing at the one under test.
+fn shipped_unit(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(name);
+    let text = std::fs::read_to_string(&source).expect("reading the shipped unit");
+    let unit = dir.join(name);
+    std::fs::write(&unit, text.replace("/usr/local/bin/rip", env!("CARGO_BIN_EXE_rip"))).unwrap();
+    std::fs::copy(source.with_file_name("rip.socket"), dir.join("rip.socket")).unwrap();
+    unit
+}
+
+/// rip.service must load cleanly on the systemd of Debian 12 (252), which has no
+/// Type=notify-reload: a unit it half-ignores loses readiness and reload without a word.
+#[test]
+fn the_shipped_unit_verifies_cleanly_with_this_systemd() {
+    let dir = TempDir::new();
+    let unit = shipped_unit(dir.path(), "rip.service");
+    let out =
+        Command::new(systemd_analyze()).arg("verify").arg(&unit).output().expect("running systemd-analyze");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim().is_empty(), "systemd-analyze verify rip.service: {said}");
+}
+
+/// What `systemctl reload rip` runs (the unit's ExecReload, with $MAINPID and the runtime
+/// directory filled in as systemd fills them): it waits for the roll and exits 0, or exits 1
+/// with the reason when the reload cannot be done.
+#[test]
+fn the_units_reload_command_waits_for_the_roll_and_fails_when_it_fails() {
+    let dir = TempDir::new();
+    let unit = std::fs::read_to_string(shipped_unit(dir.path(), "rip.service")).unwrap();
+    let exec_reload =
+        unit.lines().find_map(|l| l.strip_prefix("ExecReload=")).expect("the unit has ExecReload");
+    let builder = Rip::builder();
+    let file = builder.dir().join("rip.toml");
+    std::fs::write(&file, "workers = 2\n").unwrap();
+    let rip = builder.arg("--config").arg(&file).start_all_ready();
+    let command = exec_reload
+        .replace("${MAINPID}", &rip.pid().to_string())
+        .replace("/run/rip", rip.runtime_dir().to_str().unwrap());
+    let run = || {
+        let mut words = command.split_whitespace();
+        let out = Command::new(words.next().unwrap()).args(words).output().expect("running ExecReload");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let control = Control::of(&rip);
+    let before = crate::harness::settle(&control, rip.pid(), 2);
+    let (status, said) = run();
+    assert!(status.success(), "{command}: {said}");
+    // Waited for: the old workers are gone by the time it returns.
+    let after: std::collections::BTreeSet<i32> = control.status().workers.iter().map(|w| w.pid).collect();
+    assert!(before.is_disjoint(&after), "workers not replaced: {before:?} then {after:?}: {said}");
+
+    std::fs::write(&file, "workers = 2\nhost = \"0.0.0.0\"\n").unwrap();
+    let (status, said) = run();
+    assert_eq!(status.code(), Some(1), "{command}: {said}");
+    assert!(said.contains("host changed"), "{said}");
+}

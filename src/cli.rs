@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "rip", version, about = "An HTTP server that is its own process manager")]
+#[command(
+    name = "rip",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("RIP_COMMIT"), ")"),
+    about = "An HTTP server that is its own process manager"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -30,6 +34,10 @@ pub enum Command {
     /// Check flags, RIP_* variables and rip.toml as `rip serve` would, and print the
     /// configuration it would run with, each value with where it came from.
     Config(Box<ConfigArgs>),
+    /// Print a shell completion script, e.g. `rip completions bash > /etc/bash_completion.d/rip`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `rip man > /usr/local/share/man/man1/rip.1`.
+    Man,
     /// Serve the app on a Unix socket (started by `rip serve`, not by hand).
     #[command(hide = true)]
     Worker(WorkerArgs),
@@ -92,6 +100,13 @@ pub struct ServeArgs {
     /// Every setting rip.toml and `RIP_*` can also set, declared in `config`.
     #[command(flatten)]
     pub settings: crate::config::Flags,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -178,6 +193,31 @@ impl Cli {
                 }
             },
         }
+    }
+}
+
+/// `rip completions SHELL`: the script for the shell, from the same definitions as --help.
+pub fn print_completions(args: &CompletionsArgs) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut Cli::command(), "rip", &mut script);
+    print_all(&script)
+}
+
+/// `rip man`: the man page, from the same definitions as --help.
+pub fn print_man() -> std::io::Result<()> {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    print_all(&page)
+}
+
+/// Writes `bytes` to stdout; a reader that stopped early (`| head`) is no error.
+fn print_all(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
     }
 }
 

@@ -159,6 +159,8 @@ impl Rip {
             cli::Command::Upgrade(args) => commands::upgrade(&args),
             cli::Command::Stop(args) => commands::stop(&args),
             cli::Command::Config(args) => commands::config(&args),
+            cli::Command::Completions(args) => cli::print_completions(&args).map_err(Into::into),
+            cli::Command::Man => cli::print_man().map_err(Into::into),
         };
         // The log's last lines are on their way to stderr through its writer thread.
         telemetry::sink::Sink::stderr().flush();

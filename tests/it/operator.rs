@@ -159,3 +159,35 @@ fn with_several_rips_running_the_hint_lists_each_with_its_address_and_socket() {
         assert!(said.contains(&format!("--control {}", socket.display())), "{said}");
     }
 }
+
+#[test]
+fn version_names_the_commit_and_completions_and_man_page_come_from_the_same_definitions() {
+    let version = Control::cli().run(&["--version"]);
+    assert!(version.status.success(), "{version:?}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=7", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match head {
+        Some(hash) => {
+            assert!(version.stdout.contains(&format!("({hash}")), "{} is not {hash}", version.stdout)
+        }
+        None => assert!(version.stdout.contains("(unknown commit)"), "{}", version.stdout),
+    }
+
+    let bash = Control::cli().run(&["completions", "bash"]);
+    assert!(bash.status.success() && bash.stdout.contains("complete -F"), "{bash:?}");
+    for command in ["serve", "reload", "config", "upgrade"] {
+        assert!(bash.stdout.contains(command), "no {command} in the bash completions");
+    }
+    assert!(bash.stdout.contains("--max-requests"), "serve's flags are completed");
+    let man = Control::cli().run(&["man"]);
+    assert!(man.status.success() && man.stdout.contains(".TH rip 1"), "{man:?}");
+    assert!(man.stdout.contains("process manager"), "the page has rip's description");
+    let unknown = Control::cli().run(&["completions", "nosh"]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert_eq!(unknown.stderr.trim().lines().count(), 1, "{unknown:?}");
+}

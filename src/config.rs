@@ -59,8 +59,13 @@ macro_rules! settings {
         pub struct Flags {
             $(
                 $(#[doc = $doc])+
-                #[doc = concat!("[default: ", $shown, "]")]
-                #[arg(long, value_name = $value_name $(, short = $short)?)]
+                // clap reads only literal doc lines, so the default goes in through `help`.
+                #[arg(
+                    long,
+                    value_name = $value_name
+                    $(, short = $short)?,
+                    help = concat!($($doc),+, " [default: ", $shown, "]").trim_ascii_start()
+                )]
                 pub $key: Option<String>,
             )+
         }

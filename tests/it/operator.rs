@@ -122,6 +122,11 @@ fn help_shows_each_default_once() {
             assert!(line.matches("[default:").count() <= 1, "rip {command} --help: {line}");
         }
     }
+    let serve = Control::cli().run(&["serve", "--help"]).stdout;
+    for shown in ["--port <PORT>", "--timeout <DURATION>", "--request-timeout <DURATION>"] {
+        let line = serve.lines().find(|l| l.contains(shown)).unwrap_or_else(|| panic!("no {shown}"));
+        assert!(line.contains("[default: "), "{line}");
+    }
 }
 
 #[test]

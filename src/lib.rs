@@ -56,6 +56,8 @@ pub mod frontend;
 pub(crate) mod handoff;
 /// Worker liveness through shared memory.
 pub(crate) mod heartbeat;
+/// Giving memory back to the system after a burst.
+pub(crate) mod memory;
 /// The request path from the front-end to a worker, as a tower stack.
 #[doc(hidden)]
 pub mod proxy;

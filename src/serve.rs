@@ -120,6 +120,7 @@ async fn serve(parent: Parent) -> Result<()> {
         let proxy = proxy.clone();
         async move { proxy.watch_heartbeats().await }
     });
+    tasks.essential("memory trimmer", crate::memory::trim_when_quiet(proxy.clone()));
 
     info!(
         addr = %local,

@@ -196,3 +196,42 @@ fn version_names_the_commit_and_completions_and_man_page_come_from_the_same_defi
     assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
     assert_eq!(unknown.stderr.trim().lines().count(), 1, "{unknown:?}");
 }
+
+/// A burst of large uploads grows the front-end; once traffic pauses, it gives the memory
+/// back and settles near its idle size rather than keeping its peak for good.
+#[test]
+fn after_a_burst_of_large_bodies_the_front_end_settles_back_near_its_idle_size() {
+    const CLIENTS: usize = 20;
+    const BODY: usize = 5 << 20;
+    let rip = Rip::start(&["--workers", "2", "--access-log", "off"]);
+    rip.wait_all_ready();
+    let rss = || crate::harness::memory(rip.pid()).expect("reading the front-end's memory");
+    let idle = rss().resident;
+    let body = bytes::Bytes::from(vec![b'm'; BODY]);
+    let rt = runtime();
+    rt.block_on(async {
+        let echoes: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (addr, body) = (rip.addr(), body.clone());
+                tokio::spawn(async move {
+                    let reply = Client::new(addr).post("/echo", body.clone()).await.expect("POST /echo");
+                    assert!(reply.status.is_success() && reply.body.len() == BODY);
+                })
+            })
+            .collect();
+        for echo in echoes {
+            echo.await.expect("an echo client");
+        }
+    });
+    let peak = rss().peak;
+    let settled =
+        crate::harness::wait_until(std::time::Duration::from_secs(10), || rss().resident < idle + (8 << 20));
+    let after = rss().resident;
+    println!(
+        "faults: memory_after_burst clients={CLIENTS} body_mib=5 idle_mib={:.1} peak_mib={:.1} settled_mib={:.1}",
+        idle as f64 / 1048576.0,
+        peak as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    assert!(settled, "front-end at {} MiB after the burst, {} MiB idle", after >> 20, idle >> 20);
+}

@@ -137,3 +137,68 @@ fn upgrade_under_load(rt: &tokio::runtime::Runtime, extra: &[&str]) -> Upgraded 
     let report = rt.block_on(running).unwrap();
     Upgraded { new_serve, rip, old_workers, report, notify }
 }
+
+/// In a terminal, the `rip serve` the user started exits on an upgrade while the new one,
+/// not its child, runs on detached: rip says so on the terminal, with the new pid and how to
+/// stop it.
+#[test]
+fn an_upgrade_from_a_terminal_says_the_new_rip_runs_detached_and_how_to_stop_it() {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two new descriptors, owned below.
+    let opened = unsafe {
+        libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), std::ptr::null())
+    };
+    assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both are fresh descriptors that nothing else owns.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let dir = crate::harness::TempDir::new();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rip"));
+    cmd.args(["serve", "--port", "0", "--workers", "1", "--runtime-dir"]).arg(&run);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::from(slave)).env("RUST_LOG", "info");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("RIP_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut old = cmd.spawn().expect("starting rip serve on a terminal");
+    drop(cmd);
+    let old_guard = Orphan(old.id() as i32);
+    let said = Arc::new(Mutex::new(String::new()));
+    let reader = std::thread::spawn({
+        let said = said.clone();
+        move || {
+            let mut terminal = std::fs::File::from(master);
+            let mut buf = [0u8; 4096];
+            // Ends when every process holding the terminal is gone (EIO).
+            while let Ok(n @ 1..) = terminal.read(&mut buf) {
+                said.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    let seen = |needle: &str| said.lock().unwrap().contains(needle);
+    assert!(wait_until(WAIT, || seen("all workers ready")), "rip did not start: {}", said.lock().unwrap());
+
+    let out = Control::under(&run).run(&["upgrade"]);
+    assert!(out.status.success(), "{out:?}");
+    let new: i32 =
+        out.stdout.trim().rsplit(' ').next().and_then(|p| p.parse().ok()).expect("the new pid is printed");
+    let new_guard = Orphan(new);
+    assert!(
+        wait_until(WAIT, || seen("keeps running detached") && seen(&format!("kill {new}"))),
+        "no word of the detached rip on the terminal: {}",
+        said.lock().unwrap()
+    );
+    assert!(seen("rip stop"), "{}", said.lock().unwrap());
+    assert!(old.wait().expect("waiting for the old serve").success());
+    new_guard.stop();
+    drop(old_guard);
+    reader.join().expect("the terminal reader");
+}

@@ -207,6 +207,7 @@ fn a_64_mib_echo_streams_through_without_growing_the_front_end() {
 
     assert_eq!(received, SIZE, "echoed length");
     let front_end = memory(rip.pid()).expect("reading the front-end's memory");
+    println!("faults: echo_64mib front_end_peak_mib={:.1}", front_end.peak as f64 / f64::from(1 << 20));
     assert!(
         front_end.peak < LIMIT,
         "front-end peak RSS {} MiB for a {} MiB body",

@@ -41,7 +41,8 @@ pub fn status(args: &StatusArgs) -> Result<()> {
 }
 
 pub fn reload(args: &ReloadArgs) -> Result<()> {
-    let timeout = crate::config::parse_duration(&args.timeout).context("invalid value for --timeout")?;
+    let timeout = crate::config::parse_duration(&args.timeout)
+        .with_context(|| format!("invalid value '{}' for --timeout", args.timeout))?;
     call(&args.control, Request::Reload { wait: args.wait }, if args.wait { timeout } else { QUICK })?;
     println!(
         "{}",
@@ -60,7 +61,8 @@ pub fn scale(args: &ScaleArgs) -> Result<()> {
 }
 
 pub fn upgrade(args: &UpgradeArgs) -> Result<()> {
-    let timeout = crate::config::parse_duration(&args.timeout).context("invalid value for --timeout")?;
+    let timeout = crate::config::parse_duration(&args.timeout)
+        .with_context(|| format!("invalid value '{}' for --timeout", args.timeout))?;
     let response = call(&args.control, Request::Upgrade, timeout)?;
     match response.pid {
         Some(pid) => println!("upgraded: new rip serve pid {pid}"),

@@ -235,3 +235,14 @@ fn after_a_burst_of_large_bodies_the_front_end_settles_back_near_its_idle_size()
     );
     assert!(settled, "front-end at {} MiB after the burst, {} MiB idle", after >> 20, idle >> 20);
 }
+
+#[test]
+fn a_bad_duration_for_a_command_names_the_value_and_the_flag() {
+    for command in ["reload", "upgrade"] {
+        let out = Control::cli().run(&[command, "--timeout", "soon"]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let said = out.stderr.trim();
+        assert_eq!(said.lines().count(), 1, "{said}");
+        assert!(said.contains("'soon'") && said.contains("--timeout") && said.contains("30s"), "{said}");
+    }
+}

@@ -11,7 +11,9 @@
 //! to an `O_PATH` descriptor, and that descriptor's file is handed to tower-http's
 //! `ServeFile` through `/proc/self/fd/N`, which reopens that inode itself, not a path. So
 //! `ServeFile` still does the HTTP: HEAD, Content-Length, Last-Modified, If-Modified-Since,
-//! ranges.
+//! ranges. What it lacks, entity tags, is done here ([`validate`]): a strong ETag from the
+//! file's inode, modification time and size (nginx makes its own from the last two), with
+//! `If-None-Match` (304) and `If-Match` (412) by RFC 9110 §13.
 //!
 //! Kernels without `openat2` (before 5.6, or behind a seccomp filter that hides it) get a
 //! walk that opens one component at a time with `O_NOFOLLOW` and follows no links at all.
@@ -74,7 +76,7 @@ async fn serve(root: Arc<Root>, req: Request) -> Response {
         Ok(Ok(Found::Directory)) => redirect_to_directory(req.uri()),
         Ok(Err(errno)) if is_not_found(errno) => {
             debug!(path = req.uri().path(), %errno, "static file not found");
-            StatusCode::NOT_FOUND.into_response()
+            not_found()
         }
         Ok(Err(errno)) => {
             warn!(path = req.uri().path(), %errno, "static file lookup failed");
@@ -89,7 +91,19 @@ async fn serve(root: Arc<Root>, req: Request) -> Response {
 
 /// Serves the file behind `fd`. `/proc/self/fd/N` is a magic link to the open file itself,
 /// so whatever happens to the name meanwhile, `ServeFile` opens the inode we resolved.
-async fn serve_file(fd: OwnedFd, name: &OsStr, req: Request) -> Response {
+async fn serve_file(fd: OwnedFd, name: &OsStr, mut req: Request) -> Response {
+    let etag = fstat(fd.as_raw_fd()).ok().map(|st| entity_tag(&st));
+    if let Some(etag) = &etag {
+        match validate(req.headers(), etag) {
+            Validated::Serve => {}
+            Validated::NotModified => return with_etag(StatusCode::NOT_MODIFIED.into_response(), etag),
+            Validated::Failed => return with_etag(StatusCode::PRECONDITION_FAILED.into_response(), etag),
+        }
+        // RFC 9110 §13.2.2: with If-None-Match, If-Modified-Since is not evaluated.
+        if req.headers().contains_key(header::IF_NONE_MATCH) {
+            req.headers_mut().remove(header::IF_MODIFIED_SINCE);
+        }
+    }
     let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
     let mut response = match ServeFile::new(path).oneshot(req).await {
         Ok(response) => response.map(Body::new),
@@ -100,7 +114,62 @@ async fn serve_file(fd: OwnedFd, name: &OsStr, req: Request) -> Response {
     if response.status().is_success() {
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(name)));
     }
+    match etag {
+        Some(etag) if response.status().is_success() || response.status() == StatusCode::NOT_MODIFIED => {
+            with_etag(response, &etag)
+        }
+        _ => response,
+    }
+}
+
+/// A short text body, so that a browser shows something rather than a blank page.
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "404 not found\n")
+        .into_response()
+}
+
+/// `"inode-mtime-size"` in hex, mtime in nanoseconds: it changes whenever the file is
+/// replaced (a new inode, as deploys and editors that write a new file do) or written to.
+fn entity_tag(st: &nix::sys::stat::FileStat) -> String {
+    let mtime = (st.st_mtime as i128) * 1_000_000_000 + st.st_mtime_nsec as i128;
+    format!("\"{:x}-{:x}-{:x}\"", st.st_ino, mtime, st.st_size)
+}
+
+fn with_etag(mut response: Response, etag: &str) -> Response {
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
     response
+}
+
+/// What the request's entity-tag preconditions say.
+#[derive(Debug, PartialEq, Eq)]
+enum Validated {
+    Serve,
+    /// `If-None-Match` matched (weak comparison, `*` included): 304.
+    NotModified,
+    /// `If-Match` did not (strong comparison): 412.
+    Failed,
+}
+
+/// RFC 9110 §13.2.2's order for a GET or HEAD of an existing file: If-Match, then
+/// If-None-Match.
+fn validate(headers: &axum::http::HeaderMap, etag: &str) -> Validated {
+    let lists = |name| headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+    let matches = |list: &[&str], weak: bool| {
+        list.iter().flat_map(|v| v.split(',')).map(str::trim).any(|tag| {
+            tag == "*" || tag == etag || (weak && tag.strip_prefix("W/").is_some_and(|t| t == etag))
+        })
+    };
+    let if_match = lists(header::IF_MATCH);
+    if !if_match.is_empty() && !matches(&if_match, false) {
+        return Validated::Failed;
+    }
+    let if_none_match = lists(header::IF_NONE_MATCH);
+    if !if_none_match.is_empty() && matches(&if_none_match, true) {
+        return Validated::NotModified;
+    }
+    Validated::Serve
 }
 
 /// A directory asked for without its trailing slash: send the client to the slashed URL,
@@ -639,6 +708,52 @@ mod tests {
         let (status, headers, body) = call(&app, req).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
         assert_eq!(headers[header::CONTENT_LENGTH], "11");
+    }
+
+    #[tokio::test]
+    async fn entity_tags_answer_if_none_match_with_304_and_if_match_with_412() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+        let (status, headers, _) = call(&app, get("/hello.txt")).await;
+        assert_eq!(status, StatusCode::OK);
+        let etag = headers[header::ETAG].to_str().unwrap().to_string();
+        assert!(etag.starts_with('"') && etag.ends_with('"') && !etag.starts_with("W/"), "{etag}");
+        let with = |name: header::HeaderName, value: &str| {
+            Request::get("/hello.txt").header(name, value).body(Body::empty()).unwrap()
+        };
+        for matching in [etag.clone(), "*".into(), format!("W/{etag}"), format!("\"other\", {etag}")] {
+            let (status, headers, body) = call(&app, with(header::IF_NONE_MATCH, &matching)).await;
+            assert_eq!((status, body.as_str()), (StatusCode::NOT_MODIFIED, ""), "If-None-Match: {matching}");
+            assert_eq!(headers[header::ETAG], etag.as_str());
+        }
+        let (status, _, body) = call(&app, with(header::IF_NONE_MATCH, "\"other\"")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "hello world"));
+        // If-None-Match wins over an If-Modified-Since that alone would give 304.
+        let req = Request::get("/hello.txt")
+            .header(header::IF_NONE_MATCH, "\"other\"")
+            .header(header::IF_MODIFIED_SINCE, "Fri, 01 Jan 2100 00:00:00 GMT")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(call(&app, req).await.0, StatusCode::OK);
+        assert_eq!(call(&app, with(header::IF_MATCH, "\"other\"")).await.0, StatusCode::PRECONDITION_FAILED);
+        assert_eq!(
+            call(&app, with(header::IF_MATCH, &format!("W/{etag}"))).await.0,
+            StatusCode::PRECONDITION_FAILED
+        );
+        assert_eq!(call(&app, with(header::IF_MATCH, &etag)).await.0, StatusCode::OK);
+        // A file written anew gets a new tag.
+        std::fs::write(tree.root().join("hello.txt"), "hello again").unwrap();
+        let (_, headers, _) = call(&app, get("/hello.txt")).await;
+        assert_ne!(headers[header::ETAG], etag.as_str());
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_gets_a_short_text_404() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+        let (status, headers, body) = call(&app, get("/nope.txt")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::NOT_FOUND, "404 not found\n"));
+        assert_eq!(headers[header::CONTENT_TYPE], "text/plain; charset=utf-8");
     }
 
     #[tokio::test]

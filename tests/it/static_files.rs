@@ -67,9 +67,14 @@ impl Raw {
 /// Sends `<method> <target> HTTP/1.1` byte for byte, with `Connection: close`, and reads the
 /// whole answer.
 fn send(addr: SocketAddr, method: &str, target: &str) -> Raw {
+    send_with(addr, method, target, "")
+}
+
+/// Like [`send`], with `extra` header lines (each ending in `\r\n`).
+fn send_with(addr: SocketAddr, method: &str, target: &str, extra: &str) -> Raw {
     let mut stream = TcpStream::connect(addr).expect("connecting to rip");
     stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(stream, "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(stream, "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n").unwrap();
     let mut bytes = Vec::new();
     stream.read_to_end(&mut bytes).unwrap_or_else(|e| panic!("reading the answer to {target}: {e}"));
     let text = String::from_utf8_lossy(&bytes).into_owned();
@@ -107,8 +112,30 @@ fn static_root_serves_files_and_directory_index_pages() {
 
     let deeper = get(addr, "/sub/deeper/page.txt");
     assert_eq!((deeper.status, deeper.body.as_str()), (200, "deeper page"));
-    assert_eq!(get(addr, "/missing.txt").status, 404);
+    let missing = get(addr, "/missing.txt");
+    assert_eq!(
+        (missing.status, missing.body.as_str()),
+        (404, "404 not found\n"),
+        "a blank page in a browser"
+    );
     assert_eq!(send(addr, "DELETE", "/hello.txt").status, 405);
+}
+
+#[test]
+fn static_root_answers_if_none_match_with_304_and_if_match_with_412() {
+    let (rip, _) = start();
+    let addr = rip.addr();
+    let file = get(addr, "/hello.txt");
+    let etag = file.header("etag").expect("an ETag").to_string();
+    for matching in [etag.clone(), "*".to_string()] {
+        let again = send_with(addr, "GET", "/hello.txt", &format!("If-None-Match: {matching}\r\n"));
+        assert_eq!((again.status, again.body.as_str()), (304, ""), "If-None-Match: {matching}");
+        assert_eq!(again.header("etag"), Some(etag.as_str()));
+    }
+    let changed = send_with(addr, "GET", "/hello.txt", "If-None-Match: \"an-old-version\"\r\n");
+    assert_eq!((changed.status, changed.body.as_str()), (200, "hello from the root"));
+    let precondition = send_with(addr, "GET", "/hello.txt", "If-Match: \"an-old-version\"\r\n");
+    assert_eq!(precondition.status, 412);
 }
 
 #[test]

@@ -92,7 +92,20 @@ async fn serve(root: Arc<Root>, req: Request) -> Response {
 /// Serves the file behind `fd`. `/proc/self/fd/N` is a magic link to the open file itself,
 /// so whatever happens to the name meanwhile, `ServeFile` opens the inode we resolved.
 async fn serve_file(fd: OwnedFd, name: &OsStr, mut req: Request) -> Response {
-    let etag = fstat(fd.as_raw_fd()).ok().map(|st| entity_tag(&st));
+    let stat = fstat(fd.as_raw_fd()).ok();
+    let etag = stat.as_ref().map(entity_tag);
+    if let Some(st) = &stat {
+        // ServeFile answers several ranges with 416; RFC 9110 §14.2 lets a server send one
+        // range that covers them instead, which every client that asks for several reads.
+        let covering = req
+            .headers()
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| covering_range(v, st.st_size.max(0) as u64));
+        if let Some(range) = covering.and_then(|r| HeaderValue::from_str(&r).ok()) {
+            req.headers_mut().insert(header::RANGE, range);
+        }
+    }
     if let Some(etag) = &etag {
         match validate(req.headers(), etag) {
             Validated::Serve => {}
@@ -120,6 +133,31 @@ async fn serve_file(fd: OwnedFd, name: &OsStr, mut req: Request) -> Response {
         }
         _ => response,
     }
+}
+
+/// For a `Range` of several byte ranges over a file of `size` bytes, the one range from the
+/// first byte any of them asks for to the last; `None` for a single range (ServeFile's to
+/// answer) or anything that is not a list of byte ranges.
+fn covering_range(value: &str, size: u64) -> Option<String> {
+    let specs = value.trim().strip_prefix("bytes=")?;
+    if !specs.contains(',') || size == 0 {
+        return None;
+    }
+    let mut span: Option<(u64, u64)> = None;
+    for spec in specs.split(',') {
+        let (first, last) = spec.trim().split_once('-')?;
+        let (start, end) = match (first.trim(), last.trim()) {
+            ("", suffix) => (size.saturating_sub(suffix.parse::<u64>().ok()?), size - 1),
+            (first, "") => (first.parse().ok()?, size - 1),
+            (first, last) => (first.parse().ok()?, last.parse::<u64>().ok()?.min(size - 1)),
+        };
+        if start > end || start >= size {
+            // Unsatisfiable alone; the others may still be served.
+            continue;
+        }
+        span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
+    }
+    span.map(|(start, end)| format!("bytes={start}-{end}"))
 }
 
 /// A short text body, so that a browser shows something rather than a blank page.
@@ -745,6 +783,28 @@ mod tests {
         std::fs::write(tree.root().join("hello.txt"), "hello again").unwrap();
         let (_, headers, _) = call(&app, get("/hello.txt")).await;
         assert_ne!(headers[header::ETAG], etag.as_str());
+    }
+
+    #[test]
+    fn several_ranges_become_the_one_that_covers_them() {
+        assert_eq!(covering_range("bytes=0-1,5-6", 11).as_deref(), Some("bytes=0-6"));
+        assert_eq!(covering_range("bytes=6-,-2", 11).as_deref(), Some("bytes=6-10"));
+        assert_eq!(covering_range("bytes=2-3, 0-0, 100-200", 11).as_deref(), Some("bytes=0-3"));
+        assert_eq!(covering_range("bytes=0-1", 11), None, "a single range is ServeFile's");
+        assert_eq!(covering_range("bytes=100-200,300-", 11), None, "none satisfiable");
+        assert_eq!(covering_range("items=0-1,2-3", 11), None);
+        assert_eq!(covering_range("bytes=a-b,0-1", 11), None);
+    }
+
+    #[tokio::test]
+    async fn several_ranges_are_answered_with_one_covering_range() {
+        let tree = Tree::new();
+        let app = static_files(&tree.root());
+        let req =
+            Request::get("/hello.txt").header(header::RANGE, "bytes=0-1,6-7").body(Body::empty()).unwrap();
+        let (status, headers, body) = call(&app, req).await;
+        assert_eq!((status, body.as_str()), (StatusCode::PARTIAL_CONTENT, "hello wo"));
+        assert_eq!(headers[header::CONTENT_RANGE], "bytes 0-7/11");
     }
 
     #[tokio::test]

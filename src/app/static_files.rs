@@ -69,11 +69,35 @@ async fn serve(root: Arc<Root>, req: Request) -> Response {
         }
     };
     let wants_dir = req.uri().path().ends_with('/');
+    let encodings = accepted_encodings(req.headers());
     // Lookups are syscalls that may wait on a slow disk; keep them off the worker's thread.
-    let found = tokio::task::spawn_blocking(move || root.find(&segments, wants_dir)).await;
+    let found = tokio::task::spawn_blocking(move || {
+        let found = root.find(&segments, wants_dir)?;
+        // A precompressed sibling the client accepts (`page.html.br`, `page.html.gz`), found
+        // as strictly as the file itself.
+        let encoded = matches!(found, Found::File { .. })
+            .then(|| {
+                encodings.iter().find_map(|(coding, suffix)| {
+                    root.find_sibling(&segments, wants_dir, suffix).map(|fd| (*coding, fd))
+                })
+            })
+            .flatten();
+        Ok::<_, Errno>((found, encoded))
+    })
+    .await;
     match found {
-        Ok(Ok(Found::File { fd, name })) => serve_file(fd, &name, req).await,
-        Ok(Ok(Found::Directory)) => redirect_to_directory(req.uri()),
+        Ok(Ok((Found::File { name, .. }, Some((coding, fd))))) => {
+            let mut response = serve_file(fd, &name, req).await;
+            let success = response.status().is_success();
+            let headers = response.headers_mut();
+            headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+            if success {
+                headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
+            }
+            response
+        }
+        Ok(Ok((Found::File { fd, name }, None))) => serve_file(fd, &name, req).await,
+        Ok(Ok((Found::Directory, _))) => redirect_to_directory(req.uri()),
         Ok(Err(errno)) if is_not_found(errno) => {
             debug!(path = req.uri().path(), %errno, "static file not found");
             not_found()
@@ -158,6 +182,25 @@ fn covering_range(value: &str, size: u64) -> Option<String> {
         span = Some(span.map_or((start, end), |(s, e)| (s.min(start), e.max(end))));
     }
     span.map(|(start, end)| format!("bytes={start}-{end}"))
+}
+
+/// The precompressed codings the client accepts, best first, with their file suffixes.
+fn accepted_encodings(headers: &axum::http::HeaderMap) -> Vec<(&'static str, &'static str)> {
+    let accepts = |coding: &str| {
+        headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).any(|v| {
+            v.split(',').any(|item| {
+                let mut parts = item.split(';');
+                let name = parts.next().unwrap_or("").trim();
+                let refused = parts.any(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q == 0.0))
+                });
+                (name.eq_ignore_ascii_case(coding) || name == "*") && !refused
+            })
+        })
+    };
+    [("br", ".br"), ("gzip", ".gz")].into_iter().filter(|(coding, _)| accepts(coding)).collect()
 }
 
 /// A short text body, so that a browser shows something rather than a blank page.
@@ -377,6 +420,19 @@ impl Root {
         }
         let name = segments.last().cloned().unwrap_or_default();
         Ok(Found::File { fd, name })
+    }
+
+    /// The regular file `suffix` away from what `find` resolves for the same request: the
+    /// file's name, or a directory's index.html, with `suffix` appended.
+    fn find_sibling(&self, segments: &[OsString], wants_dir: bool, suffix: &str) -> Option<OwnedFd> {
+        let mut sibling = segments.to_vec();
+        if wants_dir {
+            sibling.push(OsString::from("index.html"));
+        }
+        let last = sibling.last_mut()?;
+        last.push(suffix);
+        let fd = self.resolve(self.dir.as_fd(), &sibling).ok()?;
+        (file_kind(&fd).ok()? == SFlag::S_IFREG).then_some(fd)
     }
 
     fn resolve(&self, dir: BorrowedFd<'_>, segments: &[OsString]) -> nix::Result<OwnedFd> {
@@ -805,6 +861,40 @@ mod tests {
         let (status, headers, body) = call(&app, req).await;
         assert_eq!((status, body.as_str()), (StatusCode::PARTIAL_CONTENT, "hello wo"));
         assert_eq!(headers[header::CONTENT_RANGE], "bytes 0-7/11");
+    }
+
+    #[tokio::test]
+    async fn a_precompressed_sibling_is_served_to_a_client_that_accepts_its_coding() {
+        let tree = Tree::new();
+        let root = tree.root();
+        std::fs::write(root.join("hello.txt.gz"), "gzipped hello").unwrap();
+        std::fs::write(root.join("sub/index.html.br"), "brotli index").unwrap();
+        std::fs::write(root.join("sub/index.html.gz"), "gzipped index").unwrap();
+        let app = static_files(&root);
+        let asking = |path: &str, accept: &str| {
+            Request::get(path).header(header::ACCEPT_ENCODING, accept).body(Body::empty()).unwrap()
+        };
+        let (status, headers, body) = call(&app, asking("/hello.txt", "gzip, deflate")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "gzipped hello"));
+        assert_eq!(headers[header::CONTENT_ENCODING], "gzip");
+        assert_eq!(
+            headers[header::CONTENT_TYPE],
+            "text/plain; charset=utf-8",
+            "the type of what was asked for"
+        );
+        assert_eq!(headers[header::VARY], "accept-encoding");
+        let (_, headers, body) = call(&app, asking("/sub/", "gzip, br")).await;
+        assert_eq!(body, "brotli index", "br first");
+        assert_eq!(headers[header::CONTENT_ENCODING], "br");
+        for plain in ["gzip;q=0", "identity", ""] {
+            let (_, headers, body) = call(&app, asking("/hello.txt", plain)).await;
+            assert_eq!(body, "hello world", "Accept-Encoding: {plain}");
+            assert!(!headers.contains_key(header::CONTENT_ENCODING));
+        }
+        // No coded sibling: the file itself, to anyone.
+        let (_, headers, body) = call(&app, asking("/sub/deeper/file.txt", "br, gzip")).await;
+        assert_eq!(body, "deep");
+        assert!(!headers.contains_key(header::CONTENT_ENCODING));
     }
 
     #[tokio::test]

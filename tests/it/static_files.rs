@@ -204,3 +204,28 @@ fn static_root_never_serves_a_file_outside_it() {
     // Nothing above broke the worker.
     assert_eq!(get(addr, "/hello.txt").status, 200);
 }
+
+#[test]
+fn static_root_serves_precompressed_siblings_within_it_and_covers_several_ranges() {
+    let (rip, dir) = start();
+    let addr = rip.addr();
+    let www = dir.join("www");
+    std::fs::write(www.join("hello.txt.gz"), "gzipped hello").unwrap();
+    // A coded sibling that leaves the root is no sibling.
+    std::fs::write(www.join("plain.txt"), "plain").unwrap();
+    symlink("../outside/secret.txt", www.join("plain.txt.gz")).unwrap();
+
+    let gz = send_with(addr, "GET", "/hello.txt", "Accept-Encoding: gzip\r\n");
+    assert_eq!((gz.status, gz.body.as_str()), (200, "gzipped hello"));
+    assert_eq!(gz.header("content-encoding"), Some("gzip"));
+    assert_eq!(gz.header("vary"), Some("accept-encoding"));
+    let plain = get(addr, "/hello.txt");
+    assert_eq!((plain.status, plain.body.as_str()), (200, "hello from the root"));
+    let kept_in = send_with(addr, "GET", "/plain.txt", "Accept-Encoding: gzip\r\n");
+    assert_eq!((kept_in.status, kept_in.body.as_str()), (200, "plain"), "the sibling outside was served");
+    assert!(!kept_in.body.contains(SECRET));
+
+    let ranges = send_with(addr, "GET", "/hello.txt", "Range: bytes=0-1,5-6\r\n");
+    assert_eq!((ranges.status, ranges.body.as_str()), (206, "hello f"));
+    assert_eq!(ranges.header("content-range"), Some("bytes 0-6/19"));
+}

@@ -160,6 +160,9 @@ pub struct WorkerArgs {
     /// With --handoff: peers whose forwarding headers are believed, comma-separated CIDRs.
     #[arg(long, default_value = "")]
     pub trusted_proxies: String,
+    /// With --root: the Cache-Control of each file.
+    #[arg(long, value_name = "VALUE")]
+    pub cache_control: Option<String>,
     /// The fd of the heartbeat page the parent shares with this worker.
     #[arg(long, value_name = "FD")]
     pub heartbeat_fd: Option<i32>,

@@ -162,6 +162,9 @@ settings! {
     /// Serve static files from DIR instead of the demo app
     root: Option<PathBuf> = None, shown "none",
         flag "DIR", parse |raw: &str| Ok::<_, anyhow::Error>(Some(PathBuf::from(raw)));
+    /// Cache-Control sent with each static file, e.g. "public, max-age=3600"; none = no header
+    cache_control: Option<String> = None, shown "none",
+        flag "VALUE", parse parse_cache_control;
     /// Threads per worker process
     worker_threads: usize = 1, shown "1",
         flag "N", parse parse_count;
@@ -238,6 +241,12 @@ impl Raw for AccessLogTarget {
 impl Raw for Option<PathBuf> {
     fn raw(&self) -> String {
         self.as_ref().map_or_else(String::new, |p| p.display().to_string())
+    }
+}
+
+impl Raw for Option<String> {
+    fn raw(&self) -> String {
+        self.clone().unwrap_or_default()
     }
 }
 
@@ -656,6 +665,17 @@ fn parse_host(raw: &str) -> Result<IpAddr> {
     raw.trim_start_matches('[').trim_end_matches(']').parse().map_err(|_| anyhow!("expected an IP address"))
 }
 
+fn parse_cache_control(raw: &str) -> Result<Option<String>> {
+    match raw.trim() {
+        "" | "none" => Ok(None),
+        value => {
+            http::HeaderValue::from_str(value)
+                .map_err(|_| anyhow!("expected a header value such as \"public, max-age=3600\""))?;
+            Ok(Some(value.to_string()))
+        }
+    }
+}
+
 fn parse_number(raw: &str) -> Result<u64> {
     raw.parse().map_err(|_| anyhow!("expected a whole number"))
 }
@@ -850,6 +870,21 @@ mod tests {
         };
         let err = format!("{:#}", resolve(&args, env).unwrap_err());
         assert!(err.contains("RIP_WORKERS"), "{err}");
+    }
+
+    #[test]
+    fn cache_control_must_be_a_header_value() {
+        let flags = |v: &str| ServeArgs {
+            settings: Flags { cache_control: Some(v.into()), ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve(&flags("public, max-age=60"), no_env).unwrap().cache_control.as_deref(),
+            Some("public, max-age=60")
+        );
+        assert_eq!(resolve(&flags("none"), no_env).unwrap().cache_control, None);
+        let err = format!("{:#}", resolve(&flags("a\u{1}b"), no_env).unwrap_err());
+        assert!(err.contains("--cache-control"), "{err}");
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor
     supervisor::Spec {
         exe: exe.to_path_buf(),
         root,
+        cache_control: config.cache_control.clone(),
         threads: config.worker_threads,
         graceful_ms: config.graceful_timeout.as_millis() as u64,
         log_format: config.log_format,

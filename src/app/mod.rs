@@ -13,14 +13,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-pub use static_files::static_files;
+pub use static_files::{static_files, static_files_with};
 
 use crate::WorkerContext;
 
 /// The stock binary's app: static files from `--root` if given, else the demo.
 pub fn stock(ctx: &WorkerContext) -> Router {
     match &ctx.root {
-        Some(root) => static_files(root),
+        Some(root) => static_files_with(root, ctx.cache_control.as_deref()),
         None => demo(ctx),
     }
 }

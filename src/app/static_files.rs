@@ -44,10 +44,28 @@ const RESOLVE_ATTEMPTS: usize = 3;
 
 /// A router serving files under `root` (index.html for directories) to GET and HEAD.
 pub fn static_files(root: &Path) -> Router {
+    static_files_with(root, None)
+}
+
+/// [`static_files`], each file sent with `cache_control` as its Cache-Control, if given.
+pub fn static_files_with(root: &Path, cache_control: Option<&str>) -> Router {
+    let cache_control = cache_control.and_then(|v| HeaderValue::from_str(v).ok());
     match Root::open(root) {
         Ok(root) => {
             let root = Arc::new(root);
-            Router::new().fallback(move |req: Request| serve(root.clone(), req))
+            Router::new().fallback(move |req: Request| {
+                let (root, cache_control) = (root.clone(), cache_control.clone());
+                async move {
+                    let mut response = serve(root, req).await;
+                    let status = response.status();
+                    if let Some(value) =
+                        cache_control.filter(|_| status.is_success() || status == StatusCode::NOT_MODIFIED)
+                    {
+                        response.headers_mut().insert(header::CACHE_CONTROL, value);
+                    }
+                    response
+                }
+            })
         }
         Err(e) => {
             // `rip serve` checked the root at startup, so this is a root removed since.
@@ -895,6 +913,20 @@ mod tests {
         let (_, headers, body) = call(&app, asking("/sub/deeper/file.txt", "br, gzip")).await;
         assert_eq!(body, "deep");
         assert!(!headers.contains_key(header::CONTENT_ENCODING));
+    }
+
+    #[tokio::test]
+    async fn files_carry_the_configured_cache_control_and_errors_do_not() {
+        let tree = Tree::new();
+        let app = static_files_with(&tree.root(), Some("public, max-age=60"));
+        let (status, headers, _) = call(&app, get("/hello.txt")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers[header::CACHE_CONTROL], "public, max-age=60");
+        let (status, headers, _) = call(&app, get("/nope.txt")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(!headers.contains_key(header::CACHE_CONTROL));
+        let (_, headers, _) = call(&static_files(&tree.root()), get("/hello.txt")).await;
+        assert!(!headers.contains_key(header::CACHE_CONTROL), "none unless configured");
     }
 
     #[tokio::test]

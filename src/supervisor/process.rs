@@ -28,6 +28,8 @@ const TAIL_LINES: usize = 8;
 pub struct Spec {
     pub exe: PathBuf,
     pub root: Option<PathBuf>,
+    /// With `root`: the Cache-Control of each file.
+    pub cache_control: Option<String>,
     pub threads: usize,
     pub graceful_ms: u64,
     pub log_format: crate::config::LogFormat,
@@ -76,6 +78,9 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&Owne
         .arg(spec.log_format.as_str());
     if let Some(root) = &spec.root {
         cmd.arg("--root").arg(root);
+    }
+    if let Some(value) = &spec.cache_control {
+        cmd.arg("--cache-control").arg(value);
     }
     if let Some(limits) = &spec.handoff {
         cmd.arg("--handoff")

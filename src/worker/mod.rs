@@ -43,6 +43,8 @@ pub struct WorkerContext {
     pub generation: u64,
     /// Static file root, when `rip serve --root` was given.
     pub root: Option<PathBuf>,
+    /// With `root`: the Cache-Control each file is sent with (`--cache-control`).
+    pub cache_control: Option<String>,
     served: Arc<AtomicU64>,
     draining: CancellationToken,
     tracker: TaskTracker,
@@ -61,6 +63,7 @@ impl WorkerContext {
             id,
             generation,
             root,
+            cache_control: None,
             served: Arc::new(AtomicU64::new(0)),
             draining: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -115,6 +118,7 @@ pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
     let runtime = crate::runtime(args.threads).context("starting the worker runtime")?;
     let mut ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
     ctx.heartbeat = args.heartbeat_fd.map(open_heartbeat).transpose()?.map(Arc::new);
+    ctx.cache_control = args.cache_control.clone();
     let router = match app {
         AppFactory::Sync(app) => {
             let _entered = runtime.enter();

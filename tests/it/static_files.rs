@@ -46,7 +46,11 @@ fn start() -> (Rip, PathBuf) {
     symlink(outside.join("secret.txt"), www.join("abs-link")).unwrap();
     symlink("../outside", www.join("link-out")).unwrap();
     symlink("../../../outside/secret.txt", www.join("sub/deeper/up-link")).unwrap();
-    let rip = builder.arg("--root").arg(&www).args(&["--workers", "1"]).start();
+    let rip = builder
+        .arg("--root")
+        .arg(&www)
+        .args(&["--workers", "1", "--cache-control", "public, max-age=60"])
+        .start();
     (rip, dir)
 }
 
@@ -98,6 +102,7 @@ fn static_root_serves_files_and_directory_index_pages() {
     assert_eq!(file.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_eq!(file.header("content-length"), Some("19"));
     assert!(file.header("last-modified").is_some(), "{}", file.head);
+    assert_eq!(file.header("cache-control"), Some("public, max-age=60"), "--cache-control");
 
     let head = send(addr, "HEAD", "/hello.txt");
     assert_eq!((head.status, head.body.as_str()), (200, ""));

@@ -210,23 +210,10 @@ impl Raw for Duration {
     }
 }
 
-impl Raw for Strategy {
-    fn raw(&self) -> String {
-        self.as_str().to_string()
-    }
+macro_rules! raw_by_name {
+    ($($ty:ty),+) => { $( impl Raw for $ty { fn raw(&self) -> String { self.as_str().to_string() } } )+ };
 }
-
-impl Raw for Upstream {
-    fn raw(&self) -> String {
-        self.as_str().to_string()
-    }
-}
-
-impl Raw for LogFormat {
-    fn raw(&self) -> String {
-        self.as_str().to_string()
-    }
-}
+raw_by_name!(Strategy, Upstream, LogFormat);
 
 impl Raw for AccessLogTarget {
     fn raw(&self) -> String {

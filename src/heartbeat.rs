@@ -45,11 +45,12 @@ pub const WATCH_EVERY: Duration = Duration::from_millis(10);
 /// listener).
 pub const CHILD_FD: RawFd = 4;
 
-/// What the page holds. Each field on its own cache line: the worker writes `current` on
-/// every poll of a request, and the front-end's reads of `beats` should not share its line.
+/// One counter on a cache line of its own: the worker writes `current` on every poll of a
+/// request, and the front-end's reads of `beats` should not share its line.
 #[repr(C, align(64))]
 struct Line(AtomicU64);
 
+/// What the page holds.
 #[repr(C)]
 struct Page {
     beats: Line,

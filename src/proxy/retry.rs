@@ -188,7 +188,7 @@ impl Replay {
         forward
     }
 
-    pub fn rebuild(&self) -> Request<RequestBody> {
+    fn rebuild(&self) -> Request<RequestBody> {
         let mut req = Request::new(RequestBody::empty());
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();

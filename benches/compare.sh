@@ -19,6 +19,14 @@
 #                BASE_RIP=/path/to/old/rip SETUPS="rip-base rip nginx-auto" benches/compare.sh
 #   rip-log-stderr  `rip serve --workers $WORKERS` with its default access log, to stderr (a
 #                file here); every other rip setup runs with `--access-log off`
+# Setups with workers that are not rip (benches/any_language.sh runs these):
+#   rip-node     `rip serve --workers $WORKERS -- node examples/node/server.js`
+#   nginx-node   nginx (worker_processes auto) in front of $WORKERS of the same Node processes,
+#                each on a Unix socket of its own
+#   node-cluster Node's own `cluster` module with $WORKERS workers (benches/apps/node-cluster.js)
+#   rip-bun      `rip serve --workers $WORKERS --app-socket path -- bun examples/bun/worker.ts`
+#   seed-bun     the Bun prototype rip grows from, ../shared/seed-bun (`bun manager.ts`: Bun's
+#                front-end forwarding round-robin to $WORKERS Bun workers); $SEED_BUN names it
 # Cases: GET / at c=1 and c=$CONNS, and at c=$CONNS with a browser's request head; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
 # c=$BODY_CONNS; GET / with `Connection: close` at c=$CONNS. Each run is preceded by a $WARMUP s warm-up of the same case;
 # the table shows medians over $RUNS runs. Then `rip serve --workers $STARTUP_WORKERS` is
@@ -109,6 +117,20 @@ build() {
 }
 
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+SEED_BUN=${SEED_BUN:-$ROOT/../shared/seed-bun}
+
+# Bun, from PATH or else from the npm registry into target/bun (the setups with bun need it).
+find_bun() {
+    BUN=$(command -v bun || true)
+    [[ -n $BUN ]] && return
+    BUN=$ROOT/target/bun/node_modules/.bin/bun
+    [[ -x $BUN ]] && return
+    command -v npm >/dev/null || die "bun is needed, and npm to install it: apt-get install npm"
+    log "installing bun from the npm registry into target/bun"
+    npm install --silent --no-audit --no-fund --prefix "$ROOT/target/bun" bun@1 >"$TMP/npm.log" 2>&1 ||
+        die "could not install bun: $(tail -3 "$TMP/npm.log")"
+    [[ -x $BUN ]] || die "npm installed no bun executable"
+}
 
 # ---------------------------------------------------------------- processes
 
@@ -169,7 +191,8 @@ start_rip() {
     healthy "$port" || die "$name: /healthz does not answer"
 }
 
-# nginx in front of its own `rip worker` processes.
+# nginx in front of its own `rip worker` processes, or with APP=node of Node processes running
+# examples/node/server.js.
 start_nginx() {
     local name=$1 processes=$2 port i sock upstreams=
     port=$(free_port)
@@ -178,8 +201,13 @@ start_nginx() {
     local pids=()
     for ((i = 0; i < WORKERS; i++)); do
         sock=$dir/w$i.sock
-        # --parent: the worker dies with this script even if it is killed without cleanup.
-        (cd "$TMP" && exec "$RIP" worker --socket "$sock" --id "$i" --parent $$ >>"$dir/workers.log" 2>&1) &
+        if [[ ${APP:-rip} == node ]]; then
+            (cd "$TMP" && RIP_SOCKET=$sock RIP_WORKER_ID=$i exec node "$ROOT/examples/node/server.js" \
+                >>"$dir/workers.log" 2>&1) &
+        else
+            # --parent: the worker dies with this script even if it is killed without cleanup.
+            (cd "$TMP" && exec "$RIP" worker --socket "$sock" --id "$i" --parent $$ >>"$dir/workers.log" 2>&1) &
+        fi
         STARTED+=($!)
         pids+=($!)
         upstreams+="        server unix:$sock;"$'\n'
@@ -230,6 +258,19 @@ EOF
     wait_until 30 healthy "$port" || die "$name: nginx did not start: $(tail -3 "$dir/error.log")"
 }
 
+# A server that is its own front-end and forks its workers (node-cluster, seed-bun): started
+# with the command given, its children counted as its workers.
+start_tree() {
+    local name=$1 port
+    shift
+    port=$(free_port)
+    (cd "$TMP" && PORT=$port WORKERS=$WORKERS RIP_BENCH_PORT=$port RIP_BENCH_WORKERS=$WORKERS \
+        RIP_BENCH_SOCK_PREFIX=$TMP/$name-w exec "$@" >"$TMP/$name.log" 2>&1) &
+    STARTED+=($!)
+    PORT[$name]=$port FRONT_ROOT[$name]=$! KIND[$name]=tree LOGFILE[$name]=$TMP/$name.log
+    wait_until 60 healthy "$port" || die "$name: did not start: $(tail -5 "$TMP/$name.log")"
+}
+
 start_ceiling() {
     local name=$1 port
     port=$(free_port)
@@ -253,6 +294,13 @@ start_setup() {
         nginx-1) start_nginx nginx-1 1 ;;
         nginx-auto) start_nginx nginx-auto auto ;;
         ceiling) start_ceiling ceiling ;;
+        rip-node) start_rip rip-node -- node "$ROOT/examples/node/server.js" ;;
+        nginx-node) APP=node start_nginx nginx-node auto ;;
+        node-cluster) start_tree node-cluster node "$ROOT/benches/apps/node-cluster.js" ;;
+        rip-bun) find_bun && start_rip rip-bun --app-socket path -- "$BUN" "$ROOT/examples/bun/worker.ts" ;;
+        seed-bun)
+            [[ -f $SEED_BUN/manager.ts ]] || die "seed-bun needs the Bun prototype at SEED_BUN=$SEED_BUN"
+            find_bun && start_tree seed-bun "$BUN" "$SEED_BUN/manager.ts" ;;
         *) die "unknown setup $1" ;;
     esac
 }
@@ -268,9 +316,13 @@ front_pids() {
     return 0
 }
 
-# The app's processes: rip serve's children, the rip workers behind nginx, or the ceiling.
+# The app's processes: rip serve's (or a tree's) children, the workers behind nginx, or the
+# ceiling.
 worker_pids() {
-    if [[ ${KIND[$1]} == rip ]]; then children "${FRONT_ROOT[$1]}"; else tr ' ' '\n' <<<"${WORKER_PIDS[$1]}"; fi
+    case ${KIND[$1]} in
+        rip | tree) children "${FRONT_ROOT[$1]}" ;;
+        *) tr ' ' '\n' <<<"${WORKER_PIDS[$1]}" ;;
+    esac
 }
 
 # utime+stime of a process; with `all`, plus the reaped children's (cutime+cstime), which
@@ -534,6 +586,11 @@ setup_title() {
         nginx-1) echo "nginx wp=1 → $WORKERS rip workers" ;;
         nginx-auto) echo "nginx wp=auto ($(nproc)) → $WORKERS rip workers" ;;
         ceiling) echo "ceiling: 1 worker's app, no hop" ;;
+        rip-node) echo "rip serve --workers $WORKERS -- node examples/node/server.js" ;;
+        nginx-node) echo "nginx wp=auto ($(nproc)) → $WORKERS node examples/node/server.js" ;;
+        node-cluster) echo "node cluster, $WORKERS workers (benches/apps/node-cluster.js)" ;;
+        rip-bun) echo "rip serve --workers $WORKERS --app-socket path -- bun examples/bun/worker.ts" ;;
+        seed-bun) echo "seed: bun manager.ts, $WORKERS Bun workers (the prototype)" ;;
     esac
 }
 
@@ -547,7 +604,7 @@ report() {
         echo
         echo "- machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), Linux $(uname -r), $(. /etc/os-release && echo "$PRETTY_NAME")"
         echo "- rip: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (src with uncommitted changes)'), $(rustc --version), release profile"
-        echo "- $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}')"
+        echo "- $("$NGINX" -v 2>&1 | sed 's/^nginx version: //'), $(wrk -v 2>&1 | head -1 | awk '{print "wrk " $2}')$([[ " $SETUPS " == *node* ]] && echo ", node $(node --version)")$([[ -n ${BUN:-} ]] && echo ", bun $("$BUN" --version)")"
         echo "- load average (1/5/15 min) at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg) — anything else running on the machine shows up in these numbers"
         echo "- each number is the median of $RUNS runs of ${DURATION}s, each after a ${WARMUP}s warm-up; setups interleaved run by run; wrk shares the $(nproc) cores; $REDONE runs were redone because other work kept more than $OTHER_MAX cores busy (up to $RETRIES retries each)"
         echo
@@ -639,7 +696,8 @@ report() {
         echo "- nginx config (per setup; \`worker_processes 1\` or \`auto\`):"
         echo
         echo '```nginx'
-        cat "$TMP/nginx-auto/nginx.conf" 2>/dev/null || cat "$TMP/nginx-1/nginx.conf" 2>/dev/null || echo "(no nginx setup in this run)"
+        cat "$TMP/nginx-auto/nginx.conf" 2>/dev/null || cat "$TMP/nginx-1/nginx.conf" 2>/dev/null ||
+            cat "$TMP/nginx-node/nginx.conf" 2>/dev/null || echo "(no nginx setup in this run)"
         echo '```'
         echo
         echo "- nginx and the ${BODY_BYTES}-byte echo: most requests stall (a row reads \"stalled\" when none completed), with any combination of \`proxy_request_buffering\` and \`proxy_buffering\` (checked by hand with curl: 190-520 KB come back, then nothing until nginx's 60 s timeouts). The app streams the body back as it reads it, so once the socket buffers (about 200 KB) fill it reads no more until its response is read; nginx does not pass the response on while it is still sending the request body, so both wait. rip's proxy copies both directions at once. The ${SMALL_BODY_BYTES}-byte echo fits in the buffers, so it is the body case that compares with nginx."

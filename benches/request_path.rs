@@ -138,7 +138,11 @@ async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::syn
     let proxy = Proxy::new(proxy::Settings::from(&config), reports, Arc::new(Metrics::default()), None);
     let (changes_tx, changes_rx) = tokio::sync::mpsc::unbounded_channel();
     changes_tx
-        .send(Change::Ready { id: WorkerId { slot: 0, generation: 0 }, socket, heartbeat: None })
+        .send(Change::Ready {
+            id: WorkerId { slot: 0, generation: 0 },
+            socket: socket.into(),
+            heartbeat: None,
+        })
         .unwrap();
     tokio::spawn({
         let proxy = proxy.clone();

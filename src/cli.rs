@@ -41,7 +41,26 @@ pub enum Command {
     /// Serve the app on a Unix socket (started by `rip serve`, not by hand).
     #[command(hide = true)]
     Worker(WorkerArgs),
+    /// Become a command's worker (started by `rip serve`, not by hand).
+    #[command(hide = true)]
+    Launch(LaunchArgs),
+    /// Kill the workers' process groups once `rip serve` is gone (started by it, not by hand).
+    #[command(hide = true)]
+    Guard(GuardArgs),
 }
+
+#[derive(Debug, Clone, Args)]
+pub struct LaunchArgs {
+    /// Pid of the `rip serve` that started this worker; the worker exits if it is gone.
+    #[arg(long)]
+    pub parent: i32,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GuardArgs {}
 
 /// How a command finds the running rip.
 #[derive(Debug, Default, Clone, Args)]
@@ -100,6 +119,10 @@ pub struct ServeArgs {
     /// Every setting rip.toml and `RIP_*` can also set, declared in `config`.
     #[command(flatten)]
     pub settings: crate::config::Flags,
+    /// The command each worker runs, with its arguments, in place of rip's own app (the same
+    /// as --command)
+    #[arg(last = true, value_name = "CMD", id = "argv")]
+    pub argv: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -126,14 +126,16 @@ settings! {
     balance: Strategy = Strategy::LeastPending, shown "least-pending",
         flag "STRATEGY", parse str::parse;
     /// How requests reach workers: http2 (one multiplexed connection each), http1, or
-    /// handoff (client connections passed whole to workers: faster, no per-request failover)
+    /// handoff (client connections passed whole to workers: faster, no per-request failover);
+    /// http1 with --command unless given
     upstream: Upstream = Upstream::Http2, shown "http2",
         flag "PROTOCOL", parse str::parse;
     /// Time in-flight requests get to finish at shutdown, e.g. 30s
     graceful_timeout: Duration = Duration::from_secs(30), shown "30s",
         flag "DURATION", parse parse_duration;
     /// A worker whose event loop has been silent this long (its heartbeat stopped: a handler
-    /// blocking its thread) is killed and replaced; it left the rotation after 100 ms
+    /// blocking its thread) is killed and replaced; it left the rotation after 100 ms. A
+    /// command's worker, which has no heartbeat, is killed when a probe gets no answer this long
     timeout: Duration = Duration::from_secs(30), shown "30s",
         flag "DURATION", parse parse_positive_duration;
     /// Longest a request may wait for its response headers once its worker has the whole
@@ -165,6 +167,22 @@ settings! {
     /// Cache-Control sent with each static file, e.g. "public, max-age=3600"; none = no header
     cache_control: Option<String> = None, shown "none",
         flag "VALUE", parse parse_cache_control;
+    /// Run each worker as this command instead of rip's own app, e.g. "node server.js" (or
+    /// `rip serve -- node server.js`); it gets its socket as --app-socket says
+    command: Vec<String> = Vec::new(), shown "none",
+        flag "CMD", parse parse_command;
+    /// How a command's worker gets its socket: fd (rip listens and passes it as fd 3, with
+    /// LISTEN_FDS as systemd does), path (the app binds $RIP_SOCKET itself) or port (the app
+    /// listens on 127.0.0.1:$PORT)
+    app_socket: AppSocket = AppSocket::Fd, shown "fd",
+        flag "HOW", parse str::parse;
+    /// Path the readiness and liveness probes ask for; any answer below 500 counts as ready
+    health_path: String = "/healthz".to_string(), shown "/healthz",
+        flag "PATH", parse parse_health_path;
+    /// Signal that tells a command's worker to finish and exit, e.g. SIGQUIT; SIGKILL follows
+    /// after --graceful-timeout
+    stop_signal: StopSignal = StopSignal(nix::sys::signal::Signal::SIGTERM), shown "SIGTERM",
+        flag "SIGNAL", parse str::parse;
     /// Threads per worker process
     worker_threads: usize = 1, shown "1",
         flag "N", parse parse_count;
@@ -213,7 +231,19 @@ impl Raw for Duration {
 macro_rules! raw_by_name {
     ($($ty:ty),+) => { $( impl Raw for $ty { fn raw(&self) -> String { self.as_str().to_string() } } )+ };
 }
-raw_by_name!(Strategy, Upstream, LogFormat);
+raw_by_name!(Strategy, Upstream, LogFormat, AppSocket, StopSignal);
+
+impl Raw for String {
+    fn raw(&self) -> String {
+        self.clone()
+    }
+}
+
+impl Raw for Vec<String> {
+    fn raw(&self) -> String {
+        quote_words(self)
+    }
+}
 
 impl Raw for AccessLogTarget {
     fn raw(&self) -> String {
@@ -340,6 +370,147 @@ impl std::str::FromStr for Upstream {
             _ => anyhow::bail!("expected http2, http1 or handoff"),
         }
     }
+}
+
+/// How a command's worker (`--command`) gets the socket the front-end reaches it on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppSocket {
+    /// rip binds and listens on the worker's Unix socket and passes it as fd 3, under the
+    /// systemd socket-activation protocol (`LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`).
+    Fd,
+    /// The app binds the Unix socket at `$RIP_SOCKET` itself; rip waits for it.
+    Path,
+    /// The app listens on `127.0.0.1:$PORT`, a free port rip picks for each worker.
+    Port,
+}
+
+impl AppSocket {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppSocket::Fd => "fd",
+            AppSocket::Path => "path",
+            AppSocket::Port => "port",
+        }
+    }
+}
+
+impl std::str::FromStr for AppSocket {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "fd" => Ok(AppSocket::Fd),
+            "path" => Ok(AppSocket::Path),
+            "port" => Ok(AppSocket::Port),
+            _ => bail!("expected fd, path or port"),
+        }
+    }
+}
+
+/// The signal that asks a command's worker to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopSignal(pub nix::sys::signal::Signal);
+
+impl StopSignal {
+    pub fn as_str(self) -> &'static str {
+        self.0.as_str()
+    }
+}
+
+impl std::str::FromStr for StopSignal {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        use nix::sys::signal::Signal::*;
+        let upper = s.trim().to_ascii_uppercase();
+        let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+        match name.parse() {
+            // A stop that cannot be caught or that only pauses the process asks nothing.
+            Ok(SIGKILL | SIGSTOP) => bail!("expected a signal the app can catch, such as SIGTERM or SIGQUIT"),
+            Ok(signal @ (SIGTERM | SIGINT | SIGQUIT | SIGHUP | SIGUSR1 | SIGUSR2 | SIGWINCH)) => {
+                Ok(StopSignal(signal))
+            }
+            _ => bail!("expected SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2 or SIGWINCH"),
+        }
+    }
+}
+
+/// Splits a command line into words as a POSIX shell would, without expanding anything:
+/// blanks separate words, single quotes keep everything, double quotes keep all but `\"`,
+/// `\\`, and a backslash outside quotes keeps the next character.
+pub fn split_words(raw: &str) -> Result<Vec<String>> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => words.extend(word.take()),
+            '\'' => {
+                let current = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => current.push(c),
+                        None => bail!("unmatched single quote"),
+                    }
+                }
+            }
+            '"' => {
+                let current = word.get_or_insert_with(String::new);
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\')) => current.push(c),
+                            Some(c) => {
+                                current.push('\\');
+                                current.push(c);
+                            }
+                            None => bail!("unmatched double quote"),
+                        },
+                        Some(c) => current.push(c),
+                        None => bail!("unmatched double quote"),
+                    }
+                }
+            }
+            '\\' => match chars.next() {
+                Some(c) => word.get_or_insert_with(String::new).push(c),
+                None => bail!("a backslash ends the command"),
+            },
+            c => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    words.extend(word);
+    Ok(words)
+}
+
+/// Joins words into a command line that [`split_words`] splits back into the same words.
+pub fn quote_words(words: &[String]) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-./:=@%+,".contains(c);
+    words
+        .iter()
+        .map(|w| {
+            if !w.is_empty() && w.chars().all(safe) {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn parse_command(raw: &str) -> Result<Vec<String>> {
+    if raw.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    split_words(raw)
+}
+
+fn parse_health_path(raw: &str) -> Result<String> {
+    let ok = raw.starts_with('/') && raw.parse::<http::uri::PathAndQuery>().is_ok() && !raw.contains(' ');
+    if !ok {
+        bail!("expected a path such as /healthz");
+    }
+    Ok(raw.to_string())
 }
 
 /// An address block, `10.0.0.0/8` or `::1/128`; a bare address is a block of one.
@@ -505,7 +676,13 @@ pub fn resolve_sourced(
     args: &ServeArgs,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<(Config, Vec<Source>)> {
-    let flags = args.settings.layer();
+    let mut flags = args.settings.layer();
+    if !args.argv.is_empty() {
+        if flags.contains_key("command") {
+            bail!("the command is given twice: after -- and with --command; give it once");
+        }
+        flags.insert("command", quote_words(&args.argv));
+    }
     let env_layer = env_layer(&env);
     let file = match file_to_read(args, &env) {
         Some(path) => Some((file_layer(&path)?, path)),
@@ -544,6 +721,9 @@ pub fn resolve_sourced(
         }
     }
     config.file = file.map(|(_, path)| path);
+    if !config.command.is_empty() {
+        for_command(&mut config, &mut sources);
+    }
     validate(&config)?;
     Ok((config, sources))
 }
@@ -555,7 +735,24 @@ fn describe(key: &str, raw: &str, origin: &Origin) -> String {
     }
 }
 
+/// The defaults that differ for a command's workers: an app that is not rip speaks HTTP/1.1
+/// on its socket unless told it speaks HTTP/2.
+fn for_command(config: &mut Config, sources: &mut [Source]) {
+    if let Some(source) = sources.iter_mut().find(|s| s.key == "upstream" && s.origin == Origin::Default) {
+        config.upstream = Upstream::Http1;
+        source.value = Upstream::Http1.as_str().to_string();
+    }
+}
+
 fn validate(config: &Config) -> Result<()> {
+    if !config.command.is_empty() {
+        if config.upstream == Upstream::Handoff {
+            bail!("upstream handoff needs rip's own workers: it cannot be used with a command");
+        }
+        if config.root.is_some() {
+            bail!("root is served by rip's own workers: with a command, the app serves its files");
+        }
+    }
     if config.workers > crate::telemetry::metrics::MAX_SLOTS {
         bail!(
             "invalid value '{}' for workers: at most {}",
@@ -611,6 +808,14 @@ fn parse_file(text: &str) -> Result<FileLayer> {
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) if name == "command" => {
+                let words: Option<Vec<String>> =
+                    items.iter().map(|item| item.as_str().map(str::to_string)).collect();
+                match words {
+                    Some(words) => quote_words(&words),
+                    None => bail!("{line}: invalid value for command: expected an array of strings"),
+                }
+            }
             other => {
                 bail!(
                     "{line}: invalid value for {name}: expected a string or a number, got {}",
@@ -809,6 +1014,8 @@ mod tests {
             .lines()
             .filter(|l| l.strip_prefix("# ").is_some_and(is_setting))
             .filter(|l| !l.starts_with("# workers") && !l.contains("root") && !l.contains("runtime_dir"))
+            // An example of a command, not the default (none).
+            .filter(|l| !l.starts_with("# command"))
             .filter(|l| !l.starts_with("# admin"))
             .map(|l| format!("{}\n", &l[2..]))
             .collect();
@@ -816,6 +1023,82 @@ mod tests {
         let mut config = resolve(&args, no_env).unwrap();
         config.file = None;
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn command_lines_split_as_a_shell_splits_words_and_join_back() {
+        let table: &[(&str, &[&str])] = &[
+            ("node server.js", &["node", "server.js"]),
+            ("  gunicorn   -w 1  app:app ", &["gunicorn", "-w", "1", "app:app"]),
+            ("sh -c 'sleep 1 & exec node s.js'", &["sh", "-c", "sleep 1 & exec node s.js"]),
+            (r#"echo "a \"quoted\" word" b\ c"#, &["echo", r#"a "quoted" word"#, "b c"]),
+            ("python3 ''", &["python3", ""]),
+            (r"a\ b", &["a b"]),
+        ];
+        for (line, words) in table {
+            let split = split_words(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(split, *words, "{line}");
+            assert_eq!(split_words(&quote_words(&split)).unwrap(), split, "round trip of {line}");
+        }
+        for bad in ["node 'unclosed", "node \"unclosed", "node \\"] {
+            assert!(split_words(bad).is_err(), "{bad}");
+        }
+        assert_eq!(quote_words(&["node".into(), "a b".into(), "it's".into()]), r"node 'a b' 'it'\''s'");
+    }
+
+    #[test]
+    fn a_command_comes_from_after_dashes_or_any_layer_and_defaults_to_http1() {
+        let args = ServeArgs { argv: vec!["node".into(), "my app.js".into()], ..Default::default() };
+        let config = resolve(&args, no_env).unwrap();
+        assert_eq!(config.command, ["node", "my app.js"]);
+        assert_eq!(config.upstream, Upstream::Http1, "an app speaks HTTP/1.1 unless told otherwise");
+
+        let env = |k: &str| (k == "RIP_COMMAND").then(|| "python3 app.py".to_string());
+        assert_eq!(resolve(&ServeArgs::default(), env).unwrap().command, ["python3", "app.py"]);
+
+        let (_dir, args) = with_file("command = [\"bun\", \"worker.ts\"]\nupstream = \"http2\"\n");
+        let config = resolve(&args, no_env).unwrap();
+        assert_eq!(config.command, ["bun", "worker.ts"]);
+        assert_eq!(config.upstream, Upstream::Http2, "a chosen upstream is kept");
+
+        let (_dir, args) = with_file("command = [\"bun\", 3]\n");
+        let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
+        assert!(err.contains(":1: invalid value for command: expected an array of strings"), "{err}");
+
+        let twice = ServeArgs {
+            argv: vec!["node".into()],
+            settings: Flags { command: Some("python3".into()), ..Default::default() },
+            ..Default::default()
+        };
+        assert!(format!("{:#}", resolve(&twice, no_env).unwrap_err()).contains("given twice"));
+
+        for (flags, refusal) in [
+            (
+                Flags { upstream: Some("handoff".into()), ..Default::default() },
+                "upstream handoff needs rip's own",
+            ),
+            (Flags { root: Some("/srv".into()), ..Default::default() }, "root is served by rip's own"),
+        ] {
+            let args = ServeArgs { argv: vec!["node".into()], settings: flags, ..Default::default() };
+            let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
+            assert!(err.contains(refusal), "{err}");
+        }
+    }
+
+    #[test]
+    fn stop_signals_health_paths_and_app_sockets_are_checked() {
+        for (raw, parsed) in [("SIGQUIT", "SIGQUIT"), ("int", "SIGINT"), (" term ", "SIGTERM")] {
+            assert_eq!(raw.parse::<StopSignal>().unwrap().as_str(), parsed);
+        }
+        for bad in ["SIGKILL", "KILL", "SIGSTOP", "9", "SIGNOPE"] {
+            assert!(bad.parse::<StopSignal>().is_err(), "{bad}");
+        }
+        assert_eq!(parse_health_path("/ready?deep=1").unwrap(), "/ready?deep=1");
+        for bad in ["healthz", "/a b", "", "http://x/healthz"] {
+            assert!(parse_health_path(bad).is_err(), "{bad}");
+        }
+        assert!("socket".parse::<AppSocket>().is_err());
+        assert_eq!("port".parse::<AppSocket>().unwrap(), AppSocket::Port);
     }
 
     #[test]

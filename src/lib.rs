@@ -56,6 +56,8 @@ pub mod frontend;
 pub(crate) mod handoff;
 /// Worker liveness through shared memory.
 pub(crate) mod heartbeat;
+/// The processes behind a command's workers: the exec shim and the group guard.
+pub(crate) mod launch;
 /// Giving memory back to the system after a burst.
 pub(crate) mod memory;
 /// The request path from the front-end to a worker, as a tower stack.
@@ -155,6 +157,8 @@ impl Rip {
         let result = match cli.command {
             cli::Command::Serve(args) => serve::run(*args, self.edge),
             cli::Command::Worker(args) => worker::run(args, self.app),
+            cli::Command::Launch(args) => launch::launch(args),
+            cli::Command::Guard(args) => launch::guard(args),
             cli::Command::Status(args) => commands::status(&args),
             cli::Command::Reload(args) => commands::reload(&args),
             cli::Command::Scale(args) => commands::scale(&args),

@@ -31,6 +31,7 @@ pub fn run(args: ServeArgs, edge: Option<Edge>) -> Result<()> {
     let config = crate::config::load(&args)?;
     crate::telemetry::logging::warn_if_filtered(crate::telemetry::logging::init(config.log_format));
     let root = config.root.as_deref().map(check_root).transpose()?;
+    check_command(&config.command)?;
     let exe = std::env::current_exe().context("locating the rip executable")?;
     // One thread by default: every client connection, worker connection and the supervisor
     // share it, so handing a request from one task to the next is a local wake-up rather
@@ -60,6 +61,25 @@ pub(crate) fn check_root(root: &Path) -> Result<PathBuf> {
     Ok(real)
 }
 
+/// A command that cannot be found would only crash-loop its workers: say so at once.
+pub(crate) fn check_command(command: &[String]) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(program) = command.first() else { return Ok(()) };
+    let executable =
+        |path: &Path| path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.contains('/') {
+        if !executable(Path::new(program)) {
+            bail!("command {program}: no such executable file");
+        }
+        return Ok(());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if !std::env::split_paths(&path).any(|dir| executable(&dir.join(program))) {
+        bail!("command {program}: not found in PATH");
+    }
+    Ok(())
+}
+
 fn supervisor_settings(config: &Config) -> supervisor::Settings {
     supervisor::Settings {
         workers: config.workers,
@@ -68,7 +88,10 @@ fn supervisor_settings(config: &Config) -> supervisor::Settings {
         surge: config.max_surge,
         max_memory: (config.max_memory > 0).then_some(config.max_memory),
         max_age: (!config.max_age.is_zero()).then_some(config.max_age),
-        liveness: (config.upstream == proxy::Upstream::Handoff).then_some(config.timeout),
+        // With hand-off, the heartbeat is all the front-end sees of a worker; a command's
+        // worker has no heartbeat at all. Both are asked directly.
+        liveness: (config.upstream == proxy::Upstream::Handoff || !config.command.is_empty())
+            .then_some(config.timeout),
     }
 }
 
@@ -85,6 +108,12 @@ fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor
             max_body: config.max_body,
             max_connections: config.max_connections,
             trusted_proxies: config.trusted_proxies.clone(),
+        }),
+        health_path: config.health_path.clone(),
+        app: (!config.command.is_empty()).then(|| supervisor::App {
+            command: config.command.clone(),
+            socket: config.app_socket,
+            stop_signal: config.stop_signal.0,
         }),
     }
 }
@@ -132,6 +161,7 @@ async fn serve(parent: Parent) -> Result<()> {
         timeout_ms = config.timeout.as_millis() as u64,
         runtime_dir = %dir.path().display(),
         config = config.file.as_ref().map(|p| p.display().to_string()),
+        command = (!config.command.is_empty()).then(|| crate::config::quote_words(&config.command)),
         "rip started"
     );
     let (supervisor, supervisor_task) = supervisor::start(
@@ -309,8 +339,10 @@ fn reload(
     current_workers: usize,
     configured_workers: usize,
 ) -> Result<(usize, oneshot::Receiver<ReloadResult>), String> {
-    let checked = crate::config::load(&parent.args)
-        .and_then(|config| Ok((config.root.as_deref().map(check_root).transpose()?, config)));
+    let checked = crate::config::load(&parent.args).and_then(|config| {
+        check_command(&config.command)?;
+        Ok((config.root.as_deref().map(check_root).transpose()?, config))
+    });
     let (root, config) = checked.map_err(|e| {
         let message = format!("config rejected: {}", crate::error_chain(&e));
         error!(error = message, "reload refused, workers keep serving");

@@ -56,7 +56,9 @@ impl Proxy {
 
     async fn open_channel(&self, endpoint: &Arc<Endpoint>, max_requests: u64) -> io::Result<Arc<UnixStream>> {
         let budget = endpoint.budget(max_requests);
-        let channel = Arc::new(handoff::connect(endpoint.socket(), budget).await?);
+        let path =
+            endpoint.socket().path().ok_or_else(|| io::Error::other("hand-off needs a Unix socket"))?;
+        let channel = Arc::new(handoff::connect(path, budget).await?);
         debug!(worker = %endpoint.id, budget, "hand-off channel opened");
         tokio::spawn(self.clone().listen(endpoint.clone(), channel.clone()));
         Ok(channel)

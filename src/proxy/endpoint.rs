@@ -4,7 +4,6 @@
 //! always free for the next request.
 
 use std::io;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,12 +14,17 @@ use tokio::sync::{Notify, OnceCell};
 
 use super::body::RequestBody;
 use super::pool::Capacity;
-use crate::discovery::WorkerId;
+use crate::discovery::{Address, WorkerId};
 use crate::heartbeat::Heartbeat;
 
 /// Idle connections kept per worker; beyond this a finished connection is closed. Enough for
 /// the front-end's concurrency to reuse connections, small enough to bound file descriptors.
 const MAX_IDLE_PER_WORKER: usize = 512;
+/// An idle connection older than this is closed rather than reused. Apps close idle
+/// keep-alive connections on timers of their own (Node after 5 s, gunicorn after 2 s); a
+/// request written just as the app closes is lost with the connection, and one that is not
+/// idempotent cannot be sent again. A fresh Unix-socket connection costs tens of microseconds.
+const IDLE_REUSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A connection to a worker, ready for one request (HTTP/1) or shared (HTTP/2).
 #[derive(Debug)]
@@ -70,7 +74,7 @@ pub use crate::config::Upstream;
 #[derive(Debug)]
 pub struct Endpoint {
     pub id: WorkerId,
-    socket: PathBuf,
+    socket: Address,
     in_flight: AtomicUsize,
     /// Upgraded connections (WebSockets) open through this worker: counted apart from
     /// requests, since they last as long as the client wants and say nothing of its load.
@@ -90,7 +94,8 @@ pub struct Endpoint {
     stuck_on: AtomicU64,
     /// Wakes the requests on this worker when it stalls or is declared hung.
     silence: Notify,
-    idle: Mutex<Vec<Sender>>,
+    /// Each with when it went idle; the newest last.
+    idle: Mutex<Vec<(Sender, std::time::Instant)>>,
     h2: Mutex<Option<H2Sender>>,
     /// Held while the HTTP/2 connection is being opened, so that requests arriving meanwhile
     /// wait for it instead of each opening one of their own (a new worker meets a crowd).
@@ -108,7 +113,7 @@ pub struct Endpoint {
 impl Endpoint {
     pub fn new(
         id: WorkerId,
-        socket: PathBuf,
+        socket: Address,
         capacity: Arc<Capacity>,
         jitter: u64,
         upstream: Upstream,
@@ -218,7 +223,7 @@ impl Endpoint {
         }
     }
 
-    pub fn socket(&self) -> &Path {
+    pub fn socket(&self) -> &Address {
         &self.socket
     }
 
@@ -332,7 +337,7 @@ impl Endpoint {
         if let Some(sender) = self.open_h2().await {
             return Ok(sender);
         }
-        let stream = UnixStream::connect(&self.socket).await?;
+        let stream = self.socket.connect().await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .adaptive_window(true)
             .handshake(TokioIo::new(stream))
@@ -354,11 +359,18 @@ impl Endpoint {
     }
 
     fn pop_idle(&self) -> Option<Sender> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let (sender, since) = idle.pop()?;
+        if since.elapsed() < IDLE_REUSE_LIMIT {
+            return Some(sender);
+        }
+        // The newest is too old, so all are.
+        idle.clear();
+        None
     }
 
     async fn connect(&self) -> io::Result<Sender> {
-        let stream = UnixStream::connect(&self.socket).await?;
+        let stream = self.socket.connect().await?;
         let (sender, conn) =
             http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(io::Error::other)?;
         tokio::spawn(async move {
@@ -379,7 +391,7 @@ impl Endpoint {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_WORKER {
-            idle.push(sender);
+            idle.push((sender, std::time::Instant::now()));
         }
     }
 }

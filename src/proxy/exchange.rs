@@ -87,6 +87,9 @@ fn respond(
     client_upgrade: Option<OnUpgrade>,
 ) -> Response<ResponseBody> {
     let (mut parts, body) = response.into_parts();
+    // A proxy answers in its own HTTP version (RFC 9110 §6.2): an app that speaks HTTP/1.0
+    // would otherwise turn every client's connection into one that closes after a response.
+    parts.version = http::Version::HTTP_11;
     headers::prepare_response(parts.status, &mut parts.headers);
     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {

@@ -25,16 +25,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::OwnedFd;
+
 use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-pub use process::{describe as describe_status, Spec};
+pub use process::{describe as describe_status, App, Spec};
 pub use table::{WorkerState, WorkerStatus};
 
-use crate::discovery::{Change, ChangeSender, Report, ReportReceiver, WorkerId};
+use crate::discovery::{Address, Change, ChangeSender, Report, ReportReceiver, WorkerId};
 use crate::heartbeat::Heartbeat;
 use crate::runtime_dir::RuntimeDir;
 use crate::telemetry::metrics::Metrics;
@@ -148,6 +150,8 @@ pub fn start(
         ready_tx,
         probes: HashMap::new(),
         heartbeats: HashMap::new(),
+        workers: HashMap::new(),
+        guard: Arc::new(tokio::sync::OnceCell::new()),
         reload_waiters: Vec::new(),
         stop_waiters: Vec::new(),
     };
@@ -160,6 +164,26 @@ fn new_heartbeat() -> anyhow::Result<(Heartbeat, std::os::fd::OwnedFd)> {
     let (page, fd) = Heartbeat::create()?;
     let high = crate::control::upgrade::dup_high(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
     Ok((page, high))
+}
+
+/// What the executor remembers of each worker it started.
+#[derive(Debug, Clone)]
+struct Started {
+    address: Address,
+    /// The command's stop signal, for a command's worker; rip's own workers drain on SIGTERM
+    /// and take a drain notice (SIGUSR1), which an app may not expect.
+    stop_signal: Option<nix::sys::signal::Signal>,
+}
+
+/// The guard, or a warning that there is none.
+async fn start_guard(spawner: &process::Spawner, exe: &std::path::Path) -> Option<process::Guard> {
+    match process::Guard::start(spawner, exe).await {
+        Ok(guard) => Some(guard),
+        Err(e) => {
+            warn!(error = %e, "no worker guard: if rip is killed, processes its workers started may outlive it");
+            None
+        }
+    }
 }
 
 /// After a worker exits, how long to wait for the rest of its stderr (a grandchild may keep
@@ -180,6 +204,10 @@ struct Supervisor {
     probes: HashMap<WorkerId, CancellationToken>,
     /// Each worker's heartbeat page, handed to the proxy when the worker joins the rotation.
     heartbeats: HashMap<WorkerId, Arc<Heartbeat>>,
+    /// Where each worker listens and what it runs.
+    workers: HashMap<WorkerId, Started>,
+    /// Started with the first command worker; `None` inside if it could not be.
+    guard: Arc<tokio::sync::OnceCell<Option<process::Guard>>>,
     reload_waiters: Vec<oneshot::Sender<ReloadResult>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -242,9 +270,18 @@ impl Supervisor {
         for action in actions {
             match action {
                 Action::Spawn { id, within } => self.spawn(id, within),
-                Action::Signal { pid, signal, .. } => process::signal(pid, signal),
-                Action::DrainNotice { pid, .. } => {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1);
+                Action::Signal { id, pid, signal } => {
+                    let stop = self.workers.get(&id).and_then(|w| w.stop_signal);
+                    let signal = match stop {
+                        Some(stop) if signal == nix::sys::signal::Signal::SIGTERM => stop,
+                        _ => signal,
+                    };
+                    process::signal(pid, signal)
+                }
+                Action::DrainNotice { id, pid } => {
+                    if self.workers.get(&id).is_some_and(|w| w.stop_signal.is_none()) {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1);
+                    }
                 }
                 Action::CancelProbes { id } => {
                     if let Some(probes) = self.probes.get(&id) {
@@ -252,9 +289,13 @@ impl Supervisor {
                     }
                 }
                 Action::Admit { id } => {
-                    if let Ok(socket) = self.dir.socket_path(id.slot, id.generation) {
+                    if let Some(worker) = self.workers.get(&id) {
                         let heartbeat = self.heartbeats.get(&id).cloned();
-                        let _ = self.changes.send(Change::Ready { id, socket, heartbeat });
+                        let _ = self.changes.send(Change::Ready {
+                            id,
+                            socket: worker.address.clone(),
+                            heartbeat,
+                        });
                     }
                 }
                 Action::Leave { id, drain: None } => {
@@ -278,7 +319,7 @@ impl Supervisor {
                     if let Some(probes) = self.probes.remove(&id) {
                         probes.cancel();
                     }
-                    if let Ok(socket) = self.dir.socket_path(id.slot, id.generation) {
+                    if let Some(Address::Unix(socket)) = self.workers.remove(&id).map(|w| w.address) {
                         let _ = std::fs::remove_file(socket);
                     }
                 }
@@ -316,13 +357,89 @@ impl Supervisor {
     /// its exit with the last lines of its stderr.
     fn spawn(&mut self, id: WorkerId, within: Duration) {
         let events = self.events_tx.clone();
-        let socket = match self.dir.socket_path(id.slot, id.generation) {
-            Ok(path) => path,
+        let prepared = match self.spec.app.clone() {
+            Some(app) => self.prepare_app(id, &app),
+            None => self.prepare_rip(id),
+        };
+        let (cmd, started, keep) = match prepared {
+            Ok(prepared) => prepared,
             Err(e) => {
-                let _ = events.send(Event::SpawnFailed { id, error: e.to_string() });
+                let _ = events.send(Event::SpawnFailed { id, error: format!("{e:#}") });
                 return;
             }
         };
+        let app = started.stop_signal.is_some();
+        let address = started.address.clone();
+        self.workers.insert(id, started);
+        let cancel = CancellationToken::new();
+        self.probes.insert(id, cancel.clone());
+        let spawner = self.spawner.clone();
+        let exe = self.spec.exe.clone();
+        let health_path = self.spec.health_path.clone();
+        let guard = app.then(|| self.guard.clone());
+        tokio::spawn(async move {
+            let guard = match &guard {
+                Some(cell) => cell.get_or_init(|| start_guard(&spawner, &exe)).await.as_ref(),
+                None => None,
+            };
+            let spawned = spawner.spawn(cmd).await;
+            // The child has its own copies now.
+            drop(keep);
+            let mut child = match spawned {
+                Ok(child) => child,
+                Err(e) => {
+                    let error = format!("{}: {e}", exe.display());
+                    let _ = events.send(Event::SpawnFailed { id, error });
+                    return;
+                }
+            };
+            let pid = Pid::from_raw(child.id().map_or(0, |p| p as i32));
+            if let Some(guard) = guard {
+                guard.watch(pid);
+            }
+            let _ = events.send(Event::Spawned { id, pid });
+            let tail = process::Tail::default();
+            let output = if app {
+                Some(process::log_output(&mut child, id, tail.clone()))
+            } else {
+                process::copy_stderr(&mut child, tail.clone())
+            };
+            tokio::spawn({
+                let events = events.clone();
+                async move {
+                    let result = probe::wait_ready(&address, &health_path, within, &cancel).await;
+                    if !cancel.is_cancelled() {
+                        let _ = events.send(Event::Probed { id, result });
+                    }
+                }
+            });
+            let status = child.wait().await;
+            if app {
+                // What the command left behind in its group (a shell's children, a pre-fork
+                // server's workers) goes with it: nothing of a worker outlives the worker.
+                process::signal(pid, nix::sys::signal::Signal::SIGKILL);
+                if let Some(guard) = guard {
+                    guard.forget(pid);
+                }
+            }
+            // The last lines a dying worker wrote explain its death; let them be read first.
+            if let Some(output) = output {
+                let _ = tokio::time::timeout(STDERR_WAIT, output).await;
+            }
+            let status = match status {
+                Ok(status) => process::describe(status),
+                Err(e) => format!("unknown ({e})"),
+            };
+            let _ = events.send(Event::Exited { id, status, stderr: tail.joined() });
+        });
+    }
+
+    /// `rip worker` on its Unix socket, with a heartbeat page.
+    fn prepare_rip(
+        &mut self,
+        id: WorkerId,
+    ) -> anyhow::Result<(tokio::process::Command, Started, Vec<OwnedFd>)> {
+        let socket = self.dir.socket_path(id.slot, id.generation)?;
         let _ = std::fs::remove_file(&socket);
         let heartbeat = match new_heartbeat() {
             Ok((page, fd)) => {
@@ -335,55 +452,44 @@ impl Supervisor {
             }
         };
         let cmd = process::command(&self.spec, id, &socket, heartbeat.as_ref());
-        let cancel = CancellationToken::new();
-        self.probes.insert(id, cancel.clone());
-        let spawner = self.spawner.clone();
-        let exe = self.spec.exe.clone();
-        tokio::spawn(async move {
-            let spawned = spawner.spawn(cmd).await;
-            // The child has its own copy now.
-            drop(heartbeat);
-            let mut child = match spawned {
-                Ok(child) => child,
-                Err(e) => {
-                    let error = format!("{}: {e}", exe.display());
-                    let _ = events.send(Event::SpawnFailed { id, error });
-                    return;
+        Ok((
+            cmd,
+            Started { address: Address::Unix(socket), stop_signal: None },
+            heartbeat.into_iter().collect(),
+        ))
+    }
+
+    /// The user's command, on a socket as `--app-socket` says.
+    fn prepare_app(
+        &mut self,
+        id: WorkerId,
+        app: &App,
+    ) -> anyhow::Result<(tokio::process::Command, Started, Vec<OwnedFd>)> {
+        use crate::config::AppSocket;
+        let mut keep = Vec::new();
+        let address = match app.socket {
+            AppSocket::Fd | AppSocket::Path => {
+                let socket = self.dir.socket_path(id.slot, id.generation)?;
+                let _ = std::fs::remove_file(&socket);
+                if app.socket == AppSocket::Fd {
+                    keep.push(process::listen_on(&socket)?);
                 }
-            };
-            let pid = Pid::from_raw(child.id().map_or(0, |p| p as i32));
-            let _ = events.send(Event::Spawned { id, pid });
-            let tail = process::Tail::default();
-            let stderr_copier = process::copy_stderr(&mut child, tail.clone());
-            tokio::spawn({
-                let events = events.clone();
-                async move {
-                    let result = probe::wait_ready(&socket, within, &cancel).await;
-                    if !cancel.is_cancelled() {
-                        let _ = events.send(Event::Probed { id, result });
-                    }
-                }
-            });
-            let status = child.wait().await;
-            // The last lines a dying worker wrote explain its death; let them be read first.
-            if let Some(copier) = stderr_copier {
-                let _ = tokio::time::timeout(STDERR_WAIT, copier).await;
+                Address::Unix(socket)
             }
-            let status = match status {
-                Ok(status) => process::describe(status),
-                Err(e) => format!("unknown ({e})"),
-            };
-            let _ = events.send(Event::Exited { id, status, stderr: tail.joined() });
-        });
+            AppSocket::Port => Address::Tcp(process::free_port()?),
+        };
+        let cmd = process::app_command(&self.spec.exe, app, id, &address, keep.first());
+        Ok((cmd, Started { address, stop_signal: Some(app.stop_signal) }, keep))
     }
 
     fn probe_liveness(&self, id: WorkerId, within: Duration) {
-        let Ok(socket) = self.dir.socket_path(id.slot, id.generation) else { return };
+        let Some(address) = self.workers.get(&id).map(|w| w.address.clone()) else { return };
         let Some(cancel) = self.probes.get(&id).cloned() else { return };
         let events = self.events_tx.clone();
+        let path = self.spec.health_path.clone();
         tokio::spawn(async move {
             let result = tokio::select! {
-                result = probe::check_within(&socket, within) => result,
+                result = probe::check_within(&address, &path, within) => result,
                 // The worker is gone; its exit is handled on its own.
                 () = cancel.cancelled() => return,
             };
@@ -396,14 +502,35 @@ impl Supervisor {
         if self.machine.settings().max_memory.is_none() {
             return Vec::new();
         }
-        self.machine.ready_pids().into_iter().map(|(id, pid)| (id, table::rss_bytes(pid))).collect()
+        self.memory_of(self.machine.ready_pids())
+    }
+
+    /// Each worker's resident memory: its process alone for rip's own workers, its whole
+    /// process group for a command's.
+    fn memory_of(&self, workers: Vec<(WorkerId, Pid)>) -> Vec<(WorkerId, u64)> {
+        let is_app = |id: &WorkerId| self.workers.get(id).is_some_and(|w| w.stop_signal.is_some());
+        let groups: Vec<Pid> = workers.iter().filter(|(id, _)| is_app(id)).map(|(_, pid)| *pid).collect();
+        let group_rss = if groups.is_empty() { HashMap::new() } else { table::group_rss_bytes(&groups) };
+        workers
+            .into_iter()
+            .map(|(id, pid)| {
+                let rss = match group_rss.get(&pid) {
+                    Some(&rss) if is_app(&id) => rss,
+                    _ => table::rss_bytes(pid),
+                };
+                (id, rss)
+            })
+            .collect()
     }
 
     fn status(&self) -> Vec<WorkerStatus> {
         let mut rows = self.machine.status(Instant::now());
+        let live: Vec<(WorkerId, Pid)> =
+            rows.iter().filter(|r| r.pid > 0).map(|r| (r.id, Pid::from_raw(r.pid))).collect();
+        let memory: HashMap<WorkerId, u64> = self.memory_of(live).into_iter().collect();
         for row in &mut rows {
-            if row.pid > 0 {
-                row.rss_bytes = table::rss_bytes(Pid::from_raw(row.pid));
+            if let Some(&rss) = memory.get(&row.id) {
+                row.rss_bytes = rss;
             }
         }
         rows

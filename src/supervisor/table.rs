@@ -144,9 +144,58 @@ pub fn rss_bytes(pid: Pid) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The resident memory of each of `groups` (process group ids), every process in it summed:
+/// a command's worker may be a shell, a launcher or a pre-fork master with children of its
+/// own, and what it costs is all of them. One pass over /proc for every group.
+pub fn group_rss_bytes(groups: &[Pid]) -> std::collections::HashMap<Pid, u64> {
+    let mut totals: std::collections::HashMap<Pid, u64> = groups.iter().map(|&g| (g, 0)).collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return totals };
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // The command name may hold spaces and parentheses; the fields after its last ')' do not.
+        let Some((_, fields)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = fields.split_whitespace().collect();
+        let (Some(group), Some(rss)) = (fields.get(2), fields.get(21)) else { continue };
+        let (Ok(group), Ok(rss)) = (group.parse::<i32>(), rss.parse::<u64>()) else { continue };
+        if let Some(total) = totals.get_mut(&Pid::from_raw(group)) {
+            *total += rss * page;
+        }
+    }
+    totals
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sums_a_whole_process_group() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = Pid::from_raw(child.id() as i32);
+        // The shell starts its two children right away; wait until all three are counted.
+        let started = std::time::Instant::now();
+        let (total, one) = loop {
+            let total = group_rss_bytes(&[group])[&group];
+            let one = rss_bytes(group);
+            if total >= 2 * one && one > 0 || started.elapsed() > Duration::from_secs(5) {
+                break (total, one);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+        assert!(total >= 2 * one && one > 0, "group {total} B, leader alone {one} B");
+    }
 
     #[test]
     fn reads_our_own_rss() {

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod any_language;
 mod backoff;
 mod chaos;
 mod conformance;

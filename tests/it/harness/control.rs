@@ -34,6 +34,8 @@ pub struct Output {
 pub struct Status {
     pub pid: i32,
     pub workers_ready: usize,
+    /// Requests in flight on all workers.
+    pub in_flight: usize,
     pub workers: Vec<Row>,
 }
 

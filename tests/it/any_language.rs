@@ -121,6 +121,22 @@ fn requests_spread_over_every_node_and_python_worker() {
 }
 
 #[test]
+fn rip_scale_starts_and_stops_command_workers() {
+    let rip = serve(Lang::Python, &Lang::Python.example(), &["--workers", "2"]);
+    let control = Control::of(&rip);
+    let two = settle(&control, rip.pid(), 2);
+    let scaled = control.run(&["scale", "3"]);
+    assert!(scaled.status.success(), "{scaled:?}");
+    let three = settle(&control, rip.pid(), 3);
+    assert!(two.is_subset(&three), "{two:?} then {three:?}");
+    assert_eq!(pids_answering(&rip, 30), three);
+    assert!(control.run(&["scale", "1"]).status.success());
+    let one = settle(&control, rip.pid(), 1);
+    let gone: Vec<i32> = three.difference(&one).copied().collect();
+    assert!(wait_gone(&gone, WAIT).is_empty(), "scaled-away workers still run: {gone:?}");
+}
+
+#[test]
 fn a_sigkilled_node_worker_is_replaced_without_a_failed_request() {
     let rt = runtime();
     let rip = serve(Lang::Node, &Lang::Node.example(), &["--workers", "2", "--access-log", "off"]);

@@ -65,6 +65,20 @@ fn upgrade_with_connections_handed_to_workers_loses_no_request() {
     assert!(!run.report.pids().is_disjoint(&run.old_workers), "the old workers answered nothing");
 }
 
+#[test]
+fn upgrade_with_node_workers_loses_no_request_and_leaves_none_of_the_old_ones() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/node/server.js");
+    let rt = runtime();
+    let mut run = upgrade_under_load(&rt, &["--", "node", script]);
+    no_failures(&run.report);
+    let new_workers = settle(&Control::at(run.rip.runtime_dir(), run.new_serve.0), run.new_serve.0, 2);
+    assert!(run.old_workers.is_disjoint(&new_workers), "old {:?}, new {new_workers:?}", run.old_workers);
+    let alive = wait_gone(&run.old_workers.iter().copied().collect::<Vec<_>>(), WAIT);
+    assert!(alive.is_empty(), "the old serve's Node workers still run: {alive:?}");
+    run.new_serve.stop();
+    assert_eq!(run.rip.wait_exit(WAIT).code(), Some(0));
+}
+
 // Regression: after the handover the new process is the main pid; the old one must not
 // tell systemd that the service is stopping.
 #[test]

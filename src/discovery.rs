@@ -48,6 +48,10 @@ pub enum Report {
     Exhausted(WorkerId),
     /// The worker's event loop has been silent for `--timeout`: kill and replace it.
     Hung(WorkerId),
+    /// The worker was sent twice its `--max-requests` and its replacement is not ready yet:
+    /// recycling is not keeping up with the request rate, and requests now wait for a fresh
+    /// worker rather than go to this one.
+    Overdue(WorkerId),
 }
 
 pub type ChangeSender = mpsc::UnboundedSender<Change>;

@@ -19,6 +19,7 @@ use http::Response;
 use tokio::time::Instant;
 use tower::Service;
 
+use super::endpoint::Counted;
 use super::{Cause, Dispatch, Failed, Forward, LiveSettings, Pool, ResponseBody};
 use crate::discovery::{Report, ReportSender};
 
@@ -61,8 +62,14 @@ where
                 return Err(Failed::new(Cause::NoWorker, None));
             };
             let lease = endpoint.lease();
-            if endpoint.count_request(max_requests) {
-                let _ = reports.send(Report::Exhausted(endpoint.id));
+            match endpoint.count_request(max_requests) {
+                Counted::Within => {}
+                Counted::Exhausted => {
+                    let _ = reports.send(Report::Exhausted(endpoint.id));
+                }
+                Counted::Spent => {
+                    let _ = reports.send(Report::Overdue(endpoint.id));
+                }
             }
             inner.call(Dispatch { forward, lease }).await
         })

@@ -81,6 +81,8 @@ pub struct Endpoint {
     tunnels: AtomicUsize,
     sent: AtomicU64,
     exhausted: AtomicBool,
+    /// Sent [`OVERSHOOT`] times its budget.
+    spent: AtomicBool,
     /// Left the rotation; kept alive only by requests still in flight.
     leaving: AtomicBool,
     /// Refused a connection: the process is gone even if the supervisor has not said so yet.
@@ -126,6 +128,7 @@ impl Endpoint {
             tunnels: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
             exhausted: AtomicBool::new(false),
+            spent: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
             unreachable: AtomicBool::new(false),
             hung_reported: AtomicBool::new(false),
@@ -235,10 +238,26 @@ impl Endpoint {
         max_requests.saturating_add(self.jitter)
     }
 
-    /// Counts a request towards `max_requests`; true exactly once, when the budget is reached.
-    pub fn count_request(&self, max_requests: u64) -> bool {
+    /// Counts a request towards `max_requests`, saying when the budget and when the overshoot
+    /// was reached (each once).
+    pub fn count_request(&self, max_requests: u64) -> Counted {
         let sent = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
-        max_requests > 0 && sent >= self.budget(max_requests) && self.mark_exhausted()
+        let budget = self.budget(max_requests);
+        if budget == 0 {
+            return Counted::Within;
+        }
+        if sent >= budget.saturating_mul(OVERSHOOT) && !self.spent.swap(true, Ordering::Relaxed) {
+            return Counted::Spent;
+        }
+        if sent >= budget && self.mark_exhausted() {
+            return Counted::Exhausted;
+        }
+        Counted::Within
+    }
+
+    /// Sent its whole overshoot: no more requests until it is replaced.
+    pub fn is_spent(&self) -> bool {
+        self.spent.load(Ordering::Relaxed)
     }
 
     /// Counts a client connection handed to this worker (`--upstream handoff`), for `rip
@@ -396,6 +415,22 @@ impl Endpoint {
     }
 }
 
+/// An exhausted worker stays a fallback while its replacement starts, so that recycling never
+/// takes capacity away; but only up to this many times its budget. Past that, requests wait
+/// for a fresh worker (up to `--queue-timeout`): a budget that is overrun without bound, when
+/// replacements cannot start as fast as requests arrive, would not bound any leak.
+pub const OVERSHOOT: u64 = 2;
+
+/// What counting a request did to a worker's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Within,
+    /// The budget was reached just now: start the replacement.
+    Exhausted,
+    /// [`OVERSHOOT`] times the budget was reached just now: this worker takes no more.
+    Spent,
+}
+
 /// One request in flight on a worker.
 #[derive(Debug)]
 pub struct Lease(Arc<Endpoint>);
@@ -460,13 +495,20 @@ mod tests {
     }
 
     #[test]
-    fn exhaustion_is_reported_once() {
+    fn exhaustion_and_the_end_of_the_overshoot_are_reported_once_each() {
+        use Counted::*;
         let e = endpoint();
-        let reports: Vec<bool> = (0..5).map(|_| e.count_request(3)).collect();
-        assert_eq!(reports, [false, false, true, false, false]);
-        assert!(e.is_exhausted());
+        let reports: Vec<Counted> = (0..8).map(|_| e.count_request(3)).collect();
+        assert_eq!(reports, [Within, Within, Exhausted, Within, Within, Spent, Within, Within]);
+        assert!(e.is_exhausted() && e.is_spent());
+        let one = endpoint();
+        assert_eq!(
+            [one.count_request(1), one.count_request(1), one.count_request(1)],
+            [Exhausted, Spent, Within]
+        );
         let unlimited = endpoint();
-        assert!((0..100).all(|_| !unlimited.count_request(0)));
+        assert!((0..100).all(|_| unlimited.count_request(0) == Within));
+        assert!(!unlimited.is_spent());
     }
 
     #[tokio::test]

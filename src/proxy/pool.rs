@@ -117,7 +117,11 @@ impl Pool {
             let e: &Endpoint = &endpoints[i];
             let in_flight = e.in_flight();
             let full = cap > 0 && in_flight >= cap;
-            Candidate { in_flight, exhausted: e.is_exhausted(), unusable: full || !e.is_usable() }
+            Candidate {
+                in_flight,
+                exhausted: e.is_exhausted(),
+                unusable: full || !e.is_usable() || e.is_spent(),
+            }
         };
         choose(self.strategy, endpoints.len(), candidate, start, avoid).map(|i| endpoints[i].clone())
     }

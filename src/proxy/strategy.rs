@@ -1,8 +1,10 @@
 //! Which worker gets the next request. Pure: it sees counters, not connections, so every
 //! strategy is tested as a table. Every pick scans all workers in the rotation (a handful),
 //! starting from a rotating index so that ties spread evenly. Invariant: a worker that is
-//! leaving, unreachable or stalled is never chosen, and an exhausted worker (past `--max-requests`, replacement not ready yet) is chosen
-//! only when no fresh worker is usable, so recycling never drops capacity to zero.
+//! leaving, unreachable or stalled is never chosen, and an exhausted worker (past
+//! `--max-requests`, replacement not ready yet) is chosen only when no fresh worker is usable,
+//! so recycling never drops capacity to zero; one sent twice its budget counts as unusable
+//! (`endpoint::OVERSHOOT`).
 
 pub use crate::config::Strategy;
 

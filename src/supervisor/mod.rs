@@ -152,6 +152,7 @@ pub fn start(
         heartbeats: HashMap::new(),
         workers: HashMap::new(),
         guard: Arc::new(tokio::sync::OnceCell::new()),
+        said_overdue: false,
         reload_waiters: Vec::new(),
         stop_waiters: Vec::new(),
     };
@@ -208,6 +209,8 @@ struct Supervisor {
     workers: HashMap<WorkerId, Started>,
     /// Started with the first command worker; `None` inside if it could not be.
     guard: Arc<tokio::sync::OnceCell<Option<process::Guard>>>,
+    /// The log said once that recycling falls behind.
+    said_overdue: bool,
     reload_waiters: Vec<oneshot::Sender<ReloadResult>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -230,6 +233,10 @@ impl Supervisor {
                 Some(report) = reports.recv() => match report {
                     Report::Exhausted(id) => Event::Exhausted { id },
                     Report::Hung(id) => Event::Hung { id },
+                    Report::Overdue(id) => {
+                        self.overdue(id);
+                        continue;
+                    }
                 },
                 _ = checks.tick() => Event::Tick { rss: self.resident_memory() },
                 command = commands.recv(), if commands_open => match command {
@@ -342,6 +349,21 @@ impl Supervisor {
             }
         }
         stopped
+    }
+
+    /// Recycling fell behind: said once in the log (every time in the metric), since the
+    /// remedy is the operator's.
+    fn overdue(&mut self, id: WorkerId) {
+        self.metrics.recycle_overdue();
+        if self.said_overdue {
+            tracing::debug!(worker = %id, "worker sent twice its request budget before its replacement was ready");
+            return;
+        }
+        self.said_overdue = true;
+        warn!(
+            worker = %id,
+            "recycling cannot keep up with the request rate: this worker was sent twice its --max-requests before its replacement was ready, so requests wait for a fresh worker (up to --queue-timeout); raise --max-requests or --max-surge (said once; rip_recycles_overdue_total counts each time)"
+        );
     }
 
     /// Reports `event` after `delay`.

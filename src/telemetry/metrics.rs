@@ -48,6 +48,7 @@ pub struct Metrics {
     stalls: AtomicU64,
     recycles: [AtomicU64; 4],
     restarts: AtomicU64,
+    overdue: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -63,6 +64,7 @@ impl Default for Metrics {
             stalls: AtomicU64::new(0),
             recycles: Default::default(),
             restarts: AtomicU64::new(0),
+            overdue: AtomicU64::new(0),
         }
     }
 }
@@ -131,6 +133,11 @@ impl Metrics {
         self.restarts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A worker was sent its whole overshoot before its replacement was ready.
+    pub fn recycle_overdue(&self) {
+        self.overdue.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Since start: requests answered, healthy workers recycled, workers restarted after an
     /// unexpected exit.
     pub fn lifetime(&self) -> (u64, u64, u64) {
@@ -196,6 +203,12 @@ impl Metrics {
             "rip_worker_restarts_total",
             "Workers replaced after exiting unexpectedly.",
             load(&self.restarts),
+        );
+        counter(
+            &mut out,
+            "rip_recycles_overdue_total",
+            "Workers sent twice their --max-requests before a replacement was ready: recycling fell behind the request rate.",
+            load(&self.overdue),
         );
         gauge(
             &mut out,

@@ -80,10 +80,15 @@ fn recycling_every_5_requests_under_load_fails_no_request() {
         elapsed.as_millis()
     );
     assert_eq!((report.ok, report.failed), (REQUESTS, 0), "{}", summary(&report));
-    // At 5 requests each, 3000 requests would need 600 workers if replacements were instant;
-    // exhausted workers keep serving while their replacement starts, so fewer answer.
-    assert!(pids.len() >= 30, "only {} distinct pids answered", pids.len());
-    assert!(recycled >= 30, "only {recycled} workers recycled");
+    // Exhausted workers keep serving while their replacement starts, but never more than
+    // twice their budget: 3000 requests need at least 300 workers.
+    let most = report.whoami().iter().map(|w| w.served).max().unwrap_or(0);
+    assert!(most <= 10, "a worker served {most} requests with --max-requests 5");
+    assert!(pids.len() >= REQUESTS / 10, "only {} distinct pids answered", pids.len());
+    assert!(recycled >= REQUESTS / 10 - 2, "only {recycled} workers recycled");
+    // Recycling cannot keep up with 16 clients here: said once, counted each time.
+    let said = lines_after(&rip, 0, "recycling cannot keep up").len();
+    assert_eq!(said, 1, "the warning is said once");
 }
 
 #[test]

@@ -58,6 +58,35 @@ where
 
 /// Pause after an accept error such as EMFILE, so that a full file table is not spun on;
 /// every accept loop (front-end, worker, hand-off channel) waits the same.
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    I: Read + Write + Unpin + Send + 'static,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = hyper::Error;
+    fn shut_down(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<A, B> Graceful for futures_util::future::Either<A, B>
+where
+    A: Graceful,
+    B: Graceful<Error = A::Error>,
+{
+    type Error = A::Error;
+    fn shut_down(self: Pin<&mut Self>) {
+        match self.as_pin_mut() {
+            futures_util::future::Either::Left(a) => a.shut_down(),
+            futures_util::future::Either::Right(b) => b.shut_down(),
+        }
+    }
+}
+
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
@@ -82,17 +111,36 @@ impl Connections {
         C: Graceful + Send + 'static,
         G: Send + 'static,
     {
+        self.spawn_after(std::future::ready(Some(conn)), guard);
+    }
+
+    /// Like [`spawn`](Self::spawn), for a connection that `prelude` makes first (reading how
+    /// the client opens it); `None` from it, or a stop before it is done, ends the task.
+    pub fn spawn_after<P, C, G>(&self, prelude: P, guard: G)
+    where
+        P: Future<Output = Option<C>> + Send + 'static,
+        C: Graceful + Send + 'static,
+        G: Send + 'static,
+    {
         let stop = self.stop.clone();
         let linger = self.linger;
         self.tracker.spawn(async move {
-            let mut conn = std::pin::pin!(conn);
             let stopped_then_lingered = async {
                 stop.cancelled().await;
                 tokio::time::sleep(linger).await;
             };
+            let mut stopped_then_lingered = std::pin::pin!(stopped_then_lingered);
+            // A client that has not begun by the time a drain closes idle connections gets
+            // the same linger as an idle one, then is closed.
+            let conn = tokio::select! {
+                conn = prelude => conn,
+                () = stopped_then_lingered.as_mut() => None,
+            };
+            let Some(conn) = conn else { return };
+            let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
                 result = conn.as_mut() => result,
-                () = stopped_then_lingered => {
+                () = stopped_then_lingered.as_mut() => {
                     conn.as_mut().shut_down();
                     conn.await
                 }

@@ -1,5 +1,6 @@
 //! The public listener: accepts client connections and serves each with hyper's HTTP/1 server
-//! through the front-end's axum router — the user's edge routes and layers, falling back to
+//! (or, when it opens with the HTTP/2 preface, its HTTP/2 server: `http2c`) through the
+//! front-end's axum router — the user's edge routes and layers, falling back to
 //! the proxy stack — or with `--upstream handoff` passes each to a worker. Invariant: at most
 //! `max_connections` client connections are open (or on their way to a worker); past that,
 //! new ones wait in the kernel's accept queue instead of exhausting file descriptors.
@@ -8,6 +9,8 @@
 pub mod connections;
 /// Strict request framing: ambiguous request heads are made unparseable before hyper reads them.
 pub mod framing;
+/// HTTP/2 with prior knowledge from clients, and its limits.
+mod http2c;
 /// The public listening socket: inherited, passed by systemd, or bound.
 pub mod listener;
 
@@ -162,6 +165,7 @@ pub async fn serve(
     let connections = Connections::new(stop.clone(), DRAIN_LINGER);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let builder = client_builder(limits.header_timeout);
+    let h2 = http2c::builder();
     while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop).await {
         if let Door::Handoff(proxy) = &door {
             let (proxy, builder) = (proxy.clone(), builder.clone());
@@ -181,10 +185,26 @@ pub async fn serve(
             // Handed off above.
             Door::Handoff(_) => continue,
         };
-        let stream = StrictFraming::new(stream);
-        let service = Judged::new(Connection { front, peer }, stream.verdict());
-        let conn = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-        connections.spawn(conn, permit);
+        let service = Connection { front, peer };
+        let (builder, h2) = (builder.clone(), h2.clone());
+        let header_timeout = limits.header_timeout;
+        let opened = async move {
+            match tokio::time::timeout(header_timeout, opening(&stream)).await {
+                Ok(Some(Opening::Http2)) => {
+                    Some(Either::Right(http2c::serve(&h2, stream, service, header_timeout)))
+                }
+                Ok(Some(Opening::Http1)) => {
+                    let stream = StrictFraming::new(stream);
+                    let service = Judged::new(service, stream.verdict());
+                    Some(Either::Left(
+                        builder.serve_connection(TokioIo::new(stream), service).with_upgrades(),
+                    ))
+                }
+                // Closed, or silent for the header timeout: what hyper does to such a client.
+                Ok(None) | Err(_) => None,
+            }
+        };
+        connections.spawn_after(opened, permit);
     }
     drop(listener);
     proxy.close_connections_after_responses();
@@ -192,6 +212,35 @@ pub async fn serve(
 }
 
 /// The next client connection, with its permit; `None` once `stop` is cancelled.
+/// How a client opens its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    Http1,
+    /// With the HTTP/2 connection preface: HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
+/// Reads (without taking) the first bytes the client sends: the HTTP/2 preface, or anything
+/// else, which is HTTP/1. `None` if the client closes first.
+async fn opening(stream: &TcpStream) -> Option<Opening> {
+    let mut first = [0u8; http2c::PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if first[..n] != http2c::PREFACE[..n] {
+            return Some(Opening::Http1);
+        }
+        if n == http2c::PREFACE.len() {
+            return Some(Opening::Http2);
+        }
+        // A preface split across packets: a peek returns what is there at once, so wait a
+        // little for the rest (the caller's header timeout bounds it).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn accept(
     listener: &TcpListener,
     permits: &Arc<Semaphore>,

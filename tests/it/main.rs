@@ -13,6 +13,7 @@ mod forwarding;
 mod framing;
 mod handlers;
 mod handoff;
+mod http2;
 mod limits;
 mod log_sink;
 mod observability;

@@ -31,6 +31,7 @@ use std::time::Duration;
 mod control;
 mod deploy;
 mod example;
+pub mod h2raw;
 mod http;
 mod load;
 mod logs;

@@ -156,7 +156,7 @@ async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::syn
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
     addr.send(listener.local_addr().unwrap()).unwrap();
     let door = frontend::Door::new(&proxy, None);
-    frontend::serve(listener, proxy, door, limits, stop, GRACE).await;
+    frontend::serve(listener, proxy, door, limits, None, stop, GRACE).await;
 }
 
 /// Where a [`Client`] connects.

@@ -183,6 +183,13 @@ settings! {
     /// after --graceful-timeout
     stop_signal: StopSignal = StopSignal(nix::sys::signal::Signal::SIGTERM), shown "SIGTERM",
         flag "SIGNAL", parse str::parse;
+    /// PEM certificate chain for HTTPS on the listener; several, comma-separated, are chosen by
+    /// the name the client asks for (SNI), the first by default; re-read on reload
+    tls_cert: Vec<PathBuf> = Vec::new(), shown "none",
+        flag "FILES", parse parse_paths;
+    /// PEM private key of each --tls-cert, in the same order
+    tls_key: Vec<PathBuf> = Vec::new(), shown "none",
+        flag "FILES", parse parse_paths;
     /// Threads per worker process
     worker_threads: usize = 1, shown "1",
         flag "N", parse parse_count;
@@ -236,6 +243,15 @@ raw_by_name!(Strategy, Upstream, LogFormat, AppSocket, StopSignal);
 impl Raw for String {
     fn raw(&self) -> String {
         self.clone()
+    }
+}
+
+impl Raw for Vec<PathBuf> {
+    fn raw(&self) -> String {
+        if self.is_empty() {
+            return "none".into();
+        }
+        self.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -505,6 +521,14 @@ fn parse_command(raw: &str) -> Result<Vec<String>> {
     split_words(raw)
 }
 
+/// A comma-separated list of paths; empty or `none` is none.
+fn parse_paths(raw: &str) -> Result<Vec<PathBuf>> {
+    if raw.trim().is_empty() || raw.trim() == "none" {
+        return Ok(Vec::new());
+    }
+    Ok(raw.split(',').map(|p| PathBuf::from(p.trim())).collect())
+}
+
 fn parse_health_path(raw: &str) -> Result<String> {
     let ok = raw.starts_with('/') && raw.parse::<http::uri::PathAndQuery>().is_ok() && !raw.contains(' ');
     if !ok {
@@ -744,7 +768,28 @@ fn for_command(config: &mut Config, sources: &mut [Source]) {
     }
 }
 
+impl Config {
+    /// The certificate and key files for HTTPS, pair by pair; empty for plain HTTP.
+    pub fn tls_pairs(&self) -> Vec<crate::frontend::tls::Pair> {
+        self.tls_cert
+            .iter()
+            .zip(&self.tls_key)
+            .map(|(cert, key)| crate::frontend::tls::Pair { cert: cert.clone(), key: key.clone() })
+            .collect()
+    }
+}
+
 fn validate(config: &Config) -> Result<()> {
+    if config.tls_cert.len() != config.tls_key.len() {
+        bail!(
+            "tls_cert names {} file(s) and tls_key {}: give one key for each certificate, in the same order",
+            config.tls_cert.len(),
+            config.tls_key.len()
+        );
+    }
+    if !config.tls_cert.is_empty() && config.upstream == Upstream::Handoff {
+        bail!("TLS is ended by the front-end: it cannot be used with upstream handoff");
+    }
     if !config.command.is_empty() {
         if config.upstream == Upstream::Handoff {
             bail!("upstream handoff needs rip's own workers: it cannot be used with a command");
@@ -1014,8 +1059,8 @@ mod tests {
             .lines()
             .filter(|l| l.strip_prefix("# ").is_some_and(is_setting))
             .filter(|l| !l.starts_with("# workers") && !l.contains("root") && !l.contains("runtime_dir"))
-            // An example of a command, not the default (none).
-            .filter(|l| !l.starts_with("# command"))
+            // Examples of a command and of certificates, not the defaults (none).
+            .filter(|l| !l.starts_with("# command") && !l.starts_with("# tls_"))
             .filter(|l| !l.starts_with("# admin"))
             .map(|l| format!("{}\n", &l[2..]))
             .collect();

@@ -32,13 +32,15 @@ pub fn run(args: ServeArgs, edge: Option<Edge>) -> Result<()> {
     crate::telemetry::logging::warn_if_filtered(crate::telemetry::logging::init(config.log_format));
     let root = config.root.as_deref().map(check_root).transpose()?;
     check_command(&config.command)?;
+    let tls =
+        if config.tls_cert.is_empty() { None } else { Some(frontend::tls::Tls::load(&config.tls_pairs())?) };
     let exe = std::env::current_exe().context("locating the rip executable")?;
     // One thread by default: every client connection, worker connection and the supervisor
     // share it, so handing a request from one task to the next is a local wake-up rather
     // than a cross-thread one. Measured faster than a thread per core on 2 cores (README,
     // Performance); larger machines may want more.
     let runtime = crate::runtime(config.frontend_threads).context("starting the runtime")?;
-    runtime.block_on(serve(Parent { args, exe, config, root, edge }))
+    runtime.block_on(serve(Parent { args, exe, config, root, edge, tls }))
 }
 
 /// What `rip serve` was started with; reloads re-read the config from the same sources.
@@ -49,6 +51,8 @@ struct Parent {
     root: Option<PathBuf>,
     /// The user's edge routes and layers, if their binary has any.
     edge: Option<Edge>,
+    /// HTTPS on the listener, when certificates are configured.
+    tls: Option<frontend::tls::Tls>,
 }
 
 /// The root must be a readable directory; workers would otherwise answer 404 to everything.
@@ -162,6 +166,7 @@ async fn serve(parent: Parent) -> Result<()> {
         runtime_dir = %dir.path().display(),
         config = config.file.as_ref().map(|p| p.display().to_string()),
         command = (!config.command.is_empty()).then(|| crate::config::quote_words(&config.command)),
+        tls = (!config.tls_cert.is_empty()).then_some(true),
         "rip started"
     );
     let (supervisor, supervisor_task) = supervisor::start(
@@ -200,7 +205,15 @@ async fn serve(parent: Parent) -> Result<()> {
     let door = frontend::Door::new(&proxy, parent.edge.as_ref());
     let frontend = tasks.essential(
         "front-end",
-        frontend::serve(listener, proxy.clone(), door, limits, stop.clone(), config.graceful_timeout),
+        frontend::serve(
+            listener,
+            proxy.clone(),
+            door,
+            limits,
+            parent.tls.clone(),
+            stop.clone(),
+            config.graceful_timeout,
+        ),
     );
     tokio::spawn(announce_ready(supervisor.clone(), config.workers, local));
 
@@ -361,6 +374,8 @@ fn reload(
         ("header_timeout", old.header_timeout != config.header_timeout),
         ("max_connections", old.max_connections != config.max_connections),
         ("upstream", old.upstream != config.upstream),
+        // Turning TLS on or off changes what the listener speaks; new certificates do not.
+        ("tls_cert", old.tls_cert.is_empty() != config.tls_cert.is_empty()),
     ];
     let changed = |keys: &[(&'static str, bool)]| -> Vec<&'static str> {
         keys.iter().filter(|(_, changed)| *changed).map(|(key, _)| *key).collect()
@@ -383,6 +398,16 @@ fn reload(
         let message = format!("reload refused: {}; nothing was reloaded", why.join("; "));
         error!(error = message, "reload refused, workers keep serving");
         return Err(message);
+    }
+    if let Some(tls) = &parent.tls {
+        tls.reload(&config.tls_pairs()).map_err(|e| {
+            let message = format!(
+                "reload refused: {}; nothing was reloaded, the old certificates keep serving",
+                crate::error_chain(&e)
+            );
+            error!(error = message, "reload refused, workers keep serving");
+            message
+        })?;
     }
     proxy.reconfigure(proxy::Settings::from(&config));
     let configured = config.workers;

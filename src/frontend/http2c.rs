@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use super::connections::Graceful;
@@ -51,12 +51,15 @@ pub fn builder() -> http2::Builder<TokioExecutor> {
 
 /// Serves `stream` as HTTP/2 with `service`, sending GOAWAY once no stream was opened for
 /// `idle`.
-pub(super) fn serve(
+pub(super) fn serve<I>(
     builder: &http2::Builder<TokioExecutor>,
-    stream: TcpStream,
+    stream: I,
     service: Connection,
     idle: Duration,
-) -> Served {
+) -> Served<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let opened = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let service = Stamped { inner: service, opened: opened.clone(), start };
@@ -94,9 +97,9 @@ where
 
 pin_project_lite::pin_project! {
     /// An HTTP/2 client connection with its idle timer.
-    pub(super) struct Served {
+    pub(super) struct Served<I> {
         #[pin]
-        conn: http2::Connection<TokioIo<TcpStream>, Stamped<Connection>, TokioExecutor>,
+        conn: http2::Connection<TokioIo<I>, Stamped<Connection>, TokioExecutor>,
         idle: Duration,
         start: Instant,
         opened: Arc<AtomicU64>,
@@ -105,7 +108,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl Future for Served {
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Served<I> {
     type Output = Result<(), hyper::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -126,7 +129,7 @@ impl Future for Served {
     }
 }
 
-impl Graceful for Served {
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Graceful for Served<I> {
     type Error = hyper::Error;
 
     fn shut_down(self: Pin<&mut Self>) {

@@ -13,6 +13,8 @@ pub mod framing;
 mod http2c;
 /// The public listening socket: inherited, passed by systemd, or bound.
 pub mod listener;
+/// HTTPS on the listener: certificates, SNI, reloads.
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -159,6 +161,7 @@ pub async fn serve(
     proxy: Proxy,
     door: Door,
     limits: Limits,
+    tls: Option<tls::Tls>,
     stop: CancellationToken,
     grace: Duration,
 ) -> usize {
@@ -178,7 +181,7 @@ pub async fn serve(
             continue;
         }
         let trusted = proxy.settings_now().trusts(peer.ip());
-        let peer = Arc::new(Peer::new(peer, trusted));
+        let peer = Arc::new(Peer::new(peer, trusted, tls.is_some()));
         let front = match &door {
             Door::Edge(router) => Front::Edge(router.clone()),
             Door::Proxy(stack) => Front::Proxy(stack.for_peer(peer.clone())),
@@ -188,6 +191,28 @@ pub async fn serve(
         let service = Connection { front, peer };
         let (builder, h2) = (builder.clone(), h2.clone());
         let header_timeout = limits.header_timeout;
+        if let Some(tls) = &tls {
+            let acceptor = tls.acceptor().clone();
+            let opened = async move {
+                // The handshake must finish within the header timeout, or it holds a slot.
+                let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => return None,
+                };
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    return Some(Either::Right(http2c::serve(&h2, stream, service, header_timeout)));
+                }
+                let stream = StrictFraming::new(stream);
+                let service = Judged::new(service, stream.verdict());
+                Some(Either::Left(builder.serve_connection(TokioIo::new(stream), service).with_upgrades()))
+            };
+            connections.spawn_after(opened, permit);
+            continue;
+        }
         let opened = async move {
             match tokio::time::timeout(header_timeout, opening(&stream)).await {
                 Ok(Some(Opening::Http2)) => {

@@ -246,7 +246,7 @@ impl hyper::service::Service<Request<Incoming>> for ClientService {
             let response = err.into_response().map(Body::new);
             return Box::pin(async move { Ok(response) });
         }
-        headers::set_forwarded(&mut parts.headers, &self.forwarded_for, self.trusted);
+        headers::set_forwarded(&mut parts.headers, &self.forwarded_for, self.trusted, false);
         // The client is right here: its address needs no header, and one it sent is forged.
         parts.headers.remove(&headers::PEER);
         parts.extensions.insert(axum::extract::ConnectInfo(self.peer));

@@ -153,6 +153,7 @@ pub fn prepare_request(
     forwarded_for: &HeaderValue,
     peer: &HeaderValue,
     trusted: bool,
+    https: bool,
 ) -> bool {
     let upgrade = is_upgrade(&parts.headers);
     let upgrade_value = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
@@ -173,7 +174,7 @@ pub fn prepare_request(
         parts.uri = Uri::try_from(origin_form).unwrap_or_else(|_| Uri::from_static("/"));
     }
 
-    set_forwarded(&mut parts.headers, forwarded_for, trusted);
+    set_forwarded(&mut parts.headers, forwarded_for, trusted, https);
     parts.headers.insert(&PEER, peer.clone());
     // The hop to a worker is always keep-alive HTTP/1.1, whatever the client spoke.
     parts.version = Version::HTTP_11;
@@ -181,16 +182,17 @@ pub fn prepare_request(
 }
 
 /// Says who the client is. From an untrusted peer, whatever it claimed about the client is
-/// removed and `X-Forwarded-For`/`-Proto` are the truth: the peer's address, plain HTTP. A
-/// trusted proxy's claims are kept, and its own address is appended to `X-Forwarded-For`, as
-/// every proxy in a chain does.
-pub fn set_forwarded(headers: &mut HeaderMap, forwarded_for: &HeaderValue, trusted: bool) {
+/// removed and `X-Forwarded-For`/`-Proto` are the truth: the peer's address, and HTTPS when
+/// the connection is. A trusted proxy's claims are kept, and its own address is appended to
+/// `X-Forwarded-For`, as every proxy in a chain does.
+pub fn set_forwarded(headers: &mut HeaderMap, forwarded_for: &HeaderValue, trusted: bool, https: bool) {
+    let proto = HeaderValue::from_static(if https { "https" } else { "http" });
     if !trusted {
         for name in [&header::FORWARDED, &X_FORWARDED_HOST, &X_FORWARDED_PORT, &X_REAL_IP] {
             headers.remove(name);
         }
         headers.insert(&X_FORWARDED_FOR, forwarded_for.clone());
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(&X_FORWARDED_PROTO, proto);
         return;
     }
     let chain: Vec<&[u8]> = headers.get_all(&X_FORWARDED_FOR).iter().map(HeaderValue::as_bytes).collect();
@@ -204,7 +206,7 @@ pub fn set_forwarded(headers: &mut HeaderMap, forwarded_for: &HeaderValue, trust
     };
     headers.insert(&X_FORWARDED_FOR, value);
     if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(&X_FORWARDED_PROTO, proto);
     }
 }
 
@@ -268,7 +270,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(!prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false));
+        assert!(!prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false, false));
         let h = &p.headers;
         for gone in ["connection", "keep-alive", "x-secret", "te", "proxy-authorization"] {
             assert!(!h.contains_key(gone), "{gone} was forwarded");
@@ -298,7 +300,7 @@ mod tests {
             )
         };
         let mut untrusted = forged();
-        prepare_request(&mut untrusted, &forwarded_for(PEER), &PEER_VALUE, false);
+        prepare_request(&mut untrusted, &forwarded_for(PEER), &PEER_VALUE, false, false);
         for gone in ["forwarded", "x-forwarded-host", "x-forwarded-port", "x-real-ip"] {
             assert!(!untrusted.headers.contains_key(gone), "{gone} passed from an untrusted peer");
         }
@@ -306,7 +308,7 @@ mod tests {
         assert_eq!(untrusted.headers["x-forwarded-proto"], "http");
 
         let mut trusted = forged();
-        prepare_request(&mut trusted, &forwarded_for(PEER), &PEER_VALUE, true);
+        prepare_request(&mut trusted, &forwarded_for(PEER), &PEER_VALUE, true, false);
         assert_eq!(trusted.headers["x-forwarded-for"], "6.6.6.6, 10.1.2.3");
         assert_eq!(trusted.headers["x-forwarded-proto"], "https");
         assert_eq!(trusted.headers["x-forwarded-host"], "evil.test");
@@ -375,7 +377,7 @@ mod tests {
                 .body(())
                 .unwrap(),
         );
-        assert!(prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false));
+        assert!(prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false, false));
         assert_eq!(p.headers["connection"], "upgrade");
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["sec-websocket-key"], "k");
@@ -385,7 +387,7 @@ mod tests {
     fn absolute_form_becomes_origin_form_with_its_host() {
         let mut p =
             parts(Request::get("http://example.test:8080/a/b?c").header("host", "other").body(()).unwrap());
-        prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false);
+        prepare_request(&mut p, &forwarded_for(PEER), &PEER_VALUE, false, false);
         assert_eq!(p.uri, "/a/b?c");
         assert_eq!(p.headers["host"], "example.test:8080");
     }
@@ -393,7 +395,13 @@ mod tests {
     #[test]
     fn mapped_ipv6_peers_are_shown_as_ipv4() {
         let mut p = parts(Request::get("/").body(()).unwrap());
-        prepare_request(&mut p, &forwarded_for("::ffff:127.0.0.1".parse().unwrap()), &PEER_VALUE, false);
+        prepare_request(
+            &mut p,
+            &forwarded_for("::ffff:127.0.0.1".parse().unwrap()),
+            &PEER_VALUE,
+            false,
+            false,
+        );
         assert_eq!(p.headers["x-forwarded-for"], "127.0.0.1");
     }
 

@@ -174,15 +174,18 @@ pub struct Peer {
     peer_header: http::HeaderValue,
     /// A proxy named by `--trusted-proxies`: what it says about the client is kept.
     trusted: bool,
+    /// The connection is HTTPS: workers are told `X-Forwarded-Proto: https`.
+    https: bool,
 }
 
 impl Peer {
-    pub fn new(addr: SocketAddr, trusted: bool) -> Peer {
+    pub fn new(addr: SocketAddr, trusted: bool, https: bool) -> Peer {
         Peer {
             addr,
             forwarded_for: headers::forwarded_for(addr.ip()),
             peer_header: headers::peer_value(addr),
             trusted,
+            https,
         }
     }
 }

@@ -46,10 +46,14 @@ impl<S> Rewrite<S> {
             None => parts.extensions.remove::<Arc<Peer>>(),
         };
         let upgrade = match &peer {
-            Some(peer) => {
-                headers::prepare_request(&mut parts, &peer.forwarded_for, &peer.peer_header, peer.trusted)
-            }
-            None => headers::prepare_request(&mut parts, &unknown_peer(), &unknown_peer(), false),
+            Some(peer) => headers::prepare_request(
+                &mut parts,
+                &peer.forwarded_for,
+                &peer.peer_header,
+                peer.trusted,
+                peer.https,
+            ),
+            None => headers::prepare_request(&mut parts, &unknown_peer(), &unknown_peer(), false, false),
         };
         let id = super::next_request_id();
         let mut value = http::HeaderValue::from(id);

@@ -15,7 +15,7 @@ pub fn request(method: &str, target: &str, body: ClientBody) -> Request<ClientBo
     let mut req =
         Request::builder().method(method).uri(target).header("host", "rip.test").body(body).unwrap();
     let addr: SocketAddr = PEER.parse().unwrap();
-    req.extensions_mut().insert(Arc::new(Peer::new(addr, false)));
+    req.extensions_mut().insert(Arc::new(Peer::new(addr, false, false)));
     req
 }
 

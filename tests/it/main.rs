@@ -26,5 +26,6 @@ mod slow_clients;
 mod stalls;
 mod static_files;
 mod systemd;
+mod tls;
 mod tunnels;
 mod upgrade;

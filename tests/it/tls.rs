@@ -1,0 +1,303 @@
+//! HTTPS on the listener: curl over HTTP/1.1 and HTTP/2 (ALPN) and Python's `ssl` reach the
+//! workers, which are told `X-Forwarded-Proto: https`; the certificate is chosen by SNI; on
+//! SIGHUP new certificates are read while an open keep-alive connection keeps working and a
+//! new one sees the new certificate; a bad pair is refused at start and on reload (the old one
+//! keeps serving); a client that never finishes its handshake is closed.
+//!
+//! Certificates are made for each test with the `openssl` command (Debian: apt install
+//! openssl); a test fails, saying so, when it is missing.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::harness::{Control, Rip, TempDir, WAIT};
+
+/// A test CA and leaf certificates signed by it, in a directory of their own.
+struct Certs {
+    dir: TempDir,
+}
+
+impl Certs {
+    fn new() -> Certs {
+        let certs = Certs { dir: TempDir::new() };
+        certs.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=rip test CA",
+        ]);
+        certs
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl").args(args).current_dir(self.dir.path()).output();
+        let out = out.unwrap_or_else(|e| {
+            panic!("openssl could not be run ({e}): the TLS tests make certificates with it (apt install openssl)")
+        });
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `<name>.pem` and `<name>.key`, for `dns` and 127.0.0.1, signed by the CA.
+    fn leaf(&self, name: &str, dns: &str) -> (PathBuf, PathBuf) {
+        let (key, csr, pem, ext) =
+            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
+        std::fs::write(self.path(&ext), format!("subjectAltName=DNS:{dns},IP:127.0.0.1\n")).unwrap();
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={dns}"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+        (self.path(&pem), self.path(&key))
+    }
+
+    /// The serial number of a certificate file, as Python's `getpeercert` shows it.
+    fn serial(&self, pem: &Path) -> String {
+        let out =
+            Command::new("openssl").args(["x509", "-noout", "-serial", "-in"]).arg(pem).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("serial=").to_uppercase()
+    }
+}
+
+/// rip with `--tls-cert`/`--tls-key`, every worker ready (readiness is read from the log: the
+/// harness's own probe speaks plain HTTP).
+fn serve_tls(certs: &[(PathBuf, PathBuf)], extra: &[&str]) -> Rip {
+    let join =
+        |paths: Vec<&PathBuf>| paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(",");
+    let cert = join(certs.iter().map(|(c, _)| c).collect());
+    let key = join(certs.iter().map(|(_, k)| k).collect());
+    let rip = Rip::builder()
+        .args(&["--workers", "2", "--tls-cert", &cert, "--tls-key", &key])
+        .args(extra)
+        .start_listening();
+    rip.wait_all_ready();
+    rip
+}
+
+/// curl over HTTPS to `host` (resolved to 127.0.0.1), trusting the test CA: (HTTP version, body).
+fn curl(rip: &Rip, certs: &Certs, host: &str, path: &str, version: &str) -> (String, String) {
+    let port = rip.addr().port();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", version, "--cacert"])
+        .arg(certs.path("ca.pem"))
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1"), "-w", "\n%{http_version}"])
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .expect("running curl");
+    assert!(out.status.success(), "curl https://{host}{path}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, version) = text.rsplit_once('\n').unwrap();
+    (version.to_string(), body.to_string())
+}
+
+#[test]
+fn https_over_http1_and_http2_reaches_the_workers_with_x_forwarded_proto_https() {
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let rip = serve_tls(&[pair], &[]);
+    let (version, body) = curl(&rip, &certs, "localhost", "/", "--http1.1");
+    assert_eq!(version, "1.1");
+    assert!(body.starts_with("Hello from rip worker"), "{body}");
+    let (version, body) = curl(&rip, &certs, "localhost", "/headers", "--http2");
+    assert_eq!(version, "2", "ALPN h2");
+    assert!(body.contains(r#""x-forwarded-proto":"https""#), "{body}");
+
+    // Python's ssl module, as a Python client would use it.
+    let script = "import http.client, ssl, sys\n\
+        ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+        c = http.client.HTTPSConnection('localhost', int(sys.argv[1]), context=ctx)\n\
+        for _ in range(3):\n    c.request('GET', '/whoami'); r = c.getresponse(); r.read(); print(r.status, c.sock.version())\n";
+    let out = Command::new("python3")
+        .args(["-c", script, &rip.addr().port().to_string()])
+        .arg(certs.path("ca.pem"))
+        .output()
+        .expect("python3 is needed (apt install python3)");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.lines().filter(|l| l.starts_with("200 TLSv1.")).count(),
+        3,
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // TLS 1.2 and 1.3 both, and a second connection resumes the first one's session.
+    let script = r#"
+import socket, ssl, sys
+for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    ctx.maximum_version = version
+    session = None
+    for attempt in range(2):
+        raw = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+        s = ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(4096):
+            answer += chunk
+        print(s.version(), answer.split(b" ")[1].decode(), "reused" if s.session_reused else "new")
+        session = s.session
+        s.close()
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &rip.addr().port().to_string()])
+        .arg(certs.path("ca.pem"))
+        .output()
+        .expect("python3");
+    let said = String::from_utf8_lossy(&out.stdout);
+    let expected = "TLSv1.2 200 new\nTLSv1.2 200 reused\nTLSv1.3 200 new\nTLSv1.3 200 reused\n";
+    assert_eq!(said, expected, "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn the_certificate_is_chosen_by_the_name_the_client_asks_for() {
+    let certs = Certs::new();
+    let first = certs.leaf("a", "localhost");
+    let other = certs.leaf("o", "other.test");
+    let rip = serve_tls(&[first, other], &[]);
+    // curl checks that the certificate is valid for the name: each name gets its own.
+    assert_eq!(curl(&rip, &certs, "other.test", "/", "--http1.1").0, "1.1");
+    assert_eq!(curl(&rip, &certs, "localhost", "/", "--http2").0, "2");
+}
+
+#[test]
+fn sighup_reads_new_certificates_an_open_connection_keeps_working_and_a_bad_pair_is_refused() {
+    let certs = Certs::new();
+    let (a_pem, a_key) = certs.leaf("a", "localhost");
+    let (b_pem, b_key) = certs.leaf("b", "localhost");
+    let (live_pem, live_key) = (certs.path("live.pem"), certs.path("live.key"));
+    std::fs::copy(&a_pem, &live_pem).unwrap();
+    std::fs::copy(&a_key, &live_key).unwrap();
+    let rip = serve_tls(&[(live_pem.clone(), live_key.clone())], &[]);
+
+    let script = "import http.client, ssl, sys\n\
+        ctx = ssl.create_default_context(cafile=sys.argv[2])\n\
+        def conn():\n    c = http.client.HTTPSConnection('localhost', int(sys.argv[1]), context=ctx); c.connect(); return c\n\
+        def get(c):\n    c.request('GET', '/whoami'); r = c.getresponse(); r.read(); return r.status\n\
+        old = conn()\nprint('old', get(old), old.sock.getpeercert()['serialNumber'], flush=True)\n\
+        sys.stdin.readline()\nprint('kept', get(old), flush=True)\n\
+        new = conn()\nprint('new', get(new), new.sock.getpeercert()['serialNumber'], flush=True)\n";
+    let mut python = Command::new("python3")
+        .args(["-c", script, &rip.addr().port().to_string()])
+        .arg(certs.path("ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is needed (apt install python3)");
+    let mut lines = BufReader::new(python.stdout.take().unwrap()).lines();
+    let mut next = || lines.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(next(), format!("old 200 {}", certs.serial(&a_pem)));
+
+    // A renewal: new files at the same paths, then a reload.
+    std::fs::copy(&b_pem, &live_pem).unwrap();
+    std::fs::copy(&b_key, &live_key).unwrap();
+    let mark = rip.log_mark();
+    rip.signal(Signal::SIGHUP);
+    rip.wait_for_log_from(mark, |l| l.contains(" reload finished"), WAIT).expect("the reload finished");
+    python.stdin.as_mut().unwrap().write_all(b"\n").unwrap();
+    assert_eq!(next(), "kept 200", "the connection opened before the reload");
+    assert_eq!(
+        next(),
+        format!("new 200 {}", certs.serial(&b_pem)),
+        "a new connection gets the new certificate"
+    );
+    let _ = python.wait();
+
+    // A key that is not the certificate's, then a file that is no certificate: each reload is
+    // refused, naming the file, and the pair in use keeps serving.
+    let control = Control::of(&rip);
+    std::fs::copy(&a_key, &live_key).unwrap();
+    let refused = control.run(&["reload", "--wait"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        refused.stderr.contains("does not match the certificate") && refused.stderr.contains("live.key"),
+        "{refused:?}"
+    );
+    std::fs::write(&live_pem, "not a certificate\n").unwrap();
+    let refused = control.run(&["reload", "--wait"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(refused.stderr.contains("live.pem"), "{refused:?}");
+    assert_eq!(curl(&rip, &certs, "localhost", "/", "--http1.1").0, "1.1", "the old pair still serves");
+}
+
+#[test]
+fn a_bad_pair_stops_rip_at_start_with_one_line_naming_the_file() {
+    let certs = Certs::new();
+    let (pem, _) = certs.leaf("a", "localhost");
+    let (_, other_key) = certs.leaf("b", "localhost");
+    for (cert, key, says) in [
+        (pem.clone(), other_key.clone(), "does not match the certificate"),
+        (certs.path("missing.pem"), other_key.clone(), "missing.pem"),
+        (pem.clone(), pem.clone(), "no private key in"),
+    ] {
+        let mut rip = Rip::builder().args(&["--tls-cert"]).arg(&cert).arg("--tls-key").arg(&key).spawn();
+        let status = rip.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(1));
+        let logs = rip.logs();
+        let last = logs.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_default();
+        assert!(last.starts_with("rip: ") && last.contains(says), "{logs:#?}");
+    }
+}
+
+#[test]
+fn a_client_that_never_finishes_its_handshake_is_closed_after_the_header_timeout() {
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let rip = serve_tls(&[pair], &["--header-timeout", "1s"]);
+    let mut silent = std::net::TcpStream::connect(rip.addr()).unwrap();
+    let mut half = std::net::TcpStream::connect(rip.addr()).unwrap();
+    // The first bytes of a ClientHello record, and no more.
+    half.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).unwrap();
+    let started = Instant::now();
+    for stream in [&mut silent, &mut half] {
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "expected the connection closed");
+    }
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
+}

@@ -56,23 +56,6 @@ where
     }
 }
 
-/// Pause after an accept error such as EMFILE, so that a full file table is not spun on;
-/// every accept loop (front-end, worker, hand-off channel) waits the same.
-impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
-where
-    I: Read + Write + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn StdError + Send + Sync>>,
-    B: Body + 'static,
-    B::Error: Into<Box<dyn StdError + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    type Error = hyper::Error;
-    fn shut_down(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
 impl<A, B> Graceful for futures_util::future::Either<A, B>
 where
     A: Graceful,
@@ -87,6 +70,8 @@ where
     }
 }
 
+/// Pause after an accept error such as EMFILE, so that a full file table is not spun on;
+/// every accept loop (front-end, worker, hand-off channel) waits the same.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]

@@ -80,16 +80,8 @@ pub fn app_command(
         }
     }
     if let Some(fd) = listener {
-        let fd = fd.as_raw_fd();
         cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "rip");
-        // SAFETY: as in `command`: only dup2 between fork and exec, onto a number `fd` (10 or
-        // above) is not.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::dup2(fd, LISTEN_FD)?;
-                Ok(())
-            });
-        }
+        pass_fd(&mut cmd, fd, LISTEN_FD);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -158,17 +150,8 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&Owne
         }
     }
     if let Some(fd) = heartbeat {
-        let fd = fd.as_raw_fd();
         cmd.arg("--heartbeat-fd").arg(heartbeat::CHILD_FD.to_string());
-        // SAFETY: between fork and exec the closure only calls dup2, which is
-        // async-signal-safe; the copy it makes has no FD_CLOEXEC, so the page survives the exec
-        // in this child alone. `fd` is numbered 10 or above (see `dup_high`), never CHILD_FD.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::dup2(fd, heartbeat::CHILD_FD)?;
-                Ok(())
-            });
-        }
+        pass_fd(&mut cmd, fd, heartbeat::CHILD_FD);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())
@@ -176,6 +159,21 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&Owne
         .process_group(0)
         .kill_on_drop(false);
     cmd
+}
+
+/// Has the child find `fd` (an fd the caller keeps open until the process has started) as
+/// `target`.
+fn pass_fd(cmd: &mut Command, fd: &OwnedFd, target: i32) {
+    let fd = fd.as_raw_fd();
+    // SAFETY: between fork and exec the closure only calls dup2, which is async-signal-safe;
+    // the copy it makes has no FD_CLOEXEC, so it survives the exec in this child alone. `fd`
+    // is numbered 10 or above (see `dup_high`), never a target.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::dup2(fd, target)?;
+            Ok(())
+        });
+    }
 }
 
 /// Logs each line a command's worker writes, tagged with the worker and the stream, through

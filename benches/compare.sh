@@ -19,6 +19,14 @@
 #                BASE_RIP=/path/to/old/rip SETUPS="rip-base rip nginx-auto" benches/compare.sh
 #   rip-log-stderr  `rip serve --workers $WORKERS` with its default access log, to stderr (a
 #                file here); every other rip setup runs with `--access-log off`
+# TLS setups (benches/tls.sh runs these), a self-signed P-256 certificate made by openssl:
+#   rip-tls      `rip serve --workers $WORKERS --tls-cert … --tls-key …`
+#   nginx-tls    nginx (worker_processes auto) with TLS (HTTP/1.1 and HTTP/2) in front of
+#                $WORKERS `rip worker` processes
+# TLS cases: tls_c100 (wrk, keep-alive HTTP/1.1 over TLS), tls_h2_c100 (h2load, HTTP/2 over
+# TLS: 10 connections × 10 streams; h2load reports no percentiles, so latency columns are 0),
+# tls_new_c100 (wrk with Connection: close: every request a new TLS handshake, so req/s is
+# handshakes per second; session resumption is not used by wrk).
 # Setups with workers that are not rip (benches/any_language.sh runs these):
 #   rip-node     `rip serve --workers $WORKERS -- node examples/node/server.js`
 #   nginx-node   nginx (worker_processes auto) in front of $WORKERS of the same Node processes,
@@ -168,10 +176,19 @@ wait_until() {
     done
 }
 
-healthy() { curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$1/healthz"; }
+healthy() { curl -fsS -k -m 1 -o /dev/null "${2:-http}://127.0.0.1:$1/healthz"; }
 socket_healthy() { curl -fsS -m 1 -o /dev/null --unix-socket "$1" http://worker/healthz; }
 
-declare -A PORT FRONT_ROOT WORKER_PIDS KIND LOGFILE
+declare -A PORT FRONT_ROOT WORKER_PIDS KIND LOGFILE SCHEME
+
+# A self-signed certificate for 127.0.0.1, once, for the TLS setups.
+tls_cert() {
+    [[ -f $TMP/tls/cert.pem ]] && return
+    mkdir -p "$TMP/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=127.0.0.1 \
+        -addext subjectAltName=IP:127.0.0.1 -keyout "$TMP/tls/key.pem" -out "$TMP/tls/cert.pem" \
+        >"$TMP/tls/openssl.log" 2>&1 || die "openssl could not make a certificate: $(cat "$TMP/tls/openssl.log")"
+}
 
 # `rip serve` with $WORKERS workers; extra flags follow the name.
 start_rip() {
@@ -188,7 +205,7 @@ start_rip() {
     PORT[$name]=$port FRONT_ROOT[$name]=$! KIND[$name]=rip LOGFILE[$name]=$TMP/$name.log
     wait_until 60 grep -q "all workers ready" "$TMP/$name.log" ||
         die "$name: workers not ready; log: $(tail -5 "$TMP/$name.log")"
-    healthy "$port" || die "$name: /healthz does not answer"
+    healthy "$port" "${SCHEME[$name]:-http}" || die "$name: /healthz does not answer"
 }
 
 # nginx in front of its own `rip worker` processes, or with APP=node of Node processes running
@@ -237,7 +254,8 @@ $upstreams        keepalive $NGINX_KEEPALIVE;
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$port$([[ -n ${TLS:-} ]] && echo " ssl http2");
+$([[ -n ${TLS:-} ]] && printf '        ssl_certificate %s;\n        ssl_certificate_key %s;\n        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:SSL:10m;\n' "$TMP/tls/cert.pem" "$TMP/tls/key.pem")
         location / {
             proxy_pass http://rip;
             proxy_http_version 1.1;
@@ -255,7 +273,7 @@ EOF
     "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" >>"$dir/stdout.log" 2>&1 &
     STARTED+=($!)
     PORT[$name]=$port FRONT_ROOT[$name]=$! KIND[$name]=nginx WORKER_PIDS[$name]="${pids[*]}"
-    wait_until 30 healthy "$port" || die "$name: nginx did not start: $(tail -3 "$dir/error.log")"
+    wait_until 30 healthy "$port" "${SCHEME[$name]:-http}" || die "$name: nginx did not start: $(tail -3 "$dir/error.log")"
 }
 
 # A server that is its own front-end and forks its workers (node-cluster, seed-bun): started
@@ -294,6 +312,14 @@ start_setup() {
         nginx-1) start_nginx nginx-1 1 ;;
         nginx-auto) start_nginx nginx-auto auto ;;
         ceiling) start_ceiling ceiling ;;
+        rip-tls)
+            tls_cert
+            SCHEME[rip-tls]=https
+            start_rip rip-tls --tls-cert "$TMP/tls/cert.pem" --tls-key "$TMP/tls/key.pem" ;;
+        nginx-tls)
+            tls_cert
+            SCHEME[nginx-tls]=https
+            TLS=1 start_nginx nginx-tls auto ;;
         rip-node) start_rip rip-node -- node "$ROOT/examples/node/server.js" ;;
         nginx-node) APP=node start_nginx nginx-node auto ;;
         node-cluster) start_tree node-cluster node "$ROOT/benches/apps/node-cluster.js" ;;
@@ -405,6 +431,9 @@ case_args() {
         echo_1m) echo "-t2 -c$BODY_CONNS -s $TMP/echo-$BODY_BYTES.lua /echo" ;;
         echo_64k) echo "-t2 -c$BODY_CONNS -s $TMP/echo-$SMALL_BODY_BYTES.lua /echo" ;;
         close_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;; # plus the header, in run_wrk
+        tls_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;;
+        tls_new_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;; # plus the header, in run_wrk
+        tls_h2_c100) echo "/" ;; # h2load, in run_wrk
 
         *) die "unknown case $1" ;;
     esac
@@ -418,12 +447,30 @@ run_wrk() {
     path=${args[-1]}
     unset 'args[-1]'
     # With the space: wrk drops an -H value without ": " and would keep the connection.
-    [[ $case == close_* ]] && args+=(-H "Connection: close")
+    [[ $case == close_* || $case == tls_new_* ]] && args+=(-H "Connection: close")
+    local url="${SCHEME[$name]:-http}://127.0.0.1:${PORT[$name]}$path"
+    if [[ $case == tls_h2_* ]]; then
+        run_h2load "$url" "$secs" "$out"
+        return
+    fi
     # wrk's default 2 s timeout: a request that stalls shows up as an error.
     OUT=$out bash -c 'wrk "$@" >"$OUT" 2>&1; times' wrk --latency -d "${secs}s" \
-        "${args[@]}" "http://127.0.0.1:${PORT[$name]}$path" 2>/dev/null |
+        "${args[@]}" "$url" 2>/dev/null |
         tail -1 | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
                          printf "%d\n", t * 1000 }'
+}
+
+# h2load for SECS seconds against URL: its output to OUT with a RESULT line in wrk's format
+# (no latency percentiles: zeros), its own CPU time (ms) on stdout.
+run_h2load() {
+    local url=$1 secs=$2 out=$3
+    OUT=$out bash -c 'h2load "$@" >"$OUT" 2>&1; times' h2load -c 10 -m 10 -t 1 -D "$secs" "$url" 2>/dev/null |
+        tail -1 | awk '{ t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); t += a[1] * 60 + a[2] }
+                         printf "%d\n", t * 1000 }'
+    awk -v secs="$secs" '
+        /^requests:/ { done = $8; failed = $10; errored = $12 }
+        /^traffic:/ { bytes = $3; sub(/\(/, "", bytes) }
+        END { printf "RESULT %d %d %d 0 0 0 0 0 0 0 %d\n", done, secs * 1000000, bytes, failed + errored }' "$out" >>"$out"
 }
 
 RESULTS=$TMP/results.tsv
@@ -572,6 +619,9 @@ case_title() {
         echo_1m) echo "POST /echo, $BODY_BYTES-byte body streamed back — c=$BODY_CONNS (wrk -t2 -c$BODY_CONNS)" ;;
         echo_64k) echo "POST /echo, $SMALL_BODY_BYTES-byte body streamed back — c=$BODY_CONNS (wrk -t2 -c$BODY_CONNS)" ;;
         close_c100) echo "GET / with Connection: close (a new TCP connection per request) — c=$CONNS" ;;
+        tls_c100) echo "HTTPS GET /, keep-alive HTTP/1.1 — c=$CONNS (wrk -t2 -c$CONNS)" ;;
+        tls_h2_c100) echo "HTTPS GET /, HTTP/2 — 10 connections × 10 streams (h2load -c10 -m10); no latency percentiles" ;;
+        tls_new_c100) echo "HTTPS GET / with Connection: close: a full TLS handshake per request — c=$CONNS" ;;
     esac
 }
 
@@ -586,6 +636,8 @@ setup_title() {
         nginx-1) echo "nginx wp=1 → $WORKERS rip workers" ;;
         nginx-auto) echo "nginx wp=auto ($(nproc)) → $WORKERS rip workers" ;;
         ceiling) echo "ceiling: 1 worker's app, no hop" ;;
+        rip-tls) echo "rip serve --workers $WORKERS with TLS (rustls, ring)" ;;
+        nginx-tls) echo "nginx wp=auto ($(nproc)) with TLS → $WORKERS rip workers" ;;
         rip-node) echo "rip serve --workers $WORKERS -- node examples/node/server.js" ;;
         nginx-node) echo "nginx wp=auto ($(nproc)) → $WORKERS node examples/node/server.js" ;;
         node-cluster) echo "node cluster, $WORKERS workers (benches/apps/node-cluster.js)" ;;

@@ -185,8 +185,10 @@ async fn serve(parent: Parent) -> Result<()> {
         intents: intents_tx,
         started: std::time::Instant::now(),
     };
-    let control_task =
-        tasks.essential("control socket", control::serve(&dir.path().join(control::SOCKET_NAME), controls)?);
+    let control_task = tasks.essential(
+        "control socket",
+        control::serve(&dir.path().join(control::SOCKET_NAME), controls.clone())?,
+    );
 
     let stop = CancellationToken::new();
     if let Some(addr) = config.admin {
@@ -195,6 +197,7 @@ async fn serve(parent: Parent) -> Result<()> {
             metrics.clone(),
             proxy.clone(),
             supervisor.clone(),
+            controls.clone(),
             stop.clone(),
         )
         .await?;

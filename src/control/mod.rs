@@ -91,6 +91,12 @@ pub struct Lifetime {
     pub recycles: u64,
     /// Workers replaced after exiting unexpectedly (a crash, a kill, a hang).
     pub restarts: u64,
+    /// Time to response headers summed over the answered requests, and how many: the status
+    /// page's mean latency over a window is the change of one over the change of the other.
+    #[serde(default)]
+    pub latency_sum_secs: f64,
+    #[serde(default)]
+    pub latency_count: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -123,8 +129,15 @@ impl Controls {
     pub async fn status(&self) -> Status {
         let counts = self.proxy.worker_counts();
         let (requests, recycles, restarts) = self.proxy.metrics().lifetime();
-        let lifetime =
-            Lifetime { uptime_secs: self.started.elapsed().as_secs_f64(), requests, recycles, restarts };
+        let (latency_sum_secs, latency_count) = self.proxy.metrics().latency_totals();
+        let lifetime = Lifetime {
+            uptime_secs: self.started.elapsed().as_secs_f64(),
+            requests,
+            recycles,
+            restarts,
+            latency_sum_secs,
+            latency_count,
+        };
         let mut status = Status { pid: std::process::id(), lifetime, ..Default::default() };
         for w in self.supervisor.status().await {
             let (requests, in_flight, tunnels) =
@@ -383,7 +396,13 @@ mod tests {
             in_flight: 1,
             tunnels: 2,
             rss_bytes: 3 * 1024 * 1024,
-            lifetime: Lifetime { uptime_secs: 3700.0, requests: 99_000, recycles: 98, restarts: 1 },
+            lifetime: Lifetime {
+                uptime_secs: 3700.0,
+                requests: 99_000,
+                recycles: 98,
+                restarts: 1,
+                ..Default::default()
+            },
         };
         let table = format_status(&status);
         assert!(table.lines().nth(1).unwrap().starts_with("0/3"), "{table}");

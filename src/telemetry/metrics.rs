@@ -145,6 +145,11 @@ impl Metrics {
         (sum(&self.by_status), sum(&self.recycles), self.restarts.load(Ordering::Relaxed))
     }
 
+    /// Seconds to response headers summed over every answered request, and their number.
+    pub fn latency_totals(&self) -> (f64, u64) {
+        (self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6, self.latency_count.load(Ordering::Relaxed))
+    }
+
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(4096);

@@ -25,6 +25,7 @@ mod serve;
 mod slow_clients;
 mod stalls;
 mod static_files;
+mod status_page;
 mod systemd;
 mod tls;
 mod tunnels;

@@ -28,6 +28,7 @@
 
 use std::time::Duration;
 
+pub mod chromium;
 mod control;
 mod deploy;
 mod example;

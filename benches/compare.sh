@@ -27,6 +27,11 @@
 # TLS: 10 connections × 10 streams; h2load reports no percentiles, so latency columns are 0),
 # tls_new_c100 (wrk with Connection: close: every request a new TLS handshake, so req/s is
 # handshakes per second; session resumption is not used by wrk).
+# Static-file setups (benches/static.sh runs these), one directory with a 6-byte file and a
+# 100 KiB file:
+#   rip-static   `rip serve --workers $WORKERS --root DIR`
+#   nginx-static nginx (worker_processes auto, sendfile on) serving DIR itself
+# Static cases: static_small_c50 and static_100k_c50 (wrk -t2 -c50, GET of each file).
 # Setups with workers that are not rip (benches/any_language.sh runs these):
 #   rip-node     `rip serve --workers $WORKERS -- node examples/node/server.js`
 #   nginx-node   nginx (worker_processes auto) in front of $WORKERS of the same Node processes,
@@ -181,6 +186,50 @@ socket_healthy() { curl -fsS -m 1 -o /dev/null --unix-socket "$1" http://worker/
 
 declare -A PORT FRONT_ROOT WORKER_PIDS KIND LOGFILE SCHEME
 
+# The directory the static setups serve, once.
+static_dir() {
+    [[ -d $TMP/static ]] && return
+    mkdir -p "$TMP/static"
+    printf 'hello\n' >"$TMP/static/small.txt"
+    head -c 102400 /dev/urandom >"$TMP/static/big.bin"
+}
+
+# nginx serving the static directory itself, as a site would.
+start_nginx_static() {
+    local name=$1 port dir=$TMP/$1
+    port=$(free_port)
+    mkdir -p "$dir/temp"
+    cat >"$dir/nginx.conf" <<CONF
+user root;
+worker_processes auto;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    client_body_temp_path $dir/temp/body;
+    proxy_temp_path $dir/temp/proxy;
+    fastcgi_temp_path $dir/temp/fastcgi;
+    uwsgi_temp_path $dir/temp/uwsgi;
+    scgi_temp_path $dir/temp/scgi;
+    server {
+        listen 127.0.0.1:$port;
+        root $TMP/static;
+    }
+}
+CONF
+    "$NGINX" -p "$dir" -e "$dir/error.log" -c "$dir/nginx.conf" >>"$dir/stdout.log" 2>&1 &
+    STARTED+=($!)
+    PORT[$name]=$port FRONT_ROOT[$name]=$! KIND[$name]=nginx WORKER_PIDS[$name]=
+    wait_until 30 curl -fsS -m 1 -o /dev/null "http://127.0.0.1:$port/small.txt" ||
+        die "$name: nginx did not start: $(tail -3 "$dir/error.log")"
+}
+
 # A self-signed certificate for 127.0.0.1, once, for the TLS setups.
 tls_cert() {
     [[ -f $TMP/tls/cert.pem ]] && return
@@ -312,6 +361,8 @@ start_setup() {
         nginx-1) start_nginx nginx-1 1 ;;
         nginx-auto) start_nginx nginx-auto auto ;;
         ceiling) start_ceiling ceiling ;;
+        rip-static) static_dir && start_rip rip-static --root "$TMP/static" ;;
+        nginx-static) static_dir && start_nginx_static nginx-static ;;
         rip-tls)
             tls_cert
             SCHEME[rip-tls]=https
@@ -432,6 +483,8 @@ case_args() {
         echo_64k) echo "-t2 -c$BODY_CONNS -s $TMP/echo-$SMALL_BODY_BYTES.lua /echo" ;;
         close_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;; # plus the header, in run_wrk
         tls_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;;
+        static_small_c50) echo "-t2 -c50 -s $TMP/report.lua /small.txt" ;;
+        static_100k_c50) echo "-t2 -c50 -s $TMP/report.lua /big.bin" ;;
         tls_new_c100) echo "-t2 -c$CONNS -s $TMP/report.lua /" ;; # plus the header, in run_wrk
         tls_h2_c100) echo "/" ;; # h2load, in run_wrk
 
@@ -620,6 +673,8 @@ case_title() {
         echo_64k) echo "POST /echo, $SMALL_BODY_BYTES-byte body streamed back — c=$BODY_CONNS (wrk -t2 -c$BODY_CONNS)" ;;
         close_c100) echo "GET / with Connection: close (a new TCP connection per request) — c=$CONNS" ;;
         tls_c100) echo "HTTPS GET /, keep-alive HTTP/1.1 — c=$CONNS (wrk -t2 -c$CONNS)" ;;
+        static_small_c50) echo "a 6-byte static file — c=50 (wrk -t2 -c50)" ;;
+        static_100k_c50) echo "a 100 KiB static file — c=50 (wrk -t2 -c50)" ;;
         tls_h2_c100) echo "HTTPS GET /, HTTP/2 — 10 connections × 10 streams (h2load -c10 -m10); no latency percentiles" ;;
         tls_new_c100) echo "HTTPS GET / with Connection: close: a full TLS handshake per request — c=$CONNS" ;;
     esac
@@ -636,6 +691,8 @@ setup_title() {
         nginx-1) echo "nginx wp=1 → $WORKERS rip workers" ;;
         nginx-auto) echo "nginx wp=auto ($(nproc)) → $WORKERS rip workers" ;;
         ceiling) echo "ceiling: 1 worker's app, no hop" ;;
+        rip-static) echo "rip serve --workers $WORKERS --root DIR" ;;
+        nginx-static) echo "nginx wp=auto ($(nproc)) serving DIR, sendfile on" ;;
         rip-tls) echo "rip serve --workers $WORKERS with TLS (rustls, ring)" ;;
         nginx-tls) echo "nginx wp=auto ($(nproc)) with TLS → $WORKERS rip workers" ;;
         rip-node) echo "rip serve --workers $WORKERS -- node examples/node/server.js" ;;

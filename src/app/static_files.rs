@@ -30,6 +30,7 @@ use axum::extract::Request;
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use bytes::Bytes;
 use nix::errno::Errno;
 use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, Mode, SFlag};
@@ -88,6 +89,7 @@ async fn serve(root: Arc<Root>, req: Request) -> Response {
     };
     let wants_dir = req.uri().path().ends_with('/');
     let encodings = accepted_encodings(req.headers());
+    let plain = is_plain(req.headers());
     // Lookups are syscalls that may wait on a slow disk; keep them off the worker's thread.
     let found = tokio::task::spawn_blocking(move || {
         let found = root.find(&segments, wants_dir)?;
@@ -100,9 +102,24 @@ async fn serve(root: Arc<Root>, req: Request) -> Response {
                 })
             })
             .flatten();
-        Ok::<_, Errno>((found, encoded))
+        // A small file asked for plainly is read here whole, in the same trip to the
+        // blocking pool, instead of one trip each to open, stat and read it again.
+        let whole = match (&found, &encoded) {
+            (Found::File { .. }, Some((_, fd))) | (Found::File { fd, .. }, None) if plain => read_small(fd),
+            _ => None,
+        };
+        Ok::<_, Errno>((found, encoded, whole))
     })
     .await;
+    let found = match found {
+        Ok(Ok((Found::File { name, .. }, encoded, Some((st, bytes))))) => {
+            let coding = encoded.as_ref().map(|(coding, _)| *coding);
+            return whole_file(&req, &name, &st, bytes, coding);
+        }
+        Ok(Ok((found, encoded, _))) => Ok(Ok((found, encoded))),
+        Ok(Err(errno)) => Ok(Err(errno)),
+        Err(e) => Err(e),
+    };
     match found {
         Ok(Ok((Found::File { name, .. }, Some((coding, fd))))) => {
             let mut response = serve_file(fd, &name, req).await;
@@ -175,6 +192,74 @@ async fn serve_file(fd: OwnedFd, name: &OsStr, mut req: Request) -> Response {
         }
         _ => response,
     }
+}
+
+/// Largest file answered from one read, without ServeFile.
+const WHOLE_MAX: i64 = 256 * 1024;
+
+/// No header that ServeFile would answer with anything but the whole file (ranges, date
+/// preconditions): such a request can be answered from one read.
+fn is_plain(headers: &axum::http::HeaderMap) -> bool {
+    ![header::RANGE, header::IF_RANGE, header::IF_MODIFIED_SINCE, header::IF_UNMODIFIED_SINCE]
+        .iter()
+        .any(|name| headers.contains_key(name))
+}
+
+/// The file behind `fd` with its stat, if it is a regular file of at most [`WHOLE_MAX`]
+/// bytes and is read whole; `None` sends the request down ServeFile's path instead.
+fn read_small(fd: &OwnedFd) -> Option<(nix::sys::stat::FileStat, Bytes)> {
+    let st = fstat(fd.as_raw_fd()).ok()?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG
+        || st.st_size > WHOLE_MAX
+    {
+        return None;
+    }
+    // The lookup's descriptor is O_PATH, which reads nothing; its /proc/self/fd link opens
+    // the very inode it resolved, as ServeFile's path does.
+    let file = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    let mut bytes = vec![0u8; st.st_size as usize];
+    let mut read = 0;
+    while read < bytes.len() {
+        match nix::sys::uio::pread(&file, &mut bytes[read..], read as i64) {
+            Ok(0) => return None, // shorter than its stat said: let ServeFile deal with it
+            Ok(n) => read += n,
+            Err(Errno::EINTR) => {}
+            Err(_) => return None,
+        }
+    }
+    Some((st, Bytes::from(bytes)))
+}
+
+/// A 200 (or 304, 412) for a file read whole, with the headers ServeFile would send.
+fn whole_file(
+    req: &Request,
+    name: &OsStr,
+    st: &nix::sys::stat::FileStat,
+    bytes: Bytes,
+    coding: Option<&'static str>,
+) -> Response {
+    let etag = entity_tag(st);
+    match validate(req.headers(), &etag) {
+        Validated::Serve => {}
+        Validated::NotModified => return with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag),
+        Validated::Failed => return with_etag(StatusCode::PRECONDITION_FAILED.into_response(), &etag),
+    }
+    let modified = std::time::UNIX_EPOCH + std::time::Duration::new(st.st_mtime.max(0) as u64, 0);
+    let mut response =
+        Response::new(if req.method() == Method::HEAD { Body::empty() } else { Body::from(bytes.clone()) });
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(name)));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(modified)) {
+        headers.insert(header::LAST_MODIFIED, value);
+    }
+    // As on ServeFile's path: Vary only when a sibling was chosen.
+    if let Some(coding) = coding {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(coding));
+        headers.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    with_etag(response, &etag)
 }
 
 /// For a `Range` of several byte ranges over a file of `size` bytes, the one range from the
@@ -791,6 +876,47 @@ mod tests {
 
     fn get(path: &str) -> Request<Body> {
         Request::get(path).body(Body::empty()).unwrap()
+    }
+
+    /// A small file read whole answers as ServeFile does (ServeFile answers when the request
+    /// carries a date precondition, here one that always holds), GET and HEAD, plain and
+    /// precompressed; a file past the limit takes ServeFile's path and answers the same too.
+    #[tokio::test]
+    async fn a_file_read_whole_answers_with_the_headers_servefile_sends() {
+        let tree = Tree::new();
+        std::fs::write(tree.root().join("big.bin"), vec![7u8; WHOLE_MAX as usize + 1]).unwrap();
+        std::fs::write(tree.root().join("hello.txt.gz"), b"not really gzip").unwrap();
+        let app = static_files(&tree.root());
+        let compared = [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::LAST_MODIFIED,
+            header::ETAG,
+            header::ACCEPT_RANGES,
+        ];
+        for (path, gzip) in [("/hello.txt", false), ("/hello.txt", true), ("/big.bin", false)] {
+            for method in [Method::GET, Method::HEAD] {
+                let request = |precondition: bool| {
+                    let mut req = Request::builder().method(method.clone()).uri(path);
+                    if gzip {
+                        req = req.header(header::ACCEPT_ENCODING, "gzip");
+                    }
+                    if precondition {
+                        req = req.header(header::IF_UNMODIFIED_SINCE, "Fri, 01 Jan 2100 00:00:00 GMT");
+                    }
+                    req.body(Body::empty()).unwrap()
+                };
+                let (fast_status, fast, fast_body) = call(&app, request(false)).await;
+                let (slow_status, slow, slow_body) = call(&app, request(true)).await;
+                assert_eq!((fast_status, slow_status), (StatusCode::OK, StatusCode::OK), "{method} {path}");
+                for name in &compared {
+                    assert_eq!(fast.get(name), slow.get(name), "{method} {path} gzip={gzip}: {name}");
+                    assert!(fast.get(name).is_some(), "{method} {path}: no {name}");
+                }
+                assert_eq!(fast.get(header::CONTENT_ENCODING), slow.get(header::CONTENT_ENCODING));
+                assert_eq!(fast_body, slow_body, "{method} {path}");
+            }
+        }
     }
 
     #[tokio::test]

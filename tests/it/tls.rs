@@ -24,28 +24,20 @@ struct Certs {
 impl Certs {
     fn new() -> Certs {
         let certs = Certs { dir: TempDir::new() };
-        certs.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=rip test CA",
-        ]);
+        certs.request(&["-x509", "-days", "2"], "ca.key", "ca.pem", "/CN=rip test CA");
         certs
     }
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// `openssl req` with a new P-256 key in `key`: a CSR, or with `-x509` a certificate.
+    fn request(&self, extra: &[&str], key: &str, out: &str, subject: &str) {
+        let mut args = vec!["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-keyout", key, "-out", out, "-subj", subject]);
+        self.openssl(&args);
     }
 
     fn openssl(&self, args: &[&str]) {
@@ -61,20 +53,7 @@ impl Certs {
         let (key, csr, pem, ext) =
             (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("{name}.ext"));
         std::fs::write(self.path(&ext), format!("subjectAltName=DNS:{dns},IP:127.0.0.1\n")).unwrap();
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={dns}"),
-        ]);
+        self.request(&[], &key, &csr, &format!("/CN={dns}"));
         self.openssl(&[
             "x509",
             "-req",

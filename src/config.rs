@@ -190,6 +190,10 @@ settings! {
     /// PEM private key of each --tls-cert, in the same order
     tls_key: Vec<PathBuf> = Vec::new(), shown "none",
         flag "FILES", parse parse_paths;
+    /// With TLS: also listen on ADDR for plain HTTP and answer every request with a redirect
+    /// to https on --port, e.g. 0.0.0.0:80
+    http_redirect: Option<std::net::SocketAddr> = None, shown "off",
+        flag "ADDR", parse parse_admin;
     /// Threads per worker process
     worker_threads: usize = 1, shown "1",
         flag "N", parse parse_count;
@@ -786,6 +790,9 @@ fn validate(config: &Config) -> Result<()> {
             config.tls_cert.len(),
             config.tls_key.len()
         );
+    }
+    if config.http_redirect.is_some() && config.tls_cert.is_empty() {
+        bail!("http_redirect sends clients to https, which needs tls_cert and tls_key");
     }
     if !config.tls_cert.is_empty() && config.upstream == Upstream::Handoff {
         bail!("TLS is ended by the front-end: it cannot be used with upstream handoff");

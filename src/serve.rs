@@ -204,6 +204,11 @@ async fn serve(parent: Parent) -> Result<()> {
         tasks.essential("admin listener", serving);
         info!(addr = %bound, "admin listener started");
     }
+    if let Some(addr) = config.http_redirect {
+        let (bound, serving) = frontend::redirect::serve(addr, local.port(), stop.clone()).await?;
+        tasks.essential("http redirect listener", serving);
+        info!(addr = %bound, "http redirect listener started");
+    }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
     let door = frontend::Door::new(&proxy, parent.edge.as_ref());
     let frontend = tasks.essential(
@@ -373,6 +378,7 @@ fn reload(
         ("log_format", old.log_format != config.log_format),
         ("access_log", old.access_log != config.access_log),
         ("admin", old.admin != config.admin),
+        ("http_redirect", old.http_redirect != config.http_redirect),
         ("balance", old.balance != config.balance),
         ("header_timeout", old.header_timeout != config.header_timeout),
         ("max_connections", old.max_connections != config.max_connections),

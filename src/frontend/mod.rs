@@ -13,6 +13,8 @@ pub mod framing;
 mod http2c;
 /// The public listening socket: inherited, passed by systemd, or bound.
 pub mod listener;
+/// The plain listener that sends clients to https.
+pub mod redirect;
 /// HTTPS on the listener: certificates, SNI, reloads.
 pub mod tls;
 

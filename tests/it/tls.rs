@@ -280,3 +280,32 @@ fn a_client_that_never_finishes_its_handshake_is_closed_after_the_header_timeout
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(5), "closed after {took:?}");
 }
+
+#[test]
+fn the_plain_redirect_listener_sends_clients_to_https_on_the_main_port() {
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let rip = serve_tls(&[pair], &["--http-redirect", "127.0.0.1:0"]);
+    let plain: std::net::SocketAddr = rip
+        .wait_for_log(|l| l.contains(" http redirect listener started "), WAIT)
+        .and_then(|l| crate::harness::log_field(&l, "addr").and_then(|a| a.parse().ok()))
+        .expect("the redirect listener's address is logged");
+    // curl follows the redirect from plain HTTP to the TLS port and checks the certificate.
+    let port = rip.addr().port();
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "-L", "-w", "\n%{url_effective} %{http_code}", "--cacert"])
+        .arg(certs.path("ca.pem"))
+        .args(["--resolve", &format!("localhost:{}:127.0.0.1", plain.port())])
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .arg(format!("http://localhost:{}/whoami?x=1", plain.port()))
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    assert_eq!(
+        last,
+        format!("https://localhost:{port}/whoami?x=1 200"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

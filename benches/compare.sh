@@ -19,6 +19,9 @@
 #                BASE_RIP=/path/to/old/rip SETUPS="rip-base rip nginx-auto" benches/compare.sh
 #   rip-log-stderr  `rip serve --workers $WORKERS` with its default access log, to stderr (a
 #                file here); every other rip setup runs with `--access-log off`
+#   haproxy      HAProxy (nbthread = cores, balance leastconn, http-reuse always, keep-alive)
+#                in front of $WORKERS `rip worker --socket` processes; ×nginx columns compare with
+#                the better of nginx and HAProxy
 # TLS setups (benches/tls.sh runs these), a self-signed P-256 certificate made by openssl:
 #   rip-tls      `rip serve --workers $WORKERS --tls-cert … --tls-key …`
 #   nginx-tls    nginx (worker_processes auto) with TLS (HTTP/1.1 and HTTP/2) in front of
@@ -230,6 +233,45 @@ CONF
         die "$name: nginx did not start: $(tail -3 "$dir/error.log")"
 }
 
+# HAProxy in front of its own `rip worker` processes, configured as a tuned deployment would
+# be: a thread per core, connections to the workers kept and shared, least connections.
+start_haproxy() {
+    local name=$1 port i sock servers= dir=$TMP/$1 pids=()
+    command -v haproxy >/dev/null || die "haproxy is needed: apt-get install haproxy"
+    port=$(free_port)
+    mkdir -p "$dir"
+    for ((i = 0; i < WORKERS; i++)); do
+        sock=$dir/w$i.sock
+        (cd "$TMP" && exec "$RIP" worker --socket "$sock" --id "$i" --parent $$ >>"$dir/workers.log" 2>&1) &
+        STARTED+=($!)
+        pids+=($!)
+        servers+="    server w$i $sock"$'\n'
+        wait_until 30 socket_healthy "$sock" || die "$name: rip worker $i did not start"
+    done
+    cat >"$dir/haproxy.cfg" <<CONF
+global
+    nbthread $(nproc)
+    maxconn 20000
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend front
+    bind 127.0.0.1:$port
+    default_backend workers
+backend workers
+    balance leastconn
+$servers
+CONF
+    haproxy -f "$dir/haproxy.cfg" -db >>"$dir/haproxy.log" 2>&1 &
+    STARTED+=($!)
+    PORT[$name]=$port FRONT_ROOT[$name]=$! KIND[$name]=nginx WORKER_PIDS[$name]="${pids[*]}"
+    wait_until 30 healthy "$port" || die "$name: haproxy did not start: $(tail -3 "$dir/haproxy.log")"
+}
+
 # A self-signed certificate for 127.0.0.1, once, for the TLS setups.
 tls_cert() {
     [[ -f $TMP/tls/cert.pem ]] && return
@@ -361,6 +403,7 @@ start_setup() {
         nginx-1) start_nginx nginx-1 1 ;;
         nginx-auto) start_nginx nginx-auto auto ;;
         ceiling) start_ceiling ceiling ;;
+        haproxy) start_haproxy haproxy ;;
         rip-static) static_dir && start_rip rip-static --root "$TMP/static" ;;
         nginx-static) static_dir && start_nginx_static nginx-static ;;
         rip-tls)
@@ -690,6 +733,7 @@ setup_title() {
         rip-handoff-recycle) echo "rip serve --workers $WORKERS --upstream handoff --max-requests $MAX_REQUESTS" ;;
         nginx-1) echo "nginx wp=1 → $WORKERS rip workers" ;;
         nginx-auto) echo "nginx wp=auto ($(nproc)) → $WORKERS rip workers" ;;
+        haproxy) echo "HAProxy nbthread=$(nproc) → $WORKERS rip workers" ;;
         ceiling) echo "ceiling: 1 worker's app, no hop" ;;
         rip-static) echo "rip serve --workers $WORKERS --root DIR" ;;
         nginx-static) echo "nginx wp=auto ($(nproc)) serving DIR, sendfile on" ;;
@@ -732,7 +776,7 @@ report() {
                 }
                 $2 == case && $1 !~ /-recycle$/ {
                     rows[++k] = $1; for (i = 3; i <= NF; i++) v[$1, i] = $i
-                    if ($1 ~ /^nginx/ && $3 > 0 && (best == "" || $3 > v[best, 3])) best = $1
+                    if ($1 ~ /^(nginx|haproxy)/ && $3 > 0 && (best == "" || $3 > v[best, 3])) best = $1
                 }
                 function ratio(a, b) { return (b == "" || b + 0 == 0) ? "-" : sprintf("%.2f", a / b) }
                 END {

@@ -251,7 +251,7 @@ start_haproxy() {
     cat >"$dir/haproxy.cfg" <<CONF
 global
     nbthread $(nproc)
-    maxconn 20000
+    maxconn 8000
 defaults
     mode http
     option http-keep-alive

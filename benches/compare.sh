@@ -800,7 +800,7 @@ report() {
                             v[s, 7], v[s, 8], v[s, 19], v[s, 20], ratio(v[s, 8], (best == "" ? "" : v[best, 8])), v[s, 10], v[s, 16], v[s, 9], v[s, 15],
                             (s == "ceiling" ? "-" : v[s, 11]), v[s, 12]
                     }
-                    if (best != "") printf "\nnginx best here: %s.\n", title[best]
+                    if (best != "") printf "\nYardstick here (the better of the nginx and HAProxy setups): %s.\n", title[best]
                     else if (none != "") print "\nNo ×nginx ratios: nginx completed next to no requests here (see the notes below)."
                     else print "\nNo nginx setup completed a request here."
                 }' "$summary"

@@ -233,6 +233,27 @@ CONF
         die "$name: nginx did not start: $(tail -3 "$dir/error.log")"
 }
 
+# $WORKERS worker processes on Unix sockets in DIR, for a proxy set up by this script:
+# `rip worker`, or with APP=node the Node example. Sets SOCKETS and SOCKET_PIDS.
+start_workers() {
+    local name=$1 dir=$2 i sock
+    SOCKETS=() SOCKET_PIDS=()
+    for ((i = 0; i < WORKERS; i++)); do
+        sock=$dir/w$i.sock
+        if [[ ${APP:-rip} == node ]]; then
+            (cd "$TMP" && RIP_SOCKET=$sock RIP_WORKER_ID=$i exec node "$ROOT/examples/node/server.js" \
+                >>"$dir/workers.log" 2>&1) &
+        else
+            # --parent: the worker dies with this script even if it is killed without cleanup.
+            (cd "$TMP" && exec "$RIP" worker --socket "$sock" --id "$i" --parent $$ >>"$dir/workers.log" 2>&1) &
+        fi
+        STARTED+=($!)
+        SOCKET_PIDS+=($!)
+        SOCKETS+=("$sock")
+        wait_until 30 socket_healthy "$sock" || die "$name: worker $i did not start"
+    done
+}
+
 # HAProxy in front of its own `rip worker` processes, configured as a tuned deployment would
 # be: a thread per core, connections to the workers kept and shared, least connections.
 start_haproxy() {
@@ -240,14 +261,9 @@ start_haproxy() {
     command -v haproxy >/dev/null || die "haproxy is needed: apt-get install haproxy"
     port=$(free_port)
     mkdir -p "$dir"
-    for ((i = 0; i < WORKERS; i++)); do
-        sock=$dir/w$i.sock
-        (cd "$TMP" && exec "$RIP" worker --socket "$sock" --id "$i" --parent $$ >>"$dir/workers.log" 2>&1) &
-        STARTED+=($!)
-        pids+=($!)
-        servers+="    server w$i $sock"$'\n'
-        wait_until 30 socket_healthy "$sock" || die "$name: rip worker $i did not start"
-    done
+    start_workers "$name" "$dir"
+    pids=("${SOCKET_PIDS[@]}")
+    for i in "${!SOCKETS[@]}"; do servers+="    server w$i ${SOCKETS[$i]}"$'\n'; done
     cat >"$dir/haproxy.cfg" <<CONF
 global
     nbthread $(nproc)
@@ -306,21 +322,9 @@ start_nginx() {
     port=$(free_port)
     local dir=$TMP/$name
     mkdir -p "$dir/temp"
-    local pids=()
-    for ((i = 0; i < WORKERS; i++)); do
-        sock=$dir/w$i.sock
-        if [[ ${APP:-rip} == node ]]; then
-            (cd "$TMP" && RIP_SOCKET=$sock RIP_WORKER_ID=$i exec node "$ROOT/examples/node/server.js" \
-                >>"$dir/workers.log" 2>&1) &
-        else
-            # --parent: the worker dies with this script even if it is killed without cleanup.
-            (cd "$TMP" && exec "$RIP" worker --socket "$sock" --id "$i" --parent $$ >>"$dir/workers.log" 2>&1) &
-        fi
-        STARTED+=($!)
-        pids+=($!)
-        upstreams+="        server unix:$sock;"$'\n'
-        wait_until 30 socket_healthy "$sock" || die "$name: rip worker $i did not start"
-    done
+    start_workers "$name" "$dir"
+    local pids=("${SOCKET_PIDS[@]}")
+    for sock in "${SOCKETS[@]}"; do upstreams+="        server unix:$sock;"$'\n'; done
     cat >"$dir/nginx.conf" <<EOF
 # Run by benches/compare.sh. The socket directory is private to root, hence user root.
 user root;

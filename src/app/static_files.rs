@@ -166,10 +166,8 @@ async fn serve_file(fd: OwnedFd, name: &OsStr, mut req: Request) -> Response {
         }
     }
     if let Some(etag) = &etag {
-        match validate(req.headers(), etag) {
-            Validated::Serve => {}
-            Validated::NotModified => return with_etag(StatusCode::NOT_MODIFIED.into_response(), etag),
-            Validated::Failed => return with_etag(StatusCode::PRECONDITION_FAILED.into_response(), etag),
+        if let Some(answer) = precondition(req.headers(), etag) {
+            return answer;
         }
         // RFC 9110 §13.2.2: with If-None-Match, If-Modified-Since is not evaluated.
         if req.headers().contains_key(header::IF_NONE_MATCH) {
@@ -239,17 +237,16 @@ fn whole_file(
     coding: Option<&'static str>,
 ) -> Response {
     let etag = entity_tag(st);
-    match validate(req.headers(), &etag) {
-        Validated::Serve => {}
-        Validated::NotModified => return with_etag(StatusCode::NOT_MODIFIED.into_response(), &etag),
-        Validated::Failed => return with_etag(StatusCode::PRECONDITION_FAILED.into_response(), &etag),
+    if let Some(answer) = precondition(req.headers(), &etag) {
+        return answer;
     }
     let modified = std::time::UNIX_EPOCH + std::time::Duration::new(st.st_mtime.max(0) as u64, 0);
-    let mut response =
-        Response::new(if req.method() == Method::HEAD { Body::empty() } else { Body::from(bytes.clone()) });
+    let length = bytes.len();
+    let body = if req.method() == Method::HEAD { Body::empty() } else { Body::from(bytes) };
+    let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(name)));
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(modified)) {
         headers.insert(header::LAST_MODIFIED, value);
@@ -334,6 +331,16 @@ enum Validated {
     NotModified,
     /// `If-Match` did not (strong comparison): 412.
     Failed,
+}
+
+/// The 304 or 412 the request's entity-tag preconditions call for, if any.
+fn precondition(headers: &axum::http::HeaderMap, etag: &str) -> Option<Response> {
+    let status = match validate(headers, etag) {
+        Validated::Serve => return None,
+        Validated::NotModified => StatusCode::NOT_MODIFIED,
+        Validated::Failed => StatusCode::PRECONDITION_FAILED,
+    };
+    Some(with_etag(status.into_response(), etag))
 }
 
 /// RFC 9110 §13.2.2's order for a GET or HEAD of an existing file: If-Match, then

@@ -205,28 +205,19 @@ pub async fn serve(
                     }
                     Err(_) => return None,
                 };
-                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    return Some(Either::Right(http2c::serve(&h2, stream, service, header_timeout)));
-                }
-                let stream = StrictFraming::new(stream);
-                let service = Judged::new(service, stream.verdict());
-                Some(Either::Left(builder.serve_connection(TokioIo::new(stream), service).with_upgrades()))
+                let opening = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    Opening::Http2
+                } else {
+                    Opening::Http1
+                };
+                Some(serve_as(opening, stream, service, &builder, &h2, header_timeout))
             };
             connections.spawn_after(opened, permit);
             continue;
         }
         let opened = async move {
             match tokio::time::timeout(header_timeout, opening(&stream)).await {
-                Ok(Some(Opening::Http2)) => {
-                    Some(Either::Right(http2c::serve(&h2, stream, service, header_timeout)))
-                }
-                Ok(Some(Opening::Http1)) => {
-                    let stream = StrictFraming::new(stream);
-                    let service = Judged::new(service, stream.verdict());
-                    Some(Either::Left(
-                        builder.serve_connection(TokioIo::new(stream), service).with_upgrades(),
-                    ))
-                }
+                Ok(Some(opening)) => Some(serve_as(opening, stream, service, &builder, &h2, header_timeout)),
                 // Closed, or silent for the header timeout: what hyper does to such a client.
                 Ok(None) | Err(_) => None,
             }
@@ -239,6 +230,33 @@ pub async fn serve(
 }
 
 /// The next client connection, with its permit; `None` once `stop` is cancelled.
+/// A client connection being served, over HTTP/1 or HTTP/2.
+type Served<I> = Either<Http1Served<I>, http2c::Served<I>>;
+type Http1Served<I> = http1::UpgradeableConnection<TokioIo<StrictFraming<I>>, Judged<Connection>>;
+
+/// Serves a client connection as it opened: HTTP/2 as it is, HTTP/1 behind the strict
+/// framing guard; `idle` is how long an HTTP/2 connection may go without a new stream.
+fn serve_as<I>(
+    opening: Opening,
+    stream: I,
+    service: Connection,
+    builder: &http1::Builder,
+    h2: &hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    idle: Duration,
+) -> Served<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match opening {
+        Opening::Http2 => Either::Right(http2c::serve(h2, stream, service, idle)),
+        Opening::Http1 => {
+            let stream = StrictFraming::new(stream);
+            let service = Judged::new(service, stream.verdict());
+            Either::Left(builder.serve_connection(TokioIo::new(stream), service).with_upgrades())
+        }
+    }
+}
+
 /// How a client opens its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Opening {

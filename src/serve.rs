@@ -99,6 +99,19 @@ fn supervisor_settings(config: &Config) -> supervisor::Settings {
     }
 }
 
+/// The files the front-end serves itself: the root (checked), unless each connection is
+/// handed to a worker whole.
+fn front_root(config: &Config, root: Option<&Path>) -> Result<Option<Arc<crate::app::Files>>> {
+    match root {
+        Some(root) if config.upstream != proxy::Upstream::Handoff => {
+            let files = crate::app::Files::open(root, config.cache_control.as_deref())
+                .with_context(|| format!("reading root {}", root.display()))?;
+            Ok(Some(Arc::new(files)))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor::Spec {
     supervisor::Spec {
         exe: exe.to_path_buf(),
@@ -145,6 +158,7 @@ async fn serve(parent: Parent) -> Result<()> {
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let proxy = Proxy::new(proxy::Settings::from(config), reports_tx, metrics.clone(), access_log.clone());
+    proxy.serve_root(front_root(config, parent.root.as_deref())?);
     let mut tasks = Tasks::new();
     tasks.essential("discovery", {
         let proxy = proxy.clone();
@@ -418,7 +432,13 @@ fn reload(
             message
         })?;
     }
+    let files = front_root(&config, root.as_deref()).map_err(|e| {
+        let message = format!("config rejected: {}", crate::error_chain(&e));
+        error!(error = message, "reload refused, workers keep serving");
+        message
+    })?;
     proxy.reconfigure(proxy::Settings::from(&config));
+    proxy.serve_root(files);
     let configured = config.workers;
     let mut settings = supervisor_settings(&config);
     if configured == configured_workers {

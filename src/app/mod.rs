@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 pub use static_files::{static_files, static_files_with};
+pub(crate) use static_files::{Answer, Content, Files};
 
 use crate::WorkerContext;
 

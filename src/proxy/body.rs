@@ -208,8 +208,13 @@ pub struct ResponseBody {
 
 #[derive(Debug)]
 enum Inner {
-    Upstream { body: Incoming, done: Option<(Lease, Sender)> },
+    Upstream {
+        body: Incoming,
+        done: Option<(Lease, Sender)>,
+    },
     Full(Option<Bytes>),
+    /// A file the front-end streams itself (`--root`).
+    Local(axum::body::Body),
 }
 
 #[derive(Debug)]
@@ -249,6 +254,11 @@ impl ResponseBody {
         ResponseBody { inner: Inner::Full(None), logged: None, worker: None }
     }
 
+    /// A body the front-end answers with itself.
+    pub fn local(body: axum::body::Body) -> ResponseBody {
+        ResponseBody { inner: Inner::Local(body), logged: None, worker: None }
+    }
+
     /// The same body, marked as answered by `worker` (a tunnel's 101, which has no body).
     pub fn from_worker(mut self, worker: WorkerId) -> ResponseBody {
         self.worker = Some(worker);
@@ -275,9 +285,10 @@ impl ResponseBody {
         }
     }
 
-    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.inner {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Local(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
             Inner::Upstream { body, done } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
                 match &polled {
@@ -291,7 +302,7 @@ impl ResponseBody {
                     Poll::Ready(Some(Ok(_))) => self.release_if_ended(),
                     Poll::Pending => {}
                 }
-                polled
+                polled.map_err(Into::into)
             }
         }
     }
@@ -299,12 +310,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = self.poll_inner(cx);
         if let (Poll::Ready(Some(Ok(frame))), Some(logged)) = (&polled, self.logged.as_mut()) {
             logged.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
@@ -316,6 +327,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Full(bytes) => bytes.is_none(),
             Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::Local(body) => body.is_end_stream(),
         }
     }
 
@@ -323,6 +335,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::Local(body) => body.size_hint(),
         }
     }
 }

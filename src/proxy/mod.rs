@@ -4,6 +4,7 @@
 //! | layer | file | what it does |
 //! |---|---|---|
 //! | [`Observe`] | `observe.rs` | metrics, the access log, `Connection: close` while draining, errors → answers |
+//! | [`Files`] | `files.rs` | `--root`: a GET or HEAD that names a file is answered here, with no hop |
 //! | [`Rewrite`] | `rewrite.rs` | client checks (CONNECT, Host, `--max-body`), hop-by-hop and forwarded headers |
 //! | [`Retry`] | `retry.rs` | sends the request again when that is safe ([`Failed::is_retryable`]) |
 //! | [`Balance`] | `balance.rs` | picks a worker, waits for one up to `--queue-timeout`, counts its budget |
@@ -21,6 +22,7 @@ mod deadline;
 mod endpoint;
 mod error;
 mod exchange;
+mod files;
 pub(crate) mod headers;
 mod observe;
 mod pool;
@@ -45,6 +47,7 @@ pub use deadline::Deadline;
 pub use endpoint::{Endpoint, Lease, Upstream};
 pub use error::{Cause, Failed, ProxyError};
 pub use exchange::Exchange;
+pub use files::{Files, LiveRoot};
 pub use observe::Observe;
 pub use pool::Pool;
 pub use retry::{Replay, Retry};
@@ -109,7 +112,7 @@ impl From<&crate::config::Config> for Settings {
 pub type LiveSettings = Arc<ArcSwap<Settings>>;
 
 /// The whole stack, as the front-end's router falls back to it.
-pub type Stack = Observe<Rewrite<Retry<Balance<Deadline<Exchange>>>>>;
+pub type Stack = Observe<Files<Rewrite<Retry<Balance<Deadline<Exchange>>>>>>;
 
 /// A client request, rewritten and ready for a worker, as the retry layer gets it.
 #[derive(Debug)]
@@ -216,6 +219,8 @@ struct Shared {
     access_log: Option<AccessLog>,
     /// Set when the front-end stops: every response then closes its connection.
     closing: Arc<AtomicBool>,
+    /// `--root`, when the front-end serves it.
+    root: LiveRoot,
 }
 
 impl Proxy {
@@ -229,7 +234,8 @@ impl Proxy {
         pool.configure(settings.max_in_flight, settings.max_requests_jitter);
         let settings = Arc::new(ArcSwap::from_pointee(settings));
         let closing = Arc::new(AtomicBool::new(false));
-        Proxy { shared: Arc::new(Shared { pool, settings, reports, metrics, access_log, closing }) }
+        let root = LiveRoot::default();
+        Proxy { shared: Arc::new(Shared { pool, settings, reports, metrics, access_log, closing, root }) }
     }
 
     /// The request path, layer by layer; see the module's table.
@@ -240,7 +246,14 @@ impl Proxy {
         let balance = Balance::new(deadline, s.pool.clone(), s.settings.clone(), s.reports.clone());
         let retry = Retry::new(balance, s.metrics.clone());
         let rewrite = Rewrite::new(retry, s.settings.clone());
-        Observe::new(rewrite, s.metrics.clone(), s.access_log.clone(), s.closing.clone())
+        let files = Files::new(rewrite, s.root.clone());
+        Observe::new(files, s.metrics.clone(), s.access_log.clone(), s.closing.clone())
+    }
+
+    /// From the next request on, the front-end answers GETs and HEADs of files under `root`
+    /// itself (or stops, with `None`); what names no file still goes to a worker.
+    pub fn serve_root(&self, root: Option<Arc<crate::app::Files>>) {
+        self.shared.root.store(root);
     }
 
     /// How requests reach workers; fixed at start.

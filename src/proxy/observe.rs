@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tower::Service;
 use tracing::{debug, warn};
 
-use super::{ClientBody, Peer, ProxyError, ResponseBody, Rewrite};
+use super::{ClientBody, Files, Peer, ProxyError, ResponseBody, Rewrite};
 use crate::telemetry::access_log::{AccessLog, Record};
 use crate::telemetry::metrics::Metrics;
 
@@ -109,7 +109,7 @@ where
     }
 }
 
-impl<S> Observe<Rewrite<S>> {
+impl<S> Observe<Files<Rewrite<S>>> {
     /// The stack for one client connection: the peer is known once, so no request needs to
     /// carry it (an extension costs allocations per request).
     pub fn for_peer(&self, peer: Arc<Peer>) -> Self
@@ -117,7 +117,7 @@ impl<S> Observe<Rewrite<S>> {
         S: Clone,
     {
         let mut stack = self.clone();
-        stack.inner.peer = Some(peer.clone());
+        stack.inner.inner.peer = Some(peer.clone());
         stack.peer = Some(peer);
         stack
     }

@@ -234,3 +234,101 @@ fn static_root_serves_precompressed_siblings_within_it_and_covers_several_ranges
     assert_eq!((ranges.status, ranges.body.as_str()), (206, "hello f"));
     assert_eq!(ranges.header("content-range"), Some("bytes 0-6/19"));
 }
+
+/// The front-end answers files itself: with every worker stopped (SIGSTOP), 8 concurrent
+/// keep-alive clients still get every file, and once the workers run again a missing file is
+/// theirs to answer (the same short 404).
+#[test]
+fn files_are_served_by_the_front_end_itself_with_every_worker_stopped() {
+    let builder = Rip::builder();
+    let www = builder.dir().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello from the root").unwrap();
+    std::fs::write(www.join("index.html"), "<h1>home</h1>").unwrap();
+    let rip = builder.arg("--root").arg(&www).args(&["--workers", "2"]).start_all_ready();
+    let workers = rip.worker_pids();
+    assert_eq!(workers.len(), 2);
+    let signal_all = |signal| {
+        for &pid in &workers {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+        }
+    };
+    signal_all(nix::sys::signal::Signal::SIGSTOP);
+    let reports = crate::harness::runtime().block_on(async {
+        let files =
+            crate::harness::Load::get("/hello.txt").clients(8).total(400).deadline(Duration::from_secs(20));
+        let index = crate::harness::Load::get("/").clients(2).total(50).deadline(Duration::from_secs(20));
+        tokio::join!(files.run(rip.addr()), index.run(rip.addr()))
+    });
+    signal_all(nix::sys::signal::Signal::SIGCONT);
+    for (report, body) in [(&reports.0, "hello from the root"), (&reports.1, "<h1>home</h1>")] {
+        crate::harness::no_failures(report);
+        assert!(report.bodies.iter().all(|b| b == body.as_bytes()), "{}", crate::harness::summary(report));
+    }
+    assert_eq!(reports.0.ok + reports.1.ok, 450);
+    let missing = get(rip.addr(), "/missing.txt");
+    assert_eq!((missing.status, missing.body.as_str()), (404, "404 not found\n"));
+    let post = send(rip.addr(), "POST", "/hello.txt");
+    assert_eq!(post.status, 405, "a worker answers what is not a GET or HEAD");
+}
+
+/// A file kept in memory is checked again at least once a second: a change on disk (written
+/// in place, or replaced by a rename) is served, with a new tag, within a few seconds, and a
+/// removed file becomes a 404.
+#[test]
+fn a_changed_file_is_served_anew_within_a_second() {
+    let (rip, dir) = start();
+    let path = dir.join("www/hello.txt");
+    let first = get(rip.addr(), "/hello.txt");
+    assert_eq!(first.body, "hello from the root");
+    let until = |what: &str, pred: &dyn Fn(&Raw) -> bool| -> Raw {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let raw = get(rip.addr(), "/hello.txt");
+            if pred(&raw) {
+                return raw;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what} not seen within 5 s: {raw:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    std::fs::write(&path, "HELLO FROM THE ROOT").unwrap();
+    let written = until("a write in place", &|raw| raw.body == "HELLO FROM THE ROOT");
+    assert_ne!(written.header("etag"), first.header("etag"));
+    std::fs::write(dir.join("www/.next"), "replaced by a deploy").unwrap();
+    std::fs::rename(dir.join("www/.next"), &path).unwrap();
+    until("a replacement", &|raw| raw.body == "replaced by a deploy");
+    std::fs::remove_file(&path).unwrap();
+    let gone = until("a removal", &|raw| raw.status == 404);
+    assert_eq!(gone.body, "404 not found\n");
+}
+
+/// `root` re-read on reload: the front-end serves the new directory's files once the reload
+/// is done, and a root that is not a directory is refused with the old one still served.
+#[test]
+fn reload_moves_the_front_end_to_a_new_root_and_refuses_a_missing_one() {
+    let builder = Rip::builder();
+    let dir = builder.dir().to_path_buf();
+    for (name, body) in [("a", "from root a"), ("b", "from root b")] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("page.txt"), body).unwrap();
+    }
+    let config = dir.join("rip.toml");
+    let write_root = |root: &std::path::Path| {
+        std::fs::write(&config, format!("workers = 1\nroot = {:?}\n", root.display().to_string())).unwrap();
+    };
+    write_root(&dir.join("a"));
+    let rip = builder.arg("--config").arg(&config).start_all_ready();
+    assert_eq!(get(rip.addr(), "/page.txt").body, "from root a");
+    let control = crate::harness::Control::of(&rip);
+    write_root(&dir.join("b"));
+    let out = control.run(&["reload", "--wait"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(get(rip.addr(), "/page.txt").body, "from root b");
+    write_root(&dir.join("nowhere"));
+    let out = control.run(&["reload", "--wait"]);
+    assert!(!out.status.success(), "a missing root must be refused");
+    let said = &out.stderr;
+    assert!(said.contains("nowhere"), "the refusal names the root: {said}");
+    assert_eq!(get(rip.addr(), "/page.txt").body, "from root b");
+}

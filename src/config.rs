@@ -161,7 +161,7 @@ settings! {
     /// Requests in flight per worker before new ones wait (up to --queue-timeout); 0 = no limit
     max_in_flight: usize = 0, shown "0",
         flag "N", parse |raw: &str| raw.parse().map_err(|_| anyhow!("expected a whole number"));
-    /// Serve static files from DIR instead of the demo app
+    /// Serve static files from DIR: the front-end answers what names a file, workers the rest
     root: Option<PathBuf> = None, shown "none",
         flag "DIR", parse |raw: &str| Ok::<_, anyhow::Error>(Some(PathBuf::from(raw)));
     /// Cache-Control sent with each static file, e.g. "public, max-age=3600"; none = no header
@@ -797,13 +797,8 @@ fn validate(config: &Config) -> Result<()> {
     if !config.tls_cert.is_empty() && config.upstream == Upstream::Handoff {
         bail!("TLS is ended by the front-end: it cannot be used with upstream handoff");
     }
-    if !config.command.is_empty() {
-        if config.upstream == Upstream::Handoff {
-            bail!("upstream handoff needs rip's own workers: it cannot be used with a command");
-        }
-        if config.root.is_some() {
-            bail!("root is served by rip's own workers: with a command, the app serves its files");
-        }
+    if !config.command.is_empty() && config.upstream == Upstream::Handoff {
+        bail!("upstream handoff needs rip's own workers: it cannot be used with a command");
     }
     if config.workers > crate::telemetry::metrics::MAX_SLOTS {
         bail!(
@@ -1124,17 +1119,14 @@ mod tests {
         };
         assert!(format!("{:#}", resolve(&twice, no_env).unwrap_err()).contains("given twice"));
 
-        for (flags, refusal) in [
-            (
-                Flags { upstream: Some("handoff".into()), ..Default::default() },
-                "upstream handoff needs rip's own",
-            ),
-            (Flags { root: Some("/srv".into()), ..Default::default() }, "root is served by rip's own"),
-        ] {
-            let args = ServeArgs { argv: vec!["node".into()], settings: flags, ..Default::default() };
-            let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
-            assert!(err.contains(refusal), "{err}");
-        }
+        let flags = Flags { upstream: Some("handoff".into()), ..Default::default() };
+        let args = ServeArgs { argv: vec!["node".into()], settings: flags, ..Default::default() };
+        let err = format!("{:#}", resolve(&args, no_env).unwrap_err());
+        assert!(err.contains("upstream handoff needs rip's own"), "{err}");
+        // The front-end serves a root itself, in front of any app.
+        let flags = Flags { root: Some("/srv".into()), ..Default::default() };
+        let args = ServeArgs { argv: vec!["node".into()], settings: flags, ..Default::default() };
+        assert!(resolve(&args, no_env).is_ok());
     }
 
     #[test]

@@ -387,3 +387,37 @@ fn the_stop_signal_is_what_the_app_drains_on() {
         }
     }
 }
+
+/// `--root` in front of an app: the front-end answers what names a file, under load from
+/// several clients, and the app gets everything else — its own routes, and a missing file,
+/// which it answers as it likes.
+#[test]
+fn a_root_in_front_of_a_node_app_serves_files_and_passes_the_rest() {
+    let public = TempDir::new();
+    std::fs::write(public.path().join("style.css"), "body { color: teal }").unwrap();
+    let root = public.path().display().to_string();
+    let rip = serve(Lang::Node, &Lang::Node.example(), &["--workers", "2", "--root", &root]);
+    let (css, app) = runtime().block_on(async {
+        let css = Load::get("/style.css").clients(6).total(300).run(rip.addr());
+        let app = Load::get("/whoami").clients(2).total(100).run(rip.addr());
+        tokio::join!(css, app)
+    });
+    no_failures(&css);
+    no_failures(&app);
+    assert!(css.bodies.iter().all(|b| &b[..] == b"body { color: teal }"));
+    assert_eq!(app.pids().len(), 2, "the app's requests spread over both Node workers");
+    runtime().block_on(async {
+        let mut client = Client::new(rip.addr());
+        let reply = client.get("/style.css").await.unwrap();
+        assert_eq!(reply.headers["content-type"], "text/css; charset=utf-8");
+        assert!(reply.headers.contains_key("etag"));
+        let missing = client.get("/missing.css").await.unwrap();
+        assert_eq!(
+            (missing.status, missing.text().as_str()),
+            (StatusCode::NOT_FOUND, "not found\n"),
+            "Node's 404"
+        );
+        let hello = client.get("/").await.unwrap();
+        assert!(hello.text().contains("worker"), "/ has no index.html: the app's: {}", hello.text());
+    });
+}

@@ -400,6 +400,8 @@ start_setup() {
             [[ -x ${BASE_RIP:-} ]] || die "rip-base needs BASE_RIP=<path of a rip binary>"
             BIN=$BASE_RIP start_rip rip-base ;;
         rip-handoff) start_rip rip-handoff --upstream handoff ;;
+        rip-shards1) start_rip rip-shards1 --shards 1 ;;
+        rip-shards2) start_rip rip-shards2 --shards 2 ;;
         # The default access log, to stderr (here a file, as journald stores it).
         rip-log-stderr) ACCESS=- start_rip rip-log-stderr ;;
         rip-recycle) start_rip rip-recycle --max-requests "$MAX_REQUESTS" ;;
@@ -727,9 +729,16 @@ case_title() {
     esac
 }
 
+# The front-end shards `rip serve` runs by default, as `rip config` reports them.
+default_shards() {
+    (cd "$TMP" && "$RIP" config 2>/dev/null) | sed -n 's/^shards = "\{0,1\}\([0-9]*\).*/\1/p' | head -1
+}
+
 setup_title() {
     case $1 in
-        rip) echo "rip serve --workers $WORKERS" ;;
+        rip) echo "rip serve --workers $WORKERS (default: $(default_shards) shard(s))" ;;
+        rip-shards1) echo "rip serve --workers $WORKERS --shards 1" ;;
+        rip-shards2) echo "rip serve --workers $WORKERS --shards 2" ;;
         rip-base) echo "rip serve --workers $WORKERS, base build ($BASE_RIP)" ;;
         rip-log-stderr) echo "rip serve --workers $WORKERS --access-log - (stderr to a file)" ;;
         rip-handoff) echo "rip serve --workers $WORKERS --upstream handoff" ;;

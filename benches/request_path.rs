@@ -156,7 +156,8 @@ async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::syn
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the front-end");
     addr.send(listener.local_addr().unwrap()).unwrap();
     let door = frontend::Door::new(&proxy, None);
-    frontend::serve(listener, proxy, door, limits, None, stop, GRACE).await;
+    let serving = frontend::Serving { proxy, door, limits, tls: None, stop, grace: GRACE };
+    frontend::serve_shards(listener, 1, serving).await;
 }
 
 /// Where a [`Client`] connects.

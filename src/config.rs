@@ -200,6 +200,9 @@ settings! {
     /// Threads of the front-end process
     frontend_threads: usize = 1, shown "1",
         flag "N", parse parse_count;
+    /// Front-end shards: threads that each accept clients and keep their own worker connections
+    shards: usize = std::thread::available_parallelism().map_or(1, |n| n.get()), shown "CPU count",
+        flag "N", parse parse_count;
     /// Directory for the workers' sockets
     runtime_dir: Option<PathBuf> = None, shown "$XDG_RUNTIME_DIR/rip or /tmp/rip-$UID",
         flag "DIR", parse |raw: &str| Ok::<_, anyhow::Error>(Some(PathBuf::from(raw)));

@@ -99,6 +99,16 @@ fn supervisor_settings(config: &Config) -> supervisor::Settings {
     }
 }
 
+/// The front-end's shards. With `--upstream handoff` the front-end only accepts and passes
+/// connections on, and its workers' channels belong to one runtime: one shard.
+fn shards(config: &Config) -> usize {
+    if config.upstream == proxy::Upstream::Handoff {
+        1
+    } else {
+        config.shards
+    }
+}
+
 /// The files the front-end serves itself: the root (checked), unless each connection is
 /// handed to a worker whole.
 fn front_root(config: &Config, root: Option<&Path>) -> Result<Option<Arc<crate::app::Files>>> {
@@ -157,6 +167,7 @@ async fn serve(parent: Parent) -> Result<()> {
     }
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    proxy::set_shards(shards(config));
     let proxy = Proxy::new(proxy::Settings::from(config), reports_tx, metrics.clone(), access_log.clone());
     proxy.serve_root(front_root(config, parent.root.as_deref())?);
     let mut tasks = Tasks::new();
@@ -225,18 +236,15 @@ async fn serve(parent: Parent) -> Result<()> {
     }
     let limits = Limits { header_timeout: config.header_timeout, max_connections: config.max_connections };
     let door = frontend::Door::new(&proxy, parent.edge.as_ref());
-    let frontend = tasks.essential(
-        "front-end",
-        frontend::serve(
-            listener,
-            proxy.clone(),
-            door,
-            limits,
-            parent.tls.clone(),
-            stop.clone(),
-            config.graceful_timeout,
-        ),
-    );
+    let serving = frontend::Serving {
+        proxy: proxy.clone(),
+        door,
+        limits,
+        tls: parent.tls.clone(),
+        stop: stop.clone(),
+        grace: config.graceful_timeout,
+    };
+    let frontend = tasks.essential("front-end", frontend::serve_shards(listener, shards(config), serving));
     tokio::spawn(announce_ready(supervisor.clone(), config.workers, local));
 
     let reason = tokio::select! {
@@ -396,6 +404,7 @@ fn reload(
         ("balance", old.balance != config.balance),
         ("header_timeout", old.header_timeout != config.header_timeout),
         ("max_connections", old.max_connections != config.max_connections),
+        ("shards", old.shards != config.shards),
         ("upstream", old.upstream != config.upstream),
         // Turning TLS on or off changes what the listener speaks; new certificates do not.
         ("tls_cert", old.tls_cert.is_empty() != config.tls_cert.is_empty()),

@@ -156,22 +156,80 @@ pub fn client_builder(header_timeout: Duration) -> http1::Builder {
     builder
 }
 
+/// How the front-end's shards serve: the same for each.
+#[derive(Clone)]
+pub struct Serving {
+    pub proxy: Proxy,
+    pub door: Door,
+    pub limits: Limits,
+    pub tls: Option<tls::Tls>,
+    pub stop: CancellationToken,
+    pub grace: Duration,
+}
+
+/// Serves `listener` from `shards` shards: this runtime's thread is shard 0, and each other
+/// shard is a thread of its own with a current-thread runtime, accepting from the same
+/// listening socket (the kernel hands each connection to one of them) and keeping its own
+/// connections to the workers. One `--max-connections` for all. Returns how many connections
+/// were still open when the grace ran out, over every shard.
+pub async fn serve_shards(listener: TcpListener, shards: usize, front: Serving) -> usize {
+    let permits = Arc::new(Semaphore::new(front.limits.max_connections));
+    let spread = Arc::new(Spread::new(shards.max(1)));
+    let mut others = Vec::new();
+    for shard in 1..shards {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let spawned = listener_copy(&listener).and_then(|copy| {
+            let (front, permits, spread) = (front.clone(), permits.clone(), spread.clone());
+            std::thread::Builder::new().name(format!("rip-shard-{shard}")).spawn(move || {
+                crate::proxy::enter_shard(shard);
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(e) => return warn!(shard, error = %e, "front-end shard could not start its runtime"),
+                };
+                let open = runtime.block_on(async move {
+                    match TcpListener::from_std(copy) {
+                        Ok(listener) => serve(listener, front, permits, Shard { spread, me: shard }).await,
+                        Err(e) => {
+                            warn!(shard, error = %e, "front-end shard could not take the listener");
+                            0
+                        }
+                    }
+                });
+                let _ = done_tx.send(open);
+            })
+        });
+        match spawned {
+            Ok(_) => others.push(done_rx),
+            // The shards that started serve; fewer threads is slower, not broken.
+            Err(e) => warn!(shard, error = %e, "front-end shard could not start"),
+        }
+    }
+    let mine = serve(listener, front, permits, Shard { spread, me: 0 }).await;
+    let mut open = mine;
+    for done in others {
+        open += done.await.unwrap_or(0);
+    }
+    open
+}
+
+/// The listening socket again, as another descriptor of it, for another shard's runtime.
+fn listener_copy(listener: &TcpListener) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let fd = listener.as_fd().try_clone_to_owned()?;
+    let copy = std::net::TcpListener::from(fd);
+    copy.set_nonblocking(true)?;
+    Ok(copy)
+}
+
 /// Accepts connections until `stop` is cancelled, then gives open ones up to `grace` to
 /// finish. Returns how many were still open when the grace ran out.
-pub async fn serve(
-    listener: TcpListener,
-    proxy: Proxy,
-    door: Door,
-    limits: Limits,
-    tls: Option<tls::Tls>,
-    stop: CancellationToken,
-    grace: Duration,
-) -> usize {
+async fn serve(listener: TcpListener, front: Serving, permits: Arc<Semaphore>, shard: Shard) -> usize {
+    let Serving { proxy, door, limits, tls, stop, grace } = front;
+    let _accepting = shard.accepting();
     let connections = Connections::new(stop.clone(), DRAIN_LINGER);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let builder = client_builder(limits.header_timeout);
     let h2 = http2c::builder();
-    while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop).await {
+    while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop, &shard).await {
         if let Door::Handoff(proxy) = &door {
             let (proxy, builder) = (proxy.clone(), builder.clone());
             connections.track(async move {
@@ -290,17 +348,28 @@ async fn accept(
     listener: &TcpListener,
     permits: &Arc<Semaphore>,
     stop: &CancellationToken,
-) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    shard: &Shard,
+) -> Option<(TcpStream, SocketAddr, Slot)> {
     loop {
         let permit = tokio::select! {
             permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = stop.cancelled() => return None,
         };
+        if shard.ahead() {
+            // Every shard is woken for each new connection and the first to call accept
+            // takes it, so a shard that is awake would take a whole burst while the others
+            // wake up. One that holds more than its share waits a moment first; a shard that
+            // is too busy to take its share costs this one a millisecond, no more.
+            tokio::select! {
+                () = tokio::time::sleep(SPREAD_PAUSE) => {}
+                () = stop.cancelled() => return None,
+            }
+        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    return Some((stream, peer, permit));
+                    return Some((stream, peer, shard.slot(permit)));
                 }
                 Err(e) => {
                     warn!(error = %e, "accept failed");
@@ -309,6 +378,83 @@ async fn accept(
             },
             () = stop.cancelled() => return None,
         }
+    }
+}
+
+/// How long a shard that holds more than its share of connections waits before it accepts.
+const SPREAD_PAUSE: Duration = Duration::from_millis(1);
+
+/// The open connections of every shard, for spreading accepts over them.
+struct Spread {
+    open: Box<[std::sync::atomic::AtomicUsize]>,
+    /// Shards still accepting; one that stopped (or never started) is not waited for.
+    accepting: Box<[std::sync::atomic::AtomicBool]>,
+}
+
+impl Spread {
+    fn new(shards: usize) -> Spread {
+        Spread {
+            open: (0..shards).map(|_| Default::default()).collect(),
+            accepting: (0..shards).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+/// One shard's place in the [`Spread`].
+struct Shard {
+    spread: Arc<Spread>,
+    me: usize,
+}
+
+impl Shard {
+    /// Whether this shard holds clearly more connections than another that accepts: more than
+    /// one more than it, or a quarter more (so that a busy server's counts, which move all the
+    /// time, seldom make anyone wait).
+    fn ahead(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.spread;
+        let mine = s.open[self.me].load(Relaxed);
+        let fewest = (0..s.open.len())
+            .filter(|&i| i != self.me && s.accepting[i].load(Relaxed))
+            .map(|i| s.open[i].load(Relaxed))
+            .min();
+        fewest.is_some_and(|fewest| mine > fewest + (fewest / 4).max(1))
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        self.spread.open[self.me].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Slot { _permit: permit, spread: self.spread.clone(), shard: self.me }
+    }
+
+    /// Marks this shard accepting until the guard is dropped.
+    fn accepting(&self) -> Accepting {
+        self.spread.accepting[self.me].store(true, std::sync::atomic::Ordering::Relaxed);
+        Accepting { spread: self.spread.clone(), shard: self.me }
+    }
+}
+
+struct Accepting {
+    spread: Arc<Spread>,
+    shard: usize,
+}
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        self.spread.accepting[self.shard].store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A client connection's place: its `--max-connections` permit and its shard's count, both
+/// given back when the connection ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    spread: Arc<Spread>,
+    shard: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.spread.open[self.shard].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

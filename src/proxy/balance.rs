@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::endpoint::Counted;
-use super::{Cause, Dispatch, Failed, Forward, LiveSettings, Pool, ResponseBody};
+use super::{Cause, Dispatch, Endpoint, Failed, Forward, LiveSettings, Pool, ResponseBody};
 use crate::discovery::{Report, ReportSender};
 
 #[derive(Debug, Clone)]
@@ -56,23 +56,41 @@ where
         let reports = self.reports.clone();
         let settings = self.settings.load();
         let (queue_timeout, max_requests) = (settings.queue_timeout, settings.max_requests);
+        let max_in_flight = settings.max_in_flight;
         Box::pin(async move {
             let deadline = Instant::now() + queue_timeout;
-            let Some(endpoint) = pool.pick_until(forward.avoid, deadline).await else {
-                return Err(Failed::new(Cause::NoWorker, None));
+            // A claim fails only when another shard took the worker's last place between the
+            // pick and the claim; the next pick sees it full or spent.
+            let (endpoint, lease, counted) = loop {
+                let Some(endpoint) = pool.pick_until(forward.avoid, deadline).await else {
+                    return Err(Failed::new(Cause::NoWorker, None));
+                };
+                match endpoint.claim(max_in_flight, max_requests) {
+                    Ok((lease, counted)) => break (endpoint, lease, counted),
+                    Err(news) => {
+                        report(&reports, &endpoint, news);
+                        // Let the shard that took the place get on with it.
+                        tokio::task::yield_now().await;
+                    }
+                }
             };
-            let lease = endpoint.lease();
-            match endpoint.count_request(max_requests) {
-                Counted::Within => {}
-                Counted::Exhausted => {
-                    let _ = reports.send(Report::Exhausted(endpoint.id));
-                }
-                Counted::Spent => {
-                    let _ = reports.send(Report::Overdue(endpoint.id));
-                }
-            }
+            report(&reports, &endpoint, Some(counted));
             inner.call(Dispatch { forward, lease }).await
         })
+    }
+}
+
+/// Tells the supervisor what a claim found: the worker exhausted its budget (recycle it), or
+/// served twice it (recycling cannot keep up).
+fn report(reports: &ReportSender, endpoint: &Endpoint, counted: Option<Counted>) {
+    match counted {
+        Some(Counted::Exhausted) => {
+            let _ = reports.send(Report::Exhausted(endpoint.id));
+        }
+        Some(Counted::Spent) => {
+            let _ = reports.send(Report::Overdue(endpoint.id));
+        }
+        Some(Counted::Within) | None => {}
     }
 }
 

@@ -71,6 +71,37 @@ impl Sender {
 
 pub use crate::config::Upstream;
 
+/// Front-end shards in this process: each a thread with its own runtime and its own
+/// connections to every worker ([`Endpoint`] keeps one pool per shard), so a request never
+/// wakes another thread to reach its worker. Set once at start, before any endpoint exists.
+static SHARDS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+thread_local! {
+    /// The shard this thread serves; 0 for the main runtime's threads.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many shards the front-end runs; call before the first endpoint is made.
+pub fn set_shards(shards: usize) {
+    SHARDS.store(shards.max(1), Ordering::Relaxed);
+}
+
+/// Marks the calling thread as serving `shard`.
+pub fn enter_shard(shard: usize) {
+    SHARD.with(|s| s.set(shard));
+}
+
+/// One shard's connections to a worker.
+#[derive(Debug, Default)]
+struct Conns {
+    /// Each with when it went idle; the newest last.
+    idle: Mutex<Vec<(Sender, std::time::Instant)>>,
+    h2: Mutex<Option<H2Sender>>,
+    /// Held while the HTTP/2 connection is being opened, so that requests arriving meanwhile
+    /// wait for it instead of each opening one of their own (a new worker meets a crowd).
+    h2_opening: tokio::sync::Mutex<()>,
+}
+
 #[derive(Debug)]
 pub struct Endpoint {
     pub id: WorkerId,
@@ -96,12 +127,8 @@ pub struct Endpoint {
     stuck_on: AtomicU64,
     /// Wakes the requests on this worker when it stalls or is declared hung.
     silence: Notify,
-    /// Each with when it went idle; the newest last.
-    idle: Mutex<Vec<(Sender, std::time::Instant)>>,
-    h2: Mutex<Option<H2Sender>>,
-    /// Held while the HTTP/2 connection is being opened, so that requests arriving meanwhile
-    /// wait for it instead of each opening one of their own (a new worker meets a crowd).
-    h2_opening: tokio::sync::Mutex<()>,
+    /// Connections, one set per front-end shard.
+    conns: Box<[Conns]>,
     /// `--upstream handoff`: where client connections go, opened on first use. Shared with
     /// the task that listens for the worker's answers on it.
     channel: OnceCell<Arc<UnixStream>>,
@@ -136,9 +163,7 @@ impl Endpoint {
             stalled: AtomicBool::new(false),
             stuck_on: AtomicU64::new(0),
             silence: Notify::new(),
-            idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
-            h2_opening: tokio::sync::Mutex::new(()),
+            conns: (0..SHARDS.load(Ordering::Relaxed)).map(|_| Conns::default()).collect(),
             channel: OnceCell::new(),
             upstream,
             drained: Notify::new(),
@@ -240,22 +265,52 @@ impl Endpoint {
 
     /// Counts a request towards `max_requests`, saying when the budget and when the overshoot
     /// was reached (each once).
-    pub fn count_request(&self, max_requests: u64) -> Counted {
-        let sent = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
-        let budget = self.budget(max_requests);
-        if budget == 0 {
-            return Counted::Within;
+    /// Takes a place on this worker for one request: a [`Lease`] and the request counted
+    /// against its budget, both at once and atomically, so that front-end shards picking the
+    /// same worker together can neither push it past `max_in_flight` (0: no cap) nor past
+    /// [`OVERSHOOT`] times its budget. `Err` when it is full or spent — pick again — with
+    /// what to report, if this refusal is the first news of it (a budget lowered by a reload
+    /// below what the worker has served).
+    pub fn claim(
+        self: &Arc<Self>,
+        max_in_flight: usize,
+        max_requests: u64,
+    ) -> Result<(Lease, Counted), Option<Counted>> {
+        let taken = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (max_in_flight == 0 || n < max_in_flight).then_some(n + 1)
+        });
+        if taken.is_err() {
+            return Err(None);
         }
-        if sent >= budget.saturating_mul(OVERSHOOT) && !self.spent.swap(true, Ordering::Relaxed) {
-            return Counted::Spent;
+        let lease = Lease(self.clone());
+        let budget = self.budget(max_requests);
+        let limit = if budget == 0 { u64::MAX } else { budget.saturating_mul(OVERSHOOT) };
+        let claimed =
+            self.sent.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < limit).then_some(n + 1));
+        let sent = match claimed {
+            Ok(before) => before + 1,
+            // Dropping the lease gives its place back; marked spent, it is picked no more.
+            Err(_) => {
+                let first = !self.spent.swap(true, Ordering::Relaxed);
+                return Err(if self.mark_exhausted() {
+                    Some(Counted::Exhausted)
+                } else {
+                    first.then_some(Counted::Spent)
+                });
+            }
+        };
+        if budget == 0 {
+            return Ok((lease, Counted::Within));
+        }
+        if sent >= limit && !self.spent.swap(true, Ordering::Relaxed) {
+            return Ok((lease, Counted::Spent));
         }
         if sent >= budget && self.mark_exhausted() {
-            return Counted::Exhausted;
+            return Ok((lease, Counted::Exhausted));
         }
-        Counted::Within
+        Ok((lease, Counted::Within))
     }
 
-    /// Sent its whole overshoot: no more requests until it is replaced.
     pub fn is_spent(&self) -> bool {
         self.spent.load(Ordering::Relaxed)
     }
@@ -298,8 +353,16 @@ impl Endpoint {
 
     /// Closes the idle connections, after one failed in a way that suggests the worker died.
     pub fn forget_idle(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        self.h2.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for conns in &self.conns {
+            conns.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            conns.h2.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+    }
+
+    /// The calling shard's connections.
+    fn conns(&self) -> &Conns {
+        let shard = SHARD.with(|s| s.get());
+        &self.conns[shard % self.conns.len()]
     }
 
     /// Takes the worker out of the rotation and closes its idle connections.
@@ -352,7 +415,7 @@ impl Endpoint {
         if let Some(sender) = self.open_h2().await {
             return Ok(sender);
         }
-        let _opening = self.h2_opening.lock().await;
+        let _opening = self.conns().h2_opening.lock().await;
         if let Some(sender) = self.open_h2().await {
             return Ok(sender);
         }
@@ -366,19 +429,19 @@ impl Endpoint {
             // Ends when the worker closes the connection or every sender is dropped.
             let _ = conn.await;
         });
-        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
+        *self.conns().h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(sender.clone());
         Ok(sender)
     }
 
     /// The shared HTTP/2 connection if it is open.
     async fn open_h2(&self) -> Option<H2Sender> {
-        let mut sender = self.h2.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let mut sender = self.conns().h2.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
         // Waits while the connection is at its stream limit; fails at once if it closed.
         sender.ready().await.ok().map(|()| sender)
     }
 
     fn pop_idle(&self) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.conns().idle.lock().unwrap_or_else(|e| e.into_inner());
         let (sender, since) = idle.pop()?;
         if since.elapsed() < IDLE_REUSE_LIMIT {
             return Some(sender);
@@ -408,7 +471,7 @@ impl Endpoint {
         if sender.is_closed() || self.leaving.load(Ordering::Relaxed) {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.conns().idle.lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < MAX_IDLE_PER_WORKER {
             idle.push((sender, std::time::Instant::now()));
         }
@@ -497,18 +560,53 @@ mod tests {
     #[test]
     fn exhaustion_and_the_end_of_the_overshoot_are_reported_once_each() {
         use Counted::*;
+        let counted =
+            |e: &Arc<Endpoint>, max_requests| e.claim(0, max_requests).ok().map(|(_, counted)| counted);
         let e = endpoint();
-        let reports: Vec<Counted> = (0..8).map(|_| e.count_request(3)).collect();
-        assert_eq!(reports, [Within, Within, Exhausted, Within, Within, Spent, Within, Within]);
+        let reports: Vec<Option<Counted>> = (0..8).map(|_| counted(&e, 3)).collect();
+        // Past twice its budget a worker takes nothing more.
+        let expected = [Within, Within, Exhausted, Within, Within, Spent].map(Some);
+        assert_eq!(reports[..6], expected);
+        assert_eq!(reports[6..], [None, None]);
         assert!(e.is_exhausted() && e.is_spent());
+        assert_eq!((e.sent(), e.in_flight()), (6, 0), "a refused claim holds no place");
         let one = endpoint();
         assert_eq!(
-            [one.count_request(1), one.count_request(1), one.count_request(1)],
-            [Exhausted, Spent, Within]
+            [counted(&one, 1), counted(&one, 1), counted(&one, 1)],
+            [Some(Exhausted), Some(Spent), None]
         );
+        // A budget lowered below what was served: refused, and reported once.
+        let lowered = endpoint();
+        (0..10).for_each(|_| assert_eq!(counted(&lowered, 100), Some(Within)));
+        assert_eq!(lowered.claim(0, 2).err(), Some(Some(Exhausted)));
+        assert_eq!(lowered.claim(0, 2).err(), Some(None));
+        assert!(lowered.is_spent());
         let unlimited = endpoint();
-        assert!((0..100).all(|_| unlimited.count_request(0) == Within));
+        assert!((0..100).all(|_| counted(&unlimited, 0) == Some(Within)));
         assert!(!unlimited.is_spent());
+    }
+
+    #[test]
+    fn claims_from_many_threads_never_pass_the_in_flight_cap_or_the_overshoot() {
+        let e = endpoint();
+        let held = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        if let Ok((lease, _)) = e.claim(3, 50) {
+                            held.lock().unwrap().push(lease);
+                        }
+                    }
+                });
+            }
+        });
+        let held = held.into_inner().unwrap();
+        assert_eq!((held.len(), e.in_flight()), (3, 3), "at most 3 in flight");
+        drop(held);
+        let more: Vec<_> = std::iter::from_fn(|| e.claim(0, 50).ok()).take(1000).collect();
+        assert_eq!(e.sent(), 100, "twice the budget of 50, never more");
+        assert_eq!(more.len(), 97);
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ use hyper::upgrade::OnUpgrade;
 pub use balance::Balance;
 pub use body::{ClientBody, RequestBody, ResponseBody};
 pub use deadline::Deadline;
-pub use endpoint::{Endpoint, Lease, Upstream};
+pub use endpoint::{enter_shard, set_shards, Endpoint, Lease, Upstream};
 pub use error::{Cause, Failed, ProxyError};
 pub use exchange::Exchange;
 pub use files::{Files, LiveRoot};

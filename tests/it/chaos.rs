@@ -27,23 +27,32 @@ use crate::harness::{
 
 #[test]
 fn sigkill_of_random_workers_under_load_fails_no_request_with_2_workers() {
-    sigkill_of_random_workers_under_load_fails_no_request(2);
+    sigkill_of_random_workers_under_load_fails_no_request(2, &[]);
 }
 
 #[test]
 fn sigkill_of_random_workers_under_load_fails_no_request_with_4_workers() {
-    sigkill_of_random_workers_under_load_fails_no_request(4);
+    sigkill_of_random_workers_under_load_fails_no_request(4, &[]);
 }
 
-fn sigkill_of_random_workers_under_load_fails_no_request(workers: usize) {
+/// The default is a shard per core; one shard keeps every connection on one thread.
+#[test]
+fn sigkill_of_random_workers_under_load_fails_no_request_with_1_shard() {
+    sigkill_of_random_workers_under_load_fails_no_request(2, &["--shards", "1"]);
+}
+
+/// `extra`: more flags for `rip serve`.
+fn sigkill_of_random_workers_under_load_fails_no_request(workers: usize, extra: &[&str]) {
     /// The fault pattern: one SIGKILL this often, for this long.
     const KILL_EVERY: Duration = Duration::from_millis(300);
     const KILLING_FOR: Duration = Duration::from_secs(10);
     let rt = runtime();
     // A queue timeout well past the kill pace lets requests wait out a moment with no worker
     // ready instead of getting a 503 by design. Any failure left is then a fault.
-    let rip =
-        Rip::start(&["--workers", &workers.to_string(), "--queue-timeout", "15s", "--access-log", "off"]);
+    let workers_arg = workers.to_string();
+    let mut args = vec!["--workers", &workers_arg, "--queue-timeout", "15s", "--access-log", "off"];
+    args.extend_from_slice(extra);
+    let rip = Rip::start(&args);
     rip.wait_all_ready();
 
     let load = Load::get("/whoami").clients(32).total(usize::MAX).deadline(Duration::from_secs(60));

@@ -22,6 +22,7 @@ mod pool;
 mod refusals;
 mod reload;
 mod serve;
+mod shards;
 mod slow_clients;
 mod stalls;
 mod static_files;

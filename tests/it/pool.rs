@@ -59,9 +59,22 @@ fn scale_up_and_down_under_load_without_a_failed_request() {
 
 #[test]
 fn recycling_every_5_requests_under_load_fails_no_request() {
+    recycling_every_5_requests_under_load(&[]);
+}
+
+/// The default is a shard per core; one shard keeps every connection on one thread.
+#[test]
+fn recycling_every_5_requests_under_load_with_1_shard_fails_no_request() {
+    recycling_every_5_requests_under_load(&["--shards", "1"]);
+}
+
+/// `extra`: more flags for `rip serve`.
+fn recycling_every_5_requests_under_load(extra: &[&str]) {
     const REQUESTS: usize = 3000;
     let rt = runtime();
-    let rip = Rip::start(&["--workers", "2", "--max-requests", "5", "--access-log", "off"]);
+    let mut args = vec!["--workers", "2", "--max-requests", "5", "--access-log", "off"];
+    args.extend_from_slice(extra);
+    let rip = Rip::start(&args);
     rip.wait_all_ready();
 
     let started = Instant::now();

@@ -19,6 +19,12 @@ fn sighup_replaces_every_worker_under_load_without_a_failed_request() {
     sighup_under_load(&[]);
 }
 
+/// The default is a shard per core; one shard keeps every connection on one thread.
+#[test]
+fn sighup_with_1_shard_replaces_every_worker_under_load_without_a_failed_request() {
+    sighup_under_load(&["--shards", "1"]);
+}
+
 #[test]
 fn sighup_with_connections_handed_to_workers_fails_no_request_either() {
     sighup_under_load(&["--upstream", "handoff"]);

@@ -57,6 +57,14 @@ fn upgrade_under_load_loses_no_request() {
     no_failures(&run.report);
 }
 
+/// The default is a shard per core; one shard keeps every connection on one thread.
+#[test]
+fn upgrade_with_1_shard_loses_no_request() {
+    let rt = runtime();
+    let run = upgrade_under_load(&rt, &["--shards", "1"]);
+    no_failures(&run.report);
+}
+
 #[test]
 fn upgrade_with_connections_handed_to_workers_loses_no_request() {
     let rt = runtime();

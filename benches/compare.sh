@@ -69,6 +69,8 @@ OTHER_MAX=${OTHER_MAX:-0.3}      # a run during which other work kept more cores
 RETRIES=${RETRIES:-2}            # ... at most this many times; the last try is kept regardless
 ACCESS_LOG=${ACCESS_LOG:-off}    # off, or on: rip and nginx both log every request to a file
 SERVE_ARGS=${SERVE_ARGS:-}       # extra flags for every `rip serve`, e.g. "--upstream http1"
+IDLE_CONNS=${IDLE_CONNS:-0}      # idle case: this many keep-alive clients, one GET each, then silent (0: skipped)
+IDLE_SETTLE=${IDLE_SETTLE:-3}    # ... held this many seconds before the front-end's RSS is read
 CASES=${CASES:-"get_c1 get_c100 browser_c100 echo_1m echo_64k close_c100"}
 SETUPS=${SETUPS:-"rip rip-handoff nginx-1 nginx-auto ceiling rip-recycle rip-handoff-recycle"}
 
@@ -644,6 +646,34 @@ stamp() {
 # accepts; rip holds it until a worker is ready), and the arrival of the `all workers ready`
 # log line; then checks that every worker socket answers /healthz itself. rip's own
 # `startup_ms` is kept next to them.
+# The front-end's resident memory in kB: rip serve, or nginx's or HAProxy's processes.
+front_rss_kb() {
+    local pid total=0 kb
+    for pid in $(front_pids "$1"); do
+        kb=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status" 2>/dev/null) || kb=0
+        total=$((total + ${kb:-0}))
+    done
+    echo "$total"
+}
+
+# measure_idle SETUP RUN: the front-end's RSS before, and with $IDLE_CONNS keep-alive clients
+# that each sent one GET / and then stay silent for $IDLE_SETTLE s; appended to idle.tsv.
+measure_idle() {
+    local name=$1 run=$2 before after line
+    before=$(front_rss_kb "$name")
+    coproc IDLE { exec python3 "$ROOT/benches/support/idle_clients.py" "${PORT[$name]}" "$IDLE_CONNS"; }
+    if ! read -r -t 120 line <&"${IDLE[0]}" || [[ $line != "ready $IDLE_CONNS" ]]; then
+        die "$name: $IDLE_CONNS idle clients did not all get their answer (${line:-nothing})"
+    fi
+    sleep "$IDLE_SETTLE"
+    after=$(front_rss_kb "$name")
+    exec {IDLE[1]}>&-
+    wait "$IDLE_PID" 2>/dev/null || true
+    printf '%s\t%s\t%s\t%s\n' "$name" "$run" "$before" "$after" >>"$TMP/idle.tsv"
+    # Let the closed connections go before the next setup is measured.
+    sleep 1
+}
+
 measure_startup() {
     local run=$1 port dir=$TMP/startup-$1
     port=$(free_port)
@@ -839,6 +869,28 @@ report() {
                     }' "$summary"
             done
         fi
+        if [[ -s $TMP/idle.tsv ]]; then
+            echo
+            echo "## Idle keep-alive connections: $IDLE_CONNS clients, one GET / each, then silent for ${IDLE_SETTLE} s"
+            echo
+            echo "| setup | front-end RSS MB before | with the idle clients | KiB per connection (min–max) |"
+            echo "|---|--:|--:|--:|"
+            local s
+            for s in $SETUPS; do
+                grep -q "^$s	" "$TMP/idle.tsv" || continue
+                local rows before after per lo hi
+                rows=$(grep "^$s	" "$TMP/idle.tsv")
+                before=$(cut -f3 <<<"$rows" | median)
+                after=$(cut -f4 <<<"$rows" | median)
+                per=$(awk -F'\t' -v n="$IDLE_CONNS" '{ print ($4 - $3) / n }' <<<"$rows" | median)
+                lo=$(awk -F'\t' -v n="$IDLE_CONNS" '{ print ($4 - $3) / n }' <<<"$rows" | sort -g | head -1)
+                hi=$(awk -F'\t' -v n="$IDLE_CONNS" '{ print ($4 - $3) / n }' <<<"$rows" | sort -g | tail -1)
+                printf '| %s | %.1f | %.1f | %.1f (%.1f–%.1f) |\n' "$(setup_title "$s")" \
+                    "$(awk -v k="$before" 'BEGIN { print k / 1024 }')" "$(awk -v k="$after" 'BEGIN { print k / 1024 }')" "$per" "$lo" "$hi"
+            done
+            echo
+            echo "RSS is VmRSS summed over the front-end's processes, read before the clients connect and ${IDLE_SETTLE} s after the last of them got its answer (\\`benches/support/idle_clients.py\\`); KiB per connection = the difference ÷ $IDLE_CONNS. Medians of $RUNS runs."
+        fi
         if [[ -s $TMP/startup.tsv ]]; then
             echo
             echo "## Startup: \`rip serve --workers $STARTUP_WORKERS\`, medians of $RUNS starts"
@@ -894,6 +946,16 @@ main() {
     log "measuring: about $(((setups - recycling) * cases + recycling))×$RUNS runs of $((WARMUP + DURATION)) s, then $RUNS startups"
     for s in $SETUPS; do start_setup "$s"; done
     log "all setups up: $(for s in $SETUPS; do printf '%s=127.0.0.1:%s ' "$s" "${PORT[$s]}"; done)"
+    # Before any load: "before" is each front-end as it idles after its start.
+    if ((IDLE_CONNS > 0)); then
+        for ((run = 1; run <= RUNS; run++)); do
+            for s in $SETUPS; do
+                [[ $s == *-recycle || $s == ceiling ]] && continue
+                log "idle run $run/$RUNS: $s, $IDLE_CONNS connections"
+                measure_idle "$s" "$run"
+            done
+        done
+    fi
     local run
     for c in $CASES; do
         for ((run = 1; run <= RUNS; run++)); do

@@ -6,7 +6,8 @@
 //!
 //! So once traffic pauses after any has passed, the idle connections to workers are closed
 //! (their buffers are most of what a burst leaves) and the allocator is asked to return its
-//! free memory (`malloc_trim`), off the event loop. Under steady load nothing is trimmed: what is
+//! free memory (`malloc_trim`), off the event loop; clients' connections parking (their HTTP
+//! buffers freed) count as traffic, so the trim comes once they have. Under steady load nothing is trimmed: what is
 //! kept then is what the load uses, and trimming would only hand it back to take it again.
 //! glibc also raises its mmap threshold as large blocks are freed, keeping later large blocks
 //! on the heap; it is pinned at [`MMAP_THRESHOLD`] so that connection-sized buffers are
@@ -22,11 +23,12 @@ const QUIET: Duration = Duration::from_secs(1);
 pub async fn trim_when_quiet(proxy: Proxy) {
     let mut every = tokio::time::interval(QUIET);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut answered = proxy.metrics().lifetime().0;
+    let mut answered = (proxy.metrics().lifetime().0, crate::frontend::parked());
     let mut busy = false;
     loop {
         every.tick().await;
-        let now = proxy.metrics().lifetime().0;
+        // Connections parking free their buffers too: a trim is due once that settles.
+        let now = (proxy.metrics().lifetime().0, crate::frontend::parked());
         let moved = now != answered || proxy.pool().snapshot().iter().any(|e| e.in_flight() > 0);
         answered = now;
         if moved {

@@ -56,6 +56,15 @@ where
     }
 }
 
+/// A connection kept on the heap: a client connection's task holds a pointer, not the
+/// largest of the protocols' states.
+impl<C: Graceful + ?Sized> Graceful for Pin<Box<C>> {
+    type Error = C::Error;
+    fn shut_down(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().shut_down();
+    }
+}
+
 impl<A, B> Graceful for futures_util::future::Either<A, B>
 where
     A: Graceful,
@@ -116,7 +125,10 @@ impl Connections {
             };
             let mut stopped_then_lingered = std::pin::pin!(stopped_then_lingered);
             // A client that has not begun by the time a drain closes idle connections gets
-            // the same linger as an idle one, then is closed.
+            // the same linger as an idle one, then is closed. The prelude is boxed so that
+            // its state (handshakes, the connection's builders) is freed once it is done,
+            // instead of staying in the task for as long as the connection.
+            let prelude = Box::pin(prelude);
             let conn = tokio::select! {
                 conn = prelude => conn,
                 () = stopped_then_lingered.as_mut() => None,

@@ -58,6 +58,13 @@ impl<S> StrictFraming<S> {
     pub fn verdict(&self) -> Arc<Verdict> {
         self.verdict.clone()
     }
+
+    /// The stream again, for a connection taken back from hyper between two requests, when
+    /// nothing is held back (nothing is, but after a request that asked for an upgrade).
+    pub fn into_inner(self) -> S {
+        debug_assert!(self.held.is_empty(), "bytes held back would be lost");
+        self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for StrictFraming<S> {

@@ -11,6 +11,10 @@ pub mod connections;
 pub mod framing;
 /// HTTP/2 with prior knowledge from clients, and its limits.
 mod http2c;
+/// Idle HTTP/1 connections held as their socket alone.
+mod park;
+
+pub use park::parked;
 /// The public listening socket: inherited, passed by systemd, or bound.
 pub mod listener;
 /// The plain listener that sends clients to https.
@@ -20,6 +24,7 @@ pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,12 +90,14 @@ type ProxyFuture =
 /// One client connection's service. The proxy knows the peer the listener saw: the stack is
 /// made for this connection, or (behind an edge router) each request carries it, as a
 /// [`Peer`] and, for edge handlers, as axum's `ConnectInfo`.
+#[derive(Clone)]
 struct Connection {
     front: Front,
     peer: Arc<Peer>,
 }
 
 /// What answers one proxied connection's requests.
+#[derive(Clone)]
 enum Front {
     Edge(Router),
     /// The stack made for this connection's peer.
@@ -168,43 +175,57 @@ pub struct Serving {
 }
 
 /// Serves `listener` from `shards` shards: this runtime's thread is shard 0, and each other
-/// shard is a thread of its own with a current-thread runtime, accepting from the same
-/// listening socket (the kernel hands each connection to one of them) and keeping its own
-/// connections to the workers. One `--max-connections` for all. Returns how many connections
-/// were still open when the grace ran out, over every shard.
+/// shard is a thread of its own with a current-thread runtime that keeps its own connections
+/// to the workers. Shard 0 accepts every client and gives each to the shard with the fewest
+/// open connections, which serves it from then on: one accept per connection and no herd of
+/// shards woken for each. One `--max-connections` for all. Returns how many connections were
+/// still open when the grace ran out, over every shard.
 pub async fn serve_shards(listener: TcpListener, shards: usize, front: Serving) -> usize {
     let permits = Arc::new(Semaphore::new(front.limits.max_connections));
     let spread = Arc::new(Spread::new(shards.max(1)));
     let mut others = Vec::new();
+    let mut handing = Vec::new();
     for shard in 1..shards {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-        let spawned = listener_copy(&listener).and_then(|copy| {
-            let (front, permits, spread) = (front.clone(), permits.clone(), spread.clone());
-            std::thread::Builder::new().name(format!("rip-shard-{shard}")).spawn(move || {
-                crate::proxy::enter_shard(shard);
-                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                    Ok(runtime) => runtime,
-                    Err(e) => return warn!(shard, error = %e, "front-end shard could not start its runtime"),
-                };
-                let open = runtime.block_on(async move {
-                    match TcpListener::from_std(copy) {
-                        Ok(listener) => serve(listener, front, permits, Shard { spread, me: shard }).await,
-                        Err(e) => {
-                            warn!(shard, error = %e, "front-end shard could not take the listener");
-                            0
-                        }
-                    }
-                });
+        let (hand, handed) = tokio::sync::mpsc::unbounded_channel();
+        let (front, spread) = (front.clone(), spread.clone());
+        let spawned = std::thread::Builder::new().name(format!("rip-shard-{shard}")).spawn(move || {
+            crate::proxy::enter_shard(shard);
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => return warn!(shard, error = %e, "front-end shard could not start its runtime"),
+            };
+            runtime.block_on(async move {
+                let open = serve(Intake::Handed(handed), front, Shard { spread, me: shard }).await;
                 let _ = done_tx.send(open);
-            })
+                // The runtime outlives the shard's accepting and draining: tunnels (WebSockets)
+                // run on it until the workers behind them are stopped, as rip's shutdown goes,
+                // and the process's exit ends it.
+                std::future::pending::<()>().await
+            });
         });
         match spawned {
-            Ok(_) => others.push(done_rx),
+            Ok(_) => {
+                others.push(done_rx);
+                handing.push((shard, hand));
+            }
             // The shards that started serve; fewer threads is slower, not broken.
             Err(e) => warn!(shard, error = %e, "front-end shard could not start"),
         }
     }
-    let mine = serve(listener, front, permits, Shard { spread, me: 0 }).await;
+    let watched = listener.into_std().and_then(|listener| {
+        // SAFETY: the std listener owns its descriptor, and the AsyncFd owns the listener
+        // until it is dropped; nothing else closes or replaces that descriptor.
+        unsafe { tokio::io::unix::AsyncFd::register(listener) }.map_err(std::io::Error::from)
+    });
+    let intake = match watched {
+        Ok(listener) => Intake::Listener { listener, permits, handing },
+        Err(e) => {
+            warn!(error = %e, "the listener could not be watched; not accepting");
+            Intake::Handed(tokio::sync::mpsc::unbounded_channel().1)
+        }
+    };
+    let mine = serve(intake, front, Shard { spread, me: 0 }).await;
     let mut open = mine;
     for done in others {
         open += done.await.unwrap_or(0);
@@ -212,46 +233,95 @@ pub async fn serve_shards(listener: TcpListener, shards: usize, front: Serving) 
     open
 }
 
-/// The listening socket again, as another descriptor of it, for another shard's runtime.
-fn listener_copy(listener: &TcpListener) -> std::io::Result<std::net::TcpListener> {
-    use std::os::fd::AsFd;
-    let fd = listener.as_fd().try_clone_to_owned()?;
-    let copy = std::net::TcpListener::from(fd);
-    copy.set_nonblocking(true)?;
-    Ok(copy)
+/// A client connection accepted by shard 0, on its way to the shard that serves it.
+type Handed = (std::net::TcpStream, SocketAddr, Slot);
+
+/// Where a shard's client connections come from.
+enum Intake {
+    /// The listening socket itself, and the other shards to give connections to.
+    Listener {
+        listener: tokio::io::unix::AsyncFd<std::net::TcpListener>,
+        permits: Arc<Semaphore>,
+        handing: Vec<(usize, tokio::sync::mpsc::UnboundedSender<Handed>)>,
+    },
+    /// Shard 0; closed when it stops accepting.
+    Handed(tokio::sync::mpsc::UnboundedReceiver<Handed>),
 }
 
-/// Accepts connections until `stop` is cancelled, then gives open ones up to `grace` to
-/// finish. Returns how many were still open when the grace ran out.
-async fn serve(listener: TcpListener, front: Serving, permits: Arc<Semaphore>, shard: Shard) -> usize {
-    let Serving { proxy, door, limits, tls, stop, grace } = front;
-    let _accepting = shard.accepting();
-    let connections = Connections::new(stop.clone(), DRAIN_LINGER);
-    let builder = client_builder(limits.header_timeout);
-    let h2 = http2c::builder();
-    while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop, &shard).await {
-        if let Door::Handoff(proxy) = &door {
-            let (proxy, builder) = (proxy.clone(), builder.clone());
+/// Serves the connections of one shard until no more come (a stop), then gives open ones up
+/// to `grace` to finish. Returns how many were still open when the grace ran out.
+async fn serve(intake: Intake, front: Serving, shard: Shard) -> usize {
+    let _serving = shard.serving();
+    let opener = Opener {
+        connections: Connections::new(front.stop.clone(), DRAIN_LINGER),
+        builder: client_builder(front.limits.header_timeout),
+        h2: http2c::builder(),
+        front,
+    };
+    match intake {
+        Intake::Listener { listener, permits, handing } => {
+            while let Some((stream, peer, permit)) = accept(&listener, &permits, &opener.front.stop).await {
+                let to = shard.spread.fewest(shard.me);
+                let slot = shard.spread.slot(to, permit);
+                let mut handed = Some((stream, peer, slot));
+                if let Some((_, hand)) = handing.iter().find(|(shard, _)| *shard == to) {
+                    // A shard that is gone leaves its connections to this one.
+                    handed = hand.send(handed.take().expect("not sent yet")).err().map(|e| e.0);
+                }
+                if let Some((stream, peer, slot)) = handed {
+                    opener.open(stream, peer, slot);
+                }
+            }
+        }
+        Intake::Handed(mut handed) => {
+            while let Some((stream, peer, slot)) = handed.recv().await {
+                opener.open(stream, peer, slot);
+            }
+        }
+    }
+    opener.front.proxy.close_connections_after_responses();
+    opener.connections.drain(opener.front.grace).await
+}
+
+/// What one shard serves its client connections with.
+struct Opener {
+    front: Serving,
+    connections: Connections,
+    builder: http1::Builder,
+    h2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+}
+
+impl Opener {
+    /// Starts serving one client connection on this shard.
+    fn open(&self, stream: std::net::TcpStream, peer: SocketAddr, slot: Slot) {
+        let Serving { proxy, door, limits, tls, .. } = &self.front;
+        let connections = &self.connections;
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => return warn!(error = %e, "a client connection could not be registered"),
+        };
+        if let Door::Handoff(proxy) = door {
+            let (proxy, builder) = (proxy.clone(), self.builder.clone());
             connections.track(async move {
                 if let Err(client) = proxy.hand_off(stream).await {
                     refuse(&builder, client).await;
                 }
-                drop(permit);
+                drop(slot);
             });
-            continue;
+            return;
         }
         let trusted = proxy.settings_now().trusts(peer.ip());
         let peer = Arc::new(Peer::new(peer, trusted, tls.is_some()));
-        let front = match &door {
+        let front = match door {
             Door::Edge(router) => Front::Edge(router.clone()),
             Door::Proxy(stack) => Front::Proxy(stack.for_peer(peer.clone())),
             // Handed off above.
-            Door::Handoff(_) => continue,
+            Door::Handoff(_) => return,
         };
         let service = Connection { front, peer };
-        let (builder, h2) = (builder.clone(), h2.clone());
+        let (builder, h2) = (self.builder.clone(), self.h2.clone());
         let header_timeout = limits.header_timeout;
-        if let Some(tls) = &tls {
+        if let Some(tls) = tls {
             let acceptor = tls.acceptor().clone();
             let opened = async move {
                 // The handshake must finish within the header timeout, or it holds a slot.
@@ -270,8 +340,8 @@ async fn serve(listener: TcpListener, front: Serving, permits: Arc<Semaphore>, s
                 };
                 Some(serve_as(opening, stream, service, &builder, &h2, header_timeout))
             };
-            connections.spawn_after(opened, permit);
-            continue;
+            connections.spawn_after(opened, slot);
+            return;
         }
         let opened = async move {
             match tokio::time::timeout(header_timeout, opening(&stream)).await {
@@ -280,20 +350,16 @@ async fn serve(listener: TcpListener, front: Serving, permits: Arc<Semaphore>, s
                 Ok(None) | Err(_) => None,
             }
         };
-        connections.spawn_after(opened, permit);
+        connections.spawn_after(opened, slot);
     }
-    drop(listener);
-    proxy.close_connections_after_responses();
-    connections.drain(grace).await
 }
 
-/// The next client connection, with its permit; `None` once `stop` is cancelled.
 /// A client connection being served, over HTTP/1 or HTTP/2.
-type Served<I> = Either<Http1Served<I>, http2c::Served<I>>;
-type Http1Served<I> = http1::UpgradeableConnection<TokioIo<StrictFraming<I>>, Judged<Connection>>;
+type Served<I> = Either<park::Parking, Pin<Box<http2c::Served<I>>>>;
 
 /// Serves a client connection as it opened: HTTP/2 as it is, HTTP/1 behind the strict
-/// framing guard; `idle` is how long an HTTP/2 connection may go without a new stream.
+/// framing guard and parked while idle; `idle` is how long a connection may go without a new
+/// request (for HTTP/1 hyper's header timeout says the same).
 fn serve_as<I>(
     opening: Opening,
     stream: I,
@@ -306,12 +372,10 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match opening {
-        Opening::Http2 => Either::Right(http2c::serve(h2, stream, service, idle)),
-        Opening::Http1 => {
-            let stream = StrictFraming::new(stream);
-            let service = Judged::new(service, stream.verdict());
-            Either::Left(builder.serve_connection(TokioIo::new(stream), service).with_upgrades())
-        }
+        // Boxed: an HTTP/2 connection's state is large, and the task of every connection would
+        // otherwise reserve room for it.
+        Opening::Http2 => Either::Right(Box::pin(http2c::serve(h2, stream, service, idle))),
+        Opening::Http1 => Either::Left(park::serve(stream, service, builder.clone(), idle)),
     }
 }
 
@@ -344,59 +408,80 @@ async fn opening(stream: &TcpStream) -> Option<Opening> {
     }
 }
 
+/// The next client connection, with its permit; `None` once `stop` is cancelled.
 async fn accept(
-    listener: &TcpListener,
+    listener: &tokio::io::unix::AsyncFd<std::net::TcpListener>,
     permits: &Arc<Semaphore>,
     stop: &CancellationToken,
-    shard: &Shard,
-) -> Option<(TcpStream, SocketAddr, Slot)> {
+) -> Option<(std::net::TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = tokio::select! {
+        permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        () = stop.cancelled() => return None,
+    };
     loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = stop.cancelled() => return None,
-        };
-        if shard.ahead() {
-            // Every shard is woken for each new connection and the first to call accept
-            // takes it, so a shard that is awake would take a whole burst while the others
-            // wake up. One that holds more than its share waits a moment first; a shard that
-            // is too busy to take its share costs this one a millisecond, no more.
-            tokio::select! {
-                () = tokio::time::sleep(SPREAD_PAUSE) => {}
-                () = stop.cancelled() => return None,
-            }
-        }
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Some((stream, peer, shard.slot(permit)));
-                }
+        let mut ready = tokio::select! {
+            ready = listener.readable() => match ready {
+                Ok(ready) => ready,
                 Err(e) => {
-                    warn!(error = %e, "accept failed");
+                    warn!(error = %e, "watching the listener failed");
                     tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;
+                    continue;
                 }
             },
             () = stop.cancelled() => return None,
+        };
+        match ready.try_io(|listener| listener.get_ref().accept()) {
+            Ok(Ok((stream, peer))) => {
+                let _ = stream.set_nodelay(true);
+                if let Err(e) = stream.set_nonblocking(true) {
+                    warn!(error = %e, "a client connection could not be made non-blocking");
+                    continue;
+                }
+                return Some((stream, peer, permit));
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;
+            }
+            // Nothing left to accept: wait for the listener again.
+            Err(_would_block) => {}
         }
     }
 }
 
-/// How long a shard that holds more than its share of connections waits before it accepts.
-const SPREAD_PAUSE: Duration = Duration::from_millis(1);
-
-/// The open connections of every shard, for spreading accepts over them.
+/// The open connections of every shard, for giving each new one to the shard with fewest.
 struct Spread {
     open: Box<[std::sync::atomic::AtomicUsize]>,
-    /// Shards still accepting; one that stopped (or never started) is not waited for.
-    accepting: Box<[std::sync::atomic::AtomicBool]>,
+    /// Shards serving; one that stopped (or never started) is given nothing.
+    serving: Box<[std::sync::atomic::AtomicBool]>,
+    /// Where the next search for the fewest starts, so that ties go round.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 impl Spread {
     fn new(shards: usize) -> Spread {
         Spread {
             open: (0..shards).map(|_| Default::default()).collect(),
-            accepting: (0..shards).map(|_| Default::default()).collect(),
+            serving: (0..shards).map(|_| Default::default()).collect(),
+            next: Default::default(),
         }
+    }
+
+    /// The serving shard with the fewest open connections; `me` if none is serving.
+    fn fewest(&self, me: usize) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.open.len();
+        let start = self.next.fetch_add(1, Relaxed);
+        (0..n)
+            .map(|i| (start + i) % n)
+            .filter(|&i| self.serving[i].load(Relaxed))
+            .min_by_key(|&i| self.open[i].load(Relaxed))
+            .unwrap_or(me)
+    }
+
+    fn slot(self: &Arc<Self>, shard: usize, permit: OwnedSemaphorePermit) -> Slot {
+        self.open[shard].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Slot { _permit: permit, spread: self.clone(), shard }
     }
 }
 
@@ -407,40 +492,22 @@ struct Shard {
 }
 
 impl Shard {
-    /// Whether this shard holds clearly more connections than another that accepts: more than
-    /// one more than it, or a quarter more (so that a busy server's counts, which move all the
-    /// time, seldom make anyone wait).
-    fn ahead(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = &self.spread;
-        let mine = s.open[self.me].load(Relaxed);
-        let fewest = (0..s.open.len())
-            .filter(|&i| i != self.me && s.accepting[i].load(Relaxed))
-            .map(|i| s.open[i].load(Relaxed))
-            .min();
-        fewest.is_some_and(|fewest| mine > fewest + (fewest / 4).max(1))
-    }
-
-    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
-        self.spread.open[self.me].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Slot { _permit: permit, spread: self.spread.clone(), shard: self.me }
-    }
-
-    /// Marks this shard accepting until the guard is dropped.
-    fn accepting(&self) -> Accepting {
-        self.spread.accepting[self.me].store(true, std::sync::atomic::Ordering::Relaxed);
-        Accepting { spread: self.spread.clone(), shard: self.me }
+    /// Marks this shard serving until the guard is dropped.
+    fn serving(&self) -> OnDuty {
+        self.spread.serving[self.me].store(true, std::sync::atomic::Ordering::Relaxed);
+        OnDuty { spread: self.spread.clone(), shard: self.me }
     }
 }
 
-struct Accepting {
+/// A shard's mark as serving, taken off when it stops.
+struct OnDuty {
     spread: Arc<Spread>,
     shard: usize,
 }
 
-impl Drop for Accepting {
+impl Drop for OnDuty {
     fn drop(&mut self) {
-        self.spread.accepting[self.shard].store(false, std::sync::atomic::Ordering::Relaxed);
+        self.spread.serving[self.shard].store(false, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

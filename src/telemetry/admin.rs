@@ -64,6 +64,7 @@ async fn metrics_text(State(admin): State<Admin>) -> impl IntoResponse {
         in_flight: counts.iter().map(|c| c.in_flight).sum(),
         tunnels: counts.iter().map(|c| c.tunnels).sum(),
         queued: admin.proxy.pool().waiting(),
+        parked: crate::frontend::parked(),
         workers_ready: admin.supervisor.ready_count(),
         log_lines_dropped: super::sink::Sink::stderr().dropped(),
         workers: workers

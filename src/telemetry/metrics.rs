@@ -84,6 +84,8 @@ pub struct WorkerGauge {
 #[derive(Debug, Clone, Default)]
 pub struct Gauges {
     pub in_flight: usize,
+    /// Idle client connections held as their socket alone.
+    pub parked: usize,
     /// Upgraded connections open through workers.
     pub tunnels: usize,
     pub queued: usize,
@@ -228,6 +230,12 @@ impl Metrics {
             gauges.tunnels as u64,
         );
         gauge(&mut out, "rip_queued_requests", "Requests waiting for a free worker.", gauges.queued as u64);
+        gauge(
+            &mut out,
+            "rip_client_connections_parked",
+            "Idle keep-alive client connections held without their HTTP buffers until the client sends again.",
+            gauges.parked as u64,
+        );
         gauge(&mut out, "rip_workers_ready", "Workers in the rotation.", gauges.workers_ready as u64);
         out.push_str(
             "# HELP rip_log_lines_dropped_total Log lines dropped because stderr was not being read.\n",

@@ -18,6 +18,7 @@ mod limits;
 mod log_sink;
 mod observability;
 mod operator;
+mod parking;
 mod pool;
 mod refusals;
 mod reload;

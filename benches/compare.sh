@@ -70,7 +70,7 @@ RETRIES=${RETRIES:-2}            # ... at most this many times; the last try is 
 ACCESS_LOG=${ACCESS_LOG:-off}    # off, or on: rip and nginx both log every request to a file
 SERVE_ARGS=${SERVE_ARGS:-}       # extra flags for every `rip serve`, e.g. "--upstream http1"
 IDLE_CONNS=${IDLE_CONNS:-0}      # idle case: this many keep-alive clients, one GET each, then silent (0: skipped)
-IDLE_SETTLE=${IDLE_SETTLE:-3}    # ... held this many seconds before the front-end's RSS is read
+IDLE_SETTLE=${IDLE_SETTLE:-6}    # ... held this many seconds before the front-end's RSS is read (rip parks after 1-2 s, trims after)
 CASES=${CASES:-"get_c1 get_c100 browser_c100 echo_1m echo_64k close_c100"}
 SETUPS=${SETUPS:-"rip rip-handoff nginx-1 nginx-auto ceiling rip-recycle rip-handoff-recycle"}
 
@@ -889,7 +889,7 @@ report() {
                     "$(awk -v k="$before" 'BEGIN { print k / 1024 }')" "$(awk -v k="$after" 'BEGIN { print k / 1024 }')" "$per" "$lo" "$hi"
             done
             echo
-            echo "RSS is VmRSS summed over the front-end's processes, read before the clients connect and ${IDLE_SETTLE} s after the last of them got its answer (\\`benches/support/idle_clients.py\\`); KiB per connection = the difference ÷ $IDLE_CONNS. Medians of $RUNS runs."
+            echo "RSS is VmRSS summed over the front-end's processes, read before the clients connect and ${IDLE_SETTLE} s after the last of them got its answer (\`benches/support/idle_clients.py\`); KiB per connection = the difference ÷ $IDLE_CONNS. Medians of $RUNS runs."
         fi
         if [[ -s $TMP/startup.tsv ]]; then
             echo

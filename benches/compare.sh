@@ -5,7 +5,8 @@
 #     DURATION=10 RUNS=5 benches/compare.sh    # steadier numbers, about 15 minutes
 #
 # Setups, all up at once and measured in turn (interleaved, so that drift hits each alike):
-#   rip          `rip serve --workers $WORKERS`
+#   rip          `rip serve --workers $WORKERS` (its default shards: one per CPU)
+#   rip-shards1, rip-shards2  the same with `--shards 1` or `--shards 2`
 #   nginx-1      nginx (worker_processes 1) in front of $WORKERS `rip worker --socket` processes
 #   nginx-auto   the same with worker_processes auto (one per core)
 #   ceiling      one worker's app on TCP with no hop: benches/direct.rs, which wraps the demo

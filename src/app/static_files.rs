@@ -156,6 +156,14 @@ impl Miss {
     }
 }
 
+/// What [`Files::probe`] learnt of a request it could not answer from memory.
+pub struct Probe {
+    codings: usize,
+    plain: bool,
+    /// A kept file due for a check: if it is still the same file, its bytes answer again.
+    kept: Option<Arc<Kept>>,
+}
+
 /// The files under one root, with the small ones kept in memory.
 pub struct Files {
     root: Root,
@@ -183,27 +191,39 @@ impl Files {
         })
     }
 
-    /// The answer from a kept file that is not due for a check, without a system call; `None`
-    /// when [`answer`](Self::answer) has to look.
-    pub fn kept<B>(&self, req: &http::Request<B>) -> Option<Answered> {
-        if !is_fetch(req.method()) || !is_plain(req.headers()) {
-            return None;
+    /// The answer from a kept file that is not due for a check, without a system call; else
+    /// what this first look found, for [`look`](Self::look) to go on from.
+    pub fn probe<B>(&self, req: &http::Request<B>) -> Result<Answered, Probe> {
+        let codings = accepted_codings(req.headers());
+        let plain = is_plain(req.headers());
+        let kept =
+            (is_fetch(req.method()) && plain).then(|| self.cache.get(req.uri().path(), codings)).flatten();
+        match kept {
+            Some(entry) if self.cache.fresh(&entry) => Ok(self.finish(entry.answer(req))),
+            kept => Err(Probe { codings, plain, kept }),
         }
-        let entry = self.cache.get(req.uri().path(), accepted_codings(req.headers()))?;
-        self.cache.fresh(&entry).then(|| self.finish(entry.answer(req)))
+    }
+
+    /// [`probe`](Self::probe)'s answer, for a test that wants only what memory holds.
+    #[cfg(test)]
+    fn kept<B>(&self, req: &http::Request<B>) -> Option<Answered> {
+        self.probe(req).ok()
     }
 
     /// Looks `req` up under the root: the file's answer, or the request back.
     pub async fn answer<B: Send + 'static>(self: &Arc<Self>, req: http::Request<B>) -> Answer<B> {
+        match self.probe(&req) {
+            Ok(answered) => Answer::Served(answered),
+            Err(probe) => self.look(req, probe).await,
+        }
+    }
+
+    /// Looks `req` up on disk, after [`probe`](Self::probe) found no answer in memory.
+    pub async fn look<B: Send + 'static>(self: &Arc<Self>, req: http::Request<B>, probe: Probe) -> Answer<B> {
         if !is_fetch(req.method()) {
             return Answer::Missed(req, Miss::Method);
         }
-        let codings = accepted_codings(req.headers());
-        let plain = is_plain(req.headers());
-        let kept = plain.then(|| self.cache.get(req.uri().path(), codings)).flatten();
-        if let Some(entry) = kept.as_ref().filter(|e| self.cache.fresh(e)) {
-            return Answer::Served(self.finish(entry.answer(&req)));
-        }
+        let Probe { codings, plain, kept } = probe;
         let segments = match decode(req.uri().path()) {
             Ok(segments) => segments,
             Err(refusal) => {

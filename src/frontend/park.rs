@@ -269,97 +269,83 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let stop = CancellationToken::new();
-    let served = Box::pin(run(stream, service, builder, idle_limit, stop.clone()));
-    Parking { served, stop }
-}
-
-async fn run<I, S, B>(
-    stream: I,
-    service: S,
-    builder: http1::Builder,
-    idle_limit: Duration,
-    stop: CancellationToken,
-) -> Result<(), hyper::Error>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let activity = Arc::new(Activity::default());
-    let mut io = Parkable { inner: stream, prefix: Bytes::new(), activity: activity.clone() };
-    loop {
-        let framing = StrictFraming::new(io);
-        let tracked =
-            Tracked { inner: Judged::new(service.clone(), framing.verdict()), activity: activity.clone() };
-        // Boxed, so that a parked connection holds none of it.
-        let mut conn = Box::pin(builder.serve_connection(TokioIo::new(framing), tracked).with_upgrades());
-        let mut seen = activity.snapshot();
-        let mut active_at = Instant::now();
+    let stopped = stop.clone();
+    let served = Box::pin(async move {
+        let activity = Arc::new(Activity::default());
+        let mut io = Parkable { inner: stream, prefix: Bytes::new(), activity: activity.clone() };
         loop {
-            tokio::select! {
-                result = conn.as_mut() => return result,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    return conn.await;
-                }
-                () = tokio::time::sleep(PARK_AFTER) => {
-                    let now = activity.snapshot();
-                    if now != seen || now.0 != now.1 {
-                        seen = now;
-                        active_at = Instant::now();
-                        continue;
+            let framing = StrictFraming::new(io);
+            let tracked = Tracked {
+                inner: Judged::new(service.clone(), framing.verdict()),
+                activity: activity.clone(),
+            };
+            // Boxed, so that a parked connection holds none of it.
+            let mut conn = Box::pin(builder.serve_connection(TokioIo::new(framing), tracked).with_upgrades());
+            let mut seen = activity.snapshot();
+            let mut active_at = Instant::now();
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => return result,
+                    () = stopped.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        return conn.await;
                     }
-                    break;
+                    () = tokio::time::sleep(PARK_AFTER) => {
+                        let now = activity.snapshot();
+                        if now != seen || now.0 != now.1 {
+                            seen = now;
+                            active_at = Instant::now();
+                            continue;
+                        }
+                        break;
+                    }
+                }
+            }
+            activity.parking.store(true, Ordering::Relaxed);
+            conn.as_mut().graceful_shutdown();
+            let closed = conn.as_mut().await;
+            activity.parking.store(false, Ordering::Relaxed);
+            closed?;
+            let slipped_in = activity.snapshot().0 != seen.0;
+            // None: the connection was upgraded, and is the tunnel's now.
+            let Some(parts) = Pin::into_inner(conn).into_parts() else { return Ok(()) };
+            // The rest of the parts (hyper's copy of the service) is dropped here, not kept.
+            let (framed, read_buf) = {
+                let parts = parts;
+                (parts.io, parts.read_buf)
+            };
+            io = framed.into_inner().into_inner();
+            if slipped_in {
+                // Answered with `Connection: close`: the client expects the close.
+                let _ = io.inner.shutdown().await;
+                return Ok(());
+            }
+            // What hyper read and did not use, copied: the Bytes it comes as shares hyper's whole
+            // read buffer, which would otherwise stay allocated for as long as the connection.
+            io.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
+            drop(read_buf);
+            if io.prefix.is_empty() {
+                let _parked = ParkedNow::new();
+                let mut first = [0u8; WAKE_READ];
+                tokio::select! {
+                    read = io.inner.read(&mut first) => match read {
+                        Ok(0) | Err(_) => return Ok(()),
+                        Ok(n) => {
+                            activity.read.fetch_add(n as u64, Ordering::Relaxed);
+                            io.prefix = Bytes::copy_from_slice(&first[..n]);
+                        }
+                    },
+                    () = tokio::time::sleep_until(active_at + idle_limit) => {
+                        let _ = io.inner.shutdown().await;
+                        return Ok(());
+                    }
+                    () = stopped.cancelled() => {
+                        let _ = io.inner.shutdown().await;
+                        return Ok(());
+                    }
                 }
             }
         }
-        activity.parking.store(true, Ordering::Relaxed);
-        conn.as_mut().graceful_shutdown();
-        let closed = conn.as_mut().await;
-        activity.parking.store(false, Ordering::Relaxed);
-        closed?;
-        let slipped_in = activity.snapshot().0 != seen.0;
-        // None: the connection was upgraded, and is the tunnel's now.
-        let Some(parts) = Pin::into_inner(conn).into_parts() else { return Ok(()) };
-        // The rest of the parts (hyper's copy of the service) is dropped here, not kept.
-        let (framed, read_buf) = {
-            let parts = parts;
-            (parts.io, parts.read_buf)
-        };
-        io = framed.into_inner().into_inner();
-        if slipped_in {
-            // Answered with `Connection: close`: the client expects the close.
-            let _ = io.inner.shutdown().await;
-            return Ok(());
-        }
-        // What hyper read and did not use, copied: the Bytes it comes as shares hyper's whole
-        // read buffer, which would otherwise stay allocated for as long as the connection.
-        io.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
-        drop(read_buf);
-        if io.prefix.is_empty() {
-            let _parked = ParkedNow::new();
-            let mut first = [0u8; WAKE_READ];
-            tokio::select! {
-                read = io.inner.read(&mut first) => match read {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(n) => {
-                        activity.read.fetch_add(n as u64, Ordering::Relaxed);
-                        io.prefix = Bytes::copy_from_slice(&first[..n]);
-                    }
-                },
-                () = tokio::time::sleep_until(active_at + idle_limit) => {
-                    let _ = io.inner.shutdown().await;
-                    return Ok(());
-                }
-                () = stop.cancelled() => {
-                    let _ = io.inner.shutdown().await;
-                    return Ok(());
-                }
-            }
-        }
-    }
+    });
+    Parking { served, stop }
 }

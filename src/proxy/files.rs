@@ -81,12 +81,13 @@ where
         if !ours {
             return Either::Left(self.inner.call(req));
         }
-        if let Some(kept) = root.kept(&req) {
-            return Either::Right(Either::Left(std::future::ready(Ok(respond(kept)))));
-        }
+        let probe = match root.probe(&req) {
+            Ok(kept) => return Either::Right(Either::Left(std::future::ready(Ok(respond(kept))))),
+            Err(probe) => probe,
+        };
         let mut inner = self.inner.clone();
         Either::Right(Either::Right(Box::pin(async move {
-            match root.answer(req).await {
+            match root.look(req, probe).await {
                 Answer::Served(response) => Ok(respond(response)),
                 Answer::Missed(req, _) => inner.call(req).await,
             }

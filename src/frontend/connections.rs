@@ -79,6 +79,35 @@ where
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A connection with something it keeps for as long as it is served.
+    pub struct Keeping<C, K> {
+        #[pin]
+        conn: C,
+        _kept: K,
+    }
+}
+
+impl<C, K> Keeping<C, K> {
+    pub fn new(conn: C, kept: K) -> Keeping<C, K> {
+        Keeping { conn, _kept: kept }
+    }
+}
+
+impl<C: Future, K> Future for Keeping<C, K> {
+    type Output = C::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<C::Output> {
+        self.project().conn.poll(cx)
+    }
+}
+
+impl<C: Graceful, K> Graceful for Keeping<C, K> {
+    type Error = C::Error;
+    fn shut_down(self: Pin<&mut Self>) {
+        self.project().conn.shut_down();
+    }
+}
+
 /// Pause after an accept error such as EMFILE, so that a full file table is not spun on;
 /// every accept loop (front-end, worker, hand-off channel) waits the same.
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);

@@ -11,6 +11,8 @@ pub mod connections;
 pub mod framing;
 /// HTTP/2 with prior knowledge from clients, and its limits.
 mod http2c;
+/// A shard's parked plain-TCP connections, held without a task each.
+mod lot;
 /// Idle HTTP/1 connections held as their socket alone.
 mod park;
 
@@ -252,12 +254,26 @@ enum Intake {
 /// to `grace` to finish. Returns how many were still open when the grace ran out.
 async fn serve(intake: Intake, front: Serving, shard: Shard) -> usize {
     let _serving = shard.serving();
-    let opener = Opener {
+    let (lot, attendant) = match lot::open() {
+        Ok((lot, attendant)) => (Some(lot), Some(attendant)),
+        Err(e) => {
+            warn!(error = %e, "idle connections will be parked in their own tasks");
+            (None, None)
+        }
+    };
+    let stop = front.stop.clone();
+    let opener = Arc::new(Opener {
         connections: Connections::new(front.stop.clone(), DRAIN_LINGER),
         builder: client_builder(front.limits.header_timeout),
         h2: http2c::builder(),
         front,
-    };
+        lot,
+    });
+    if let Some(attendant) = attendant {
+        let waker = opener.clone();
+        // Ends on the stop, closing what is parked; a woken connection is one of the shard's.
+        tokio::spawn(attendant.run(stop, move |held| waker.resume(held)));
+    }
     match intake {
         Intake::Listener { listener, permits, handing } => {
             while let Some((stream, peer, permit)) = accept(&listener, &permits, &opener.front.stop).await {
@@ -280,7 +296,7 @@ async fn serve(intake: Intake, front: Serving, shard: Shard) -> usize {
         }
     }
     opener.front.proxy.close_connections_after_responses();
-    opener.connections.drain(opener.front.grace).await
+    opener.connections.clone().drain(opener.front.grace).await
 }
 
 /// What one shard serves its client connections with.
@@ -289,12 +305,14 @@ struct Opener {
     connections: Connections,
     builder: http1::Builder,
     h2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+    /// Where this shard's idle plain-TCP connections are parked; `None` if it could not open.
+    lot: Option<lot::Lot>,
 }
 
 impl Opener {
     /// Starts serving one client connection on this shard.
     fn open(&self, stream: std::net::TcpStream, peer: SocketAddr, slot: Slot) {
-        let Serving { proxy, door, limits, tls, .. } = &self.front;
+        let Serving { door, limits, tls, .. } = &self.front;
         let connections = &self.connections;
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
@@ -310,15 +328,7 @@ impl Opener {
             });
             return;
         }
-        let trusted = proxy.settings_now().trusts(peer.ip());
-        let peer = Arc::new(Peer::new(peer, trusted, tls.is_some()));
-        let front = match door {
-            Door::Edge(router) => Front::Edge(router.clone()),
-            Door::Proxy(stack) => Front::Proxy(stack.for_peer(peer.clone())),
-            // Handed off above.
-            Door::Handoff(_) => return,
-        };
-        let service = Connection { front, peer };
+        let Some(service) = self.service(peer) else { return };
         let (builder, h2) = (self.builder.clone(), self.h2.clone());
         let header_timeout = limits.header_timeout;
         if let Some(tls) = tls {
@@ -338,24 +348,73 @@ impl Opener {
                 } else {
                     Opening::Http1
                 };
-                Some(serve_as(opening, stream, service, &builder, &h2, header_timeout))
+                Some(serve_as(opening, stream, service, &builder, &h2, header_timeout, None))
             };
             connections.spawn_after(opened, slot);
             return;
         }
+        let (holder, slot) = self.holder(peer, slot);
         let opened = async move {
             match tokio::time::timeout(header_timeout, opening(&stream)).await {
-                Ok(Some(opening)) => Some(serve_as(opening, stream, service, &builder, &h2, header_timeout)),
+                Ok(Some(opening)) => {
+                    Some(serve_as(opening, stream, service, &builder, &h2, header_timeout, holder))
+                }
                 // Closed, or silent for the header timeout: what hyper does to such a client.
                 Ok(None) | Err(_) => None,
             }
         };
         connections.spawn_after(opened, slot);
     }
+
+    /// Serves again a parked connection whose client sent (or closed): HTTP/1, as it was.
+    fn resume(&self, held: lot::Held) {
+        let lot::Held { stream, peer, slot, .. } = held;
+        let stream = match TcpStream::from_std(stream) {
+            Ok(stream) => stream,
+            Err(e) => return warn!(error = %e, "a client connection could not be registered"),
+        };
+        // Made anew, so that what a connection is served with follows a reload while it waited.
+        let Some(service) = self.service(peer) else { return };
+        let (holder, slot) = self.holder(peer, slot);
+        let served = serve_as(
+            Opening::Http1,
+            stream,
+            service,
+            &self.builder,
+            &self.h2,
+            self.front.limits.header_timeout,
+            holder,
+        );
+        self.connections.spawn(served, slot);
+    }
+
+    /// What serves a client connection from `peer`; `None` in hand-off mode, where nothing does.
+    fn service(&self, peer: SocketAddr) -> Option<Connection> {
+        let Serving { proxy, door, tls, .. } = &self.front;
+        let trusted = proxy.settings_now().trusts(peer.ip());
+        let peer = Arc::new(Peer::new(peer, trusted, tls.is_some()));
+        let front = match door {
+            Door::Edge(router) => Front::Edge(router.clone()),
+            Door::Proxy(stack) => Front::Proxy(stack.for_peer(peer.clone())),
+            Door::Handoff(_) => return None,
+        };
+        Some(Connection { front, peer })
+    }
+
+    /// A plain-TCP connection's place goes with it into the lot when it parks, so it is held
+    /// by the connection rather than by its task; without a lot the task holds it.
+    fn holder(&self, peer: SocketAddr, slot: Slot) -> (Option<lot::Holder>, Option<Slot>) {
+        match &self.lot {
+            Some(lot) => (Some(lot::Holder { lot: lot.clone(), peer, slot }), None),
+            None => (None, Some(slot)),
+        }
+    }
 }
 
-/// A client connection being served, over HTTP/1 or HTTP/2.
-type Served<I> = Either<park::Parking, Pin<Box<http2c::Served<I>>>>;
+/// A client connection being served, over HTTP/1 or HTTP/2 (with its place in the lot's
+/// keeping, which an HTTP/2 connection never parks but must hold while it is open).
+type Served<I> =
+    Either<park::Parking, Pin<Box<connections::Keeping<http2c::Served<I>, Option<lot::Holder>>>>>;
 
 /// Serves a client connection as it opened: HTTP/2 as it is, HTTP/1 behind the strict
 /// framing guard and parked while idle; `idle` is how long a connection may go without a new
@@ -367,15 +426,19 @@ fn serve_as<I>(
     builder: &http1::Builder,
     h2: &hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
     idle: Duration,
+    holder: Option<lot::Holder>,
 ) -> Served<I>
 where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + park::Detach + Unpin + Send + 'static,
 {
     match opening {
         // Boxed: an HTTP/2 connection's state is large, and the task of every connection would
         // otherwise reserve room for it.
-        Opening::Http2 => Either::Right(Box::pin(http2c::serve(h2, stream, service, idle))),
-        Opening::Http1 => Either::Left(park::serve(stream, service, builder.clone(), idle)),
+        Opening::Http2 => Either::Right(Box::pin(connections::Keeping::new(
+            http2c::serve(h2, stream, service, idle),
+            holder,
+        ))),
+        Opening::Http1 => Either::Left(park::serve(stream, service, builder.clone(), idle, holder)),
     }
 }
 

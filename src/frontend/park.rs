@@ -37,6 +37,27 @@ use tokio_util::sync::CancellationToken;
 
 use super::connections::Graceful;
 use super::framing::{Judged, StrictFraming};
+use super::lot::Holder;
+
+/// A client stream that can be parked as its bare socket, in its shard's lot: plain TCP can;
+/// TLS cannot, since its session lives in the stream, and is parked in its own task.
+pub trait Detach: Sized {
+    /// The socket alone (`Ok(None)` if it could not be taken from the runtime, and is closed),
+    /// or the stream back if it cannot be detached.
+    fn detach(self) -> Result<Option<std::net::TcpStream>, Self>;
+}
+
+impl Detach for tokio::net::TcpStream {
+    fn detach(self) -> Result<Option<std::net::TcpStream>, Self> {
+        Ok(self.into_std().ok())
+    }
+}
+
+impl<I> Detach for tokio_rustls::server::TlsStream<I> {
+    fn detach(self) -> Result<Option<std::net::TcpStream>, Self> {
+        Err(self)
+    }
+}
 
 /// How long a connection stays silent, with nothing in flight, before it is parked. Long
 /// enough that a client between two requests of a page keeps its hyper connection; short
@@ -55,10 +76,10 @@ pub fn parked() -> usize {
 }
 
 /// Counts a connection as parked while it lives.
-struct ParkedNow;
+pub(super) struct ParkedNow;
 
 impl ParkedNow {
-    fn new() -> ParkedNow {
+    pub(super) fn new() -> ParkedNow {
         PARKED.fetch_add(1, Ordering::Relaxed);
         ParkedNow
     }
@@ -257,10 +278,17 @@ impl Graceful for Parking {
 }
 
 /// Serves `stream` with `builder` and `service` behind the strict framing guard, parking it
-/// whenever it goes idle; `idle_limit` is how long a silent connection is kept at all.
-pub fn serve<I, S, B>(stream: I, service: S, builder: http1::Builder, idle_limit: Duration) -> Parking
+/// whenever it goes idle — in the lot of `holder` if there is one and the stream can be
+/// detached, else in its own task; `idle_limit` is how long a silent connection is kept at all.
+pub fn serve<I, S, B>(
+    stream: I,
+    service: S,
+    builder: http1::Builder,
+    idle_limit: Duration,
+    mut holder: Option<Holder>,
+) -> Parking
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Detach + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -325,6 +353,19 @@ where
             io.prefix = if read_buf.is_empty() { Bytes::new() } else { Bytes::copy_from_slice(&read_buf) };
             drop(read_buf);
             if io.prefix.is_empty() {
+                if let Some(lot) = holder.take() {
+                    match io.inner.detach() {
+                        Ok(Some(socket)) => {
+                            lot.hold(socket, active_at + idle_limit);
+                            return Ok(());
+                        }
+                        Ok(None) => return Ok(()),
+                        Err(inner) => {
+                            io.inner = inner;
+                            holder = Some(lot);
+                        }
+                    }
+                }
                 let _parked = ParkedNow::new();
                 let mut first = [0u8; WAKE_READ];
                 tokio::select! {

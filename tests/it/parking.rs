@@ -123,3 +123,50 @@ fn a_parked_connection_is_closed_at_the_idle_limit_and_at_once_on_a_stop() {
     assert!(rip.wait_exit(Duration::from_secs(10)).success());
     assert!(stopped.elapsed() < Duration::from_secs(5), "the stop took {:?}", stopped.elapsed());
 }
+
+/// A parked connection keeps its place under `--max-connections`: with the limit reached by
+/// parked clients, a new one waits until one of them closes; and parked clients that all wake
+/// at once, from threads of their own, are all served.
+#[test]
+fn parked_connections_keep_their_place_and_wake_together() {
+    const CLIENTS: usize = 40;
+    let max = CLIENTS.to_string();
+    let (rip, admin) = start(&["--max-connections", &max]);
+    let mut streams: Vec<TcpStream> = (0..CLIENTS).map(|_| TcpStream::connect(rip.addr()).unwrap()).collect();
+    for stream in &mut streams {
+        assert_eq!(get(stream, "/").0, 200);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || parked(admin) >= CLIENTS),
+        "{} of {CLIENTS} idle connections parked",
+        parked(admin)
+    );
+    let mut over = TcpStream::connect(rip.addr()).unwrap();
+    write!(over, "GET / HTTP/1.1\r\nHost: rip.test\r\n\r\n").unwrap();
+    over.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        over.read(&mut byte).is_err(),
+        "a connection past --max-connections was served while the rest were parked"
+    );
+
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS - 1));
+    let last = streams.pop().unwrap();
+    let woken: Vec<_> = streams
+        .into_iter()
+        .map(|mut stream| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                get(&mut stream, "/whoami")
+            })
+        })
+        .collect();
+    for thread in woken {
+        let (status, body) = thread.join().unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    drop(last);
+    let (status, _) = read_answer(&mut over);
+    assert_eq!(status, 200, "the waiting connection is served once a parked one closes");
+}

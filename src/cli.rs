@@ -54,6 +54,9 @@ pub struct LaunchArgs {
     /// Pid of the `rip serve` that started this worker; the worker exits if it is gone.
     #[arg(long)]
     pub parent: i32,
+    /// A listening socket inherited under this number, to be passed to the command as fd 3.
+    #[arg(long)]
+    pub listen_fd: Option<i32>,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

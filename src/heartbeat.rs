@@ -18,7 +18,7 @@
 
 use std::io;
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -40,10 +40,6 @@ pub const STALL_AFTER: Duration = Duration::from_millis(100);
 
 /// How often the front-end samples every worker's heartbeat.
 pub const WATCH_EVERY: Duration = Duration::from_millis(10);
-
-/// The fd number a worker finds its heartbeat on (fd 3 is where socket activation puts a
-/// listener).
-pub const CHILD_FD: RawFd = 4;
 
 /// One counter on a cache line of its own: the worker writes `current` on every poll of a
 /// request, and the front-end's reads of `beats` should not share its line.

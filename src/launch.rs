@@ -32,6 +32,11 @@ pub fn launch(args: LaunchArgs) -> Result<()> {
     if nix::unistd::getppid().as_raw() != args.parent {
         bail!("parent process {} is gone", args.parent);
     }
+    if let Some(fd) = args.listen_fd.filter(|&fd| fd != crate::supervisor::process::LISTEN_FD) {
+        // Where socket activation puts it; the copy has no FD_CLOEXEC, the original goes.
+        nix::unistd::dup2(fd, crate::supervisor::process::LISTEN_FD)?;
+        nix::unistd::close(fd)?;
+    }
     let mut cmd = std::process::Command::new(program);
     cmd.args(rest);
     if std::env::var_os("LISTEN_FDS").is_some() {

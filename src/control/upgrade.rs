@@ -50,7 +50,12 @@ pub async fn start(exe: &Path, args: Vec<OsString>, listener: RawFd, within: Dur
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", exe.display()))?;
+    let spawned = {
+        // No worker's descriptor is inheritable meanwhile (see `Spawner`).
+        let _spawning = crate::supervisor::process::SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+        cmd.spawn()
+    };
+    let mut child = spawned.with_context(|| format!("starting {}", exe.display()))?;
     drop(listen_high);
     drop(ready_high);
     let pid = child.id().ok_or_else(|| anyhow!("the new rip exited at once"))?;

@@ -16,7 +16,7 @@ mod lifecycle;
 mod liveness;
 mod machine;
 mod probe;
-mod process;
+pub(crate) mod process;
 mod recycle;
 mod stop;
 mod table;
@@ -404,7 +404,8 @@ impl Supervisor {
                 Some(cell) => cell.get_or_init(|| start_guard(&spawner, &exe)).await.as_ref(),
                 None => None,
             };
-            let spawned = spawner.spawn(cmd).await;
+            let inherit = keep.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+            let spawned = spawner.spawn(cmd, inherit).await;
             // The child has its own copies now.
             drop(keep);
             let mut child = match spawned {

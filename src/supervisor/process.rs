@@ -15,10 +15,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::discovery::WorkerId;
-use crate::heartbeat;
 
 /// Lines of a worker's stderr kept to explain why it died.
 const TAIL_LINES: usize = 8;
@@ -64,7 +63,12 @@ pub fn app_command(
     listener: Option<&OwnedFd>,
 ) -> Command {
     let mut cmd = Command::new(exe);
-    cmd.arg("launch").arg("--parent").arg(std::process::id().to_string()).arg("--").args(&app.command);
+    cmd.arg("launch").arg("--parent").arg(std::process::id().to_string());
+    if let Some(fd) = listener {
+        // Inherited under its own number (see `Spawner`); `rip launch` moves it to LISTEN_FD.
+        cmd.arg("--listen-fd").arg(fd.as_raw_fd().to_string());
+    }
+    cmd.arg("--").args(&app.command);
     // What this process was handed is not the worker's: an app that saw NOTIFY_SOCKET would
     // tell systemd it is the service, and the LISTEN_* variables would name our fds.
     for name in ["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "PORT", "RIP_SOCKET"] {
@@ -79,9 +83,8 @@ pub fn app_command(
             cmd.env("PORT", addr.port().to_string());
         }
     }
-    if let Some(fd) = listener {
+    if listener.is_some() {
         cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "rip");
-        pass_fd(&mut cmd, fd, LISTEN_FD);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -112,7 +115,7 @@ impl Tail {
 }
 
 /// The `rip worker` command for `id` on `socket`, given `heartbeat` (an fd the caller keeps
-/// open until the process has started) as [`heartbeat::CHILD_FD`].
+/// open until the process has started, and passes to [`Spawner::spawn`] to be inherited).
 pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&OwnedFd>) -> Command {
     let mut cmd = Command::new(&spec.exe);
     cmd.arg("worker")
@@ -150,8 +153,7 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&Owne
         }
     }
     if let Some(fd) = heartbeat {
-        cmd.arg("--heartbeat-fd").arg(heartbeat::CHILD_FD.to_string());
-        pass_fd(&mut cmd, fd, heartbeat::CHILD_FD);
+        cmd.arg("--heartbeat-fd").arg(fd.as_raw_fd().to_string());
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::inherit())
@@ -159,21 +161,6 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&Owne
         .process_group(0)
         .kill_on_drop(false);
     cmd
-}
-
-/// Has the child find `fd` (an fd the caller keeps open until the process has started) as
-/// `target`.
-fn pass_fd(cmd: &mut Command, fd: &OwnedFd, target: i32) {
-    let fd = fd.as_raw_fd();
-    // SAFETY: between fork and exec the closure only calls dup2, which is async-signal-safe;
-    // the copy it makes has no FD_CLOEXEC, so it survives the exec in this child alone. `fd`
-    // is numbered 10 or above (see `dup_high`), never a target.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::unistd::dup2(fd, target)?;
-            Ok(())
-        });
-    }
 }
 
 /// Logs each line a command's worker writes, tagged with the worker and the stream, through
@@ -252,38 +239,74 @@ fn decode(line: &[u8]) -> String {
 }
 
 /// Starts processes on a thread of its own, for two reasons. Starting a process blocks the
-/// caller until the child has called exec (about a millisecond), which on the front-end's
-/// single thread would stall every request each time a worker is recycled. And the kernel
-/// sends a worker its parent-death signal when the *thread* that started it exits, so that
-/// thread must live as long as the workers: tokio's blocking pool retires idle threads.
+/// caller until the child has called exec, which on a front-end shard would stall every
+/// request each time a worker is recycled. And the kernel sends a worker its parent-death
+/// signal when the *thread* that started it exits, so that thread must live as long as the
+/// workers: tokio's blocking pool retires idle threads.
+///
+/// A child inherits the descriptors it is given (its heartbeat page, a command's listening
+/// socket) under their own numbers, passed on its command line, rather than moved to fixed
+/// numbers between fork and exec: a command with such a step is started with `fork`, which
+/// copies the front-end's page tables and makes every page the front-end writes next fault
+/// once (6.5% of the front-end's CPU at full load with `--max-requests 1000`), where without
+/// it the standard library uses `posix_spawn`, which shares the memory until the exec.
 #[derive(Debug, Clone)]
 pub struct Spawner {
-    jobs: std::sync::mpsc::Sender<(Command, oneshot::Sender<io::Result<Child>>)>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
+
+type Job = (Command, Vec<RawFd>, oneshot::Sender<io::Result<Child>>);
+
+/// Held while a descriptor is inheritable, and by any other start of a process in rip, so
+/// that no other child inherits it.
+pub static SPAWNING: Mutex<()> = Mutex::new(());
 
 impl Spawner {
     /// Starts the thread; must be called inside the runtime the children are reaped by.
     pub fn start() -> io::Result<Spawner> {
-        let (jobs, queue) = std::sync::mpsc::channel::<(Command, oneshot::Sender<io::Result<Child>>)>();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new().name("rip-spawner".into()).spawn(move || {
             let _entered = runtime.enter();
-            for (mut cmd, reply) in queue {
-                let _ = reply.send(cmd.spawn());
+            for (mut cmd, inherit, reply) in queue {
+                let _ = reply.send(spawn_inheriting(&mut cmd, &inherit));
             }
         })?;
         Ok(Spawner { jobs })
     }
 
-    pub async fn spawn(&self, cmd: Command) -> io::Result<Child> {
+    /// Starts `cmd`, whose child inherits `inherit` (fds the caller keeps open until this
+    /// returns).
+    pub async fn spawn(&self, cmd: Command, inherit: Vec<RawFd>) -> io::Result<Child> {
         let (reply, child) = oneshot::channel();
-        self.jobs.send((cmd, reply)).map_err(|_| io::Error::other("the spawner thread is gone"))?;
+        self.jobs.send((cmd, inherit, reply)).map_err(|_| io::Error::other("the spawner thread is gone"))?;
         child.await.map_err(|_| io::Error::other("the spawner thread is gone"))?
     }
 }
 
+fn spawn_inheriting(cmd: &mut Command, inherit: &[RawFd]) -> io::Result<Child> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let _spawning = SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut made = Vec::with_capacity(inherit.len());
+    let mut result = Ok(());
+    for &fd in inherit {
+        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())) {
+            Ok(_) => made.push(fd),
+            Err(e) => {
+                result = Err(io::Error::from(e));
+                break;
+            }
+        }
+    }
+    let spawned = result.and_then(|()| cmd.spawn());
+    for fd in made {
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+    spawned
+}
+
 /// A listening Unix socket at `path` (mode 0600, as rip's own workers bind theirs) for a
-/// command's worker, numbered where the child's dup2 onto [`LISTEN_FD`] cannot clobber it.
+/// command's worker, numbered where `rip launch`'s dup2 onto [`LISTEN_FD`] cannot clobber it.
 pub fn listen_on(path: &Path) -> anyhow::Result<OwnedFd> {
     use anyhow::Context;
     use std::os::unix::fs::PermissionsExt;
@@ -326,7 +349,7 @@ impl Guard {
             // Out of our group, so that a Ctrl-C meant for us does not reach it first.
             .process_group(0)
             .kill_on_drop(false);
-        let mut process = spawner.spawn(cmd).await?;
+        let mut process = spawner.spawn(cmd, Vec::new()).await?;
         let pipe = process
             .stdin
             .take()

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 
 use crate::harness::{
     example_binary, lines_after, log_field, memory, no_failures, runtime, served_by, settle, summary,
-    wait_gone, wait_until, Client, Control, Load, Rip, AFTERWARDS, WAIT,
+    wait_gone, wait_until, worker_processes, Client, Control, Load, Rip, AFTERWARDS, WAIT,
 };
 
 #[test]
@@ -216,4 +216,50 @@ fn jittered_request_recycling_keeps_within_one_surge_and_loses_no_request() {
             replacing = None;
         }
     }
+}
+
+/// What each open descriptor of `pid` is (the targets of /proc/PID/fd's links).
+fn open_files(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .map(|target| target.to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Each worker inherits its own heartbeat page and nothing of another's, though the
+/// descriptors are handed over under their own numbers: four started together at start, and
+/// their replacements on a reload, started while the others serve, each map exactly one and hold no
+/// other open.
+#[test]
+fn each_worker_inherits_its_own_heartbeat_page_and_no_other() {
+    let rip = Rip::start(&["--workers", "4", "--access-log", "off"]);
+    rip.wait_all_ready();
+    let check = |when: &str| {
+        let pids = worker_processes(rip.pid());
+        assert_eq!(pids.len(), 4, "{when}: {pids:?}");
+        for pid in pids {
+            // Mapped (its descriptor closed once mapped), or still open if inherited by mistake.
+            let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+            let mapped = maps.lines().filter(|l| l.contains("rip-heartbeat")).count();
+            let open = open_files(pid).into_iter().filter(|f| f.contains("rip-heartbeat")).count();
+            assert_eq!((mapped, open), (1, 0), "{when}: worker {pid}: {maps}");
+        }
+    };
+    check("at start");
+    let before = worker_processes(rip.pid());
+    rip.signal(Signal::SIGHUP);
+    assert!(
+        wait_until(WAIT, || {
+            let now = worker_processes(rip.pid());
+            now.len() == 4 && now.iter().all(|p| !before.contains(p))
+        }),
+        "the workers were not all replaced: {before:?} -> {:?}",
+        worker_processes(rip.pid())
+    );
+    rip.wait_all_ready();
+    check("after replacements");
 }

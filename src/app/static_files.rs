@@ -65,6 +65,10 @@ const VALID: Duration = Duration::from_secs(1);
 /// Most memory the kept files take, their names and bookkeeping included; past it, entries
 /// that are due for a check are dropped, and if that is not enough the new one is not kept.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// Most paths remembered as naming no file (an app's routes behind `--root`), each for
+/// [`VALID`] after its lookup, as nginx's `open_file_cache_errors` does: a request for one goes
+/// on without a trip to the blocking pool. Past it, due ones are dropped, then none is added.
+const MISSES: usize = 4096;
 /// What an entry costs beside its bytes and its name, for [`CACHE_BYTES`].
 const ENTRY_OVERHEAD: usize = 512;
 
@@ -162,6 +166,8 @@ pub struct Probe {
     plain: bool,
     /// A kept file due for a check: if it is still the same file, its bytes answer again.
     kept: Option<Arc<Kept>>,
+    /// The path named no file when it was last looked up, less than [`VALID`] ago.
+    missed: bool,
 }
 
 /// The files under one root, with the small ones kept in memory.
@@ -200,7 +206,10 @@ impl Files {
             (is_fetch(req.method()) && plain).then(|| self.cache.get(req.uri().path(), codings)).flatten();
         match kept {
             Some(entry) if self.cache.fresh(&entry) => Ok(self.finish(entry.answer(req))),
-            kept => Err(Probe { codings, plain, kept }),
+            None if is_fetch(req.method()) && self.cache.missed(req.uri().path()) => {
+                Err(Probe { codings, plain, kept: None, missed: true })
+            }
+            kept => Err(Probe { codings, plain, kept, missed: false }),
         }
     }
 
@@ -223,7 +232,10 @@ impl Files {
         if !is_fetch(req.method()) {
             return Answer::Missed(req, Miss::Method);
         }
-        let Probe { codings, plain, kept } = probe;
+        let Probe { codings, plain, kept, missed } = probe;
+        if missed {
+            return Answer::Missed(req, Miss::NotFound);
+        }
         let segments = match decode(req.uri().path()) {
             Ok(segments) => segments,
             Err(refusal) => {
@@ -285,6 +297,7 @@ impl Files {
                 if was_kept {
                     self.cache.remove(path, codings);
                 }
+                self.cache.miss(path);
                 Answer::Missed(req, Miss::NotFound)
             }
             Ok(Err(errno)) => {
@@ -499,6 +512,8 @@ struct Cache {
 struct CacheState {
     entries: HashMap<Box<str>, [Option<Arc<Kept>>; 1 << CODINGS.len()]>,
     bytes: usize,
+    /// Paths that named no file, with when they were looked up.
+    misses: HashMap<Box<str>, u64>,
 }
 
 fn cost(path: &str, entry: &Kept) -> usize {
@@ -526,6 +541,26 @@ impl Cache {
 
     fn get(&self, path: &str, codings: usize) -> Option<Arc<Kept>> {
         self.lock().entries.get(path).and_then(|slots| slots[codings].clone())
+    }
+
+    /// `path` named no file at its lookup, less than [`VALID`] ago.
+    fn missed(&self, path: &str) -> bool {
+        let now = self.now();
+        self.lock().misses.get(path).is_some_and(|&at| now.saturating_sub(at) < self.valid)
+    }
+
+    /// Remembers that `path` names no file, if there is room.
+    fn miss(&self, path: &str) {
+        let now = self.now();
+        let valid = self.valid;
+        let mut state = self.lock();
+        if state.misses.len() >= MISSES && !state.misses.contains_key(path) {
+            state.misses.retain(|_, at| now.saturating_sub(*at) < valid);
+            if state.misses.len() >= MISSES {
+                return;
+            }
+        }
+        state.misses.insert(path.into(), now);
     }
 
     fn insert(&self, path: &str, codings: usize, entry: Arc<Kept>) {
@@ -1545,6 +1580,36 @@ mod tests {
         ranged.headers_mut().insert(header::RANGE, HeaderValue::from_static("bytes=0-1"));
         assert!(files.kept(&ranged).is_none());
         assert_eq!(fetch(&files, ranged).await.0, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_path_that_named_no_file_is_answered_from_memory_until_due() {
+        let tree = Tree::new();
+        let files = files_with(&tree, Duration::from_secs(3600), CACHE_BYTES);
+        assert_eq!(fetch(&files, get("/later.txt")).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(fetch(&files, get("/other.txt")).await.0, StatusCode::NOT_FOUND);
+        assert!(files.probe(&get("/later.txt")).err().expect("a miss is not an answer").missed);
+        // Created since: within the validity of the miss, no lookup is made.
+        std::fs::write(tree.root().join("later.txt"), "later").unwrap();
+        assert_eq!(fetch(&files, get("/later.txt")).await.0, StatusCode::NOT_FOUND);
+        assert!(
+            !files.probe(&get("/hello.txt")).err().expect("not kept yet").missed,
+            "only paths that missed"
+        );
+        // A method the files never answer is not a lookup, and not remembered.
+        let post = Request::post("/x.txt").body(Body::empty()).unwrap();
+        assert!(!files.probe(&post).err().expect("not an answer").missed);
+
+        let due = files_with(&tree, Duration::ZERO, CACHE_BYTES);
+        assert_eq!(fetch(&due, get("/new.txt")).await.0, StatusCode::NOT_FOUND);
+        std::fs::write(tree.root().join("new.txt"), "new").unwrap();
+        assert_eq!(fetch(&due, get("/new.txt")).await.2, "new", "a miss due for a check is looked up again");
+
+        let bounded = files_with(&tree, Duration::from_secs(3600), CACHE_BYTES);
+        for i in 0..MISSES + 10 {
+            bounded.cache.miss(&format!("/missing/{i}"));
+        }
+        assert_eq!(bounded.cache.lock().misses.len(), MISSES, "remembered misses stay within their bound");
     }
 
     #[tokio::test]

@@ -65,19 +65,25 @@ fn read_answer(stream: &mut TcpStream) -> (u16, String) {
     }
 }
 
-#[test]
-fn idle_connections_are_parked_and_their_next_requests_served_on_the_same_connection() {
-    const CLIENTS: usize = 100;
-    let (rip, admin) = start(&[]);
-    let mut streams: Vec<TcpStream> = (0..CLIENTS).map(|_| TcpStream::connect(rip.addr()).unwrap()).collect();
+/// `n` keep-alive connections that each got one answer and are now parked.
+fn parked_clients(rip: &Rip, admin: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut streams: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(rip.addr()).unwrap()).collect();
     for stream in &mut streams {
         assert_eq!(get(stream, "/").0, 200);
     }
     assert!(
-        wait_until(Duration::from_secs(10), || parked(admin) >= CLIENTS),
-        "{} of {CLIENTS} idle connections parked",
+        wait_until(Duration::from_secs(10), || parked(admin) >= n),
+        "{} of {n} idle connections parked",
         parked(admin)
     );
+    streams
+}
+
+#[test]
+fn idle_connections_are_parked_and_their_next_requests_served_on_the_same_connection() {
+    const CLIENTS: usize = 100;
+    let (rip, admin) = start(&[]);
+    let mut streams = parked_clients(&rip, admin, CLIENTS);
     // Each wakes its connection with a request: half whole, half split across the wake-up,
     // so that the parked read takes only the first bytes of it.
     for (i, stream) in streams.iter_mut().enumerate() {
@@ -132,15 +138,7 @@ fn parked_connections_keep_their_place_and_wake_together() {
     const CLIENTS: usize = 40;
     let max = CLIENTS.to_string();
     let (rip, admin) = start(&["--max-connections", &max]);
-    let mut streams: Vec<TcpStream> = (0..CLIENTS).map(|_| TcpStream::connect(rip.addr()).unwrap()).collect();
-    for stream in &mut streams {
-        assert_eq!(get(stream, "/").0, 200);
-    }
-    assert!(
-        wait_until(Duration::from_secs(10), || parked(admin) >= CLIENTS),
-        "{} of {CLIENTS} idle connections parked",
-        parked(admin)
-    );
+    let mut streams = parked_clients(&rip, admin, CLIENTS);
     let mut over = TcpStream::connect(rip.addr()).unwrap();
     write!(over, "GET / HTTP/1.1\r\nHost: rip.test\r\n\r\n").unwrap();
     over.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();

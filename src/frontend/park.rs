@@ -15,7 +15,9 @@
 //! anything hyper had read and not used. Should a request slip in just then, hyper answers
 //! it with `Connection: close` and the connection ends as a closed keep-alive one does.
 //! A parked connection keeps hyper's idle limit (`--header-timeout` from its last activity)
-//! and is closed at once on a stop.
+//! and is closed at once on a stop. A plain-TCP one then leaves its task for its shard's lot
+//! (`lot.rs`), which holds it as a table entry and gives it a new task when its client sends;
+//! a TLS one waits here, in its task, for its first bytes.
 
 use std::future::Future;
 use std::io;

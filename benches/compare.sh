@@ -662,7 +662,7 @@ front_rss_kb() {
 measure_idle() {
     local name=$1 run=$2 before after line
     before=$(front_rss_kb "$name")
-    coproc IDLE { exec python3 "$ROOT/benches/support/idle_clients.py" "${PORT[$name]}" "$IDLE_CONNS"; }
+    coproc IDLE { exec python3 "$ROOT/benches/support/idle_clients.py" "${PORT[$name]}" "$IDLE_CONNS" / "${SCHEME[$name]:-http}"; }
     if ! read -r -t 120 line <&"${IDLE[0]}" || [[ $line != "ready $IDLE_CONNS" ]]; then
         die "$name: $IDLE_CONNS idle clients did not all get their answer (${line:-nothing})"
     fi

@@ -1509,13 +1509,14 @@ mod tests {
 
     /// The race a check-then-open design loses: a link flipped between a target inside and
     /// one outside while requests arrive. Each flip is an atomic rename, so every lookup
-    /// sees one link or the other, and the outside one must never be served.
+    /// sees one link or the other, and the outside one must never be served. Nothing is
+    /// answered from memory (a validity of zero), so that every request is a lookup.
     #[tokio::test]
     async fn a_link_swapped_during_requests_never_leads_out() {
         let tree = Tree::new();
         let root = tree.root();
         symlink("hello.txt", root.join("racy")).unwrap();
-        let app = static_files(&root);
+        let files = files_with(&tree, Duration::ZERO, CACHE_BYTES);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let swapper = std::thread::spawn({
             let (root, stop) = (root.clone(), stop.clone());
@@ -1536,7 +1537,7 @@ mod tests {
         });
         let mut served = 0;
         for _ in 0..400 {
-            let (status, _, body) = call(&app, get("/racy")).await;
+            let (status, _, body) = fetch(&files, get("/racy")).await;
             assert!(!body.contains(SECRET), "the swapped link leaked the secret");
             if status == StatusCode::OK {
                 assert_eq!(body, "hello world");

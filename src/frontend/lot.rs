@@ -79,6 +79,12 @@ impl AsRawFd for Watch {
 /// Most readiness events taken from the lot's epoll instance in one call.
 const EVENTS: usize = 64;
 
+/// The deadlines heap holds enough left behind by woken connections to be rebuilt from the
+/// `parked` ones: amortised, each rebuild costs less than the pushes since the last.
+fn stale(deadlines: usize, parked: usize) -> bool {
+    deadlines > 2 * parked + EVENTS
+}
+
 /// A lot for the current shard, and what runs it. Fails if the epoll instance cannot be made
 /// or watched; connections then wait in their own tasks.
 pub fn open() -> io::Result<(Lot, Attendant)> {
@@ -150,6 +156,12 @@ impl Attendant {
                             _ => wake(parked),
                         }
                     }
+                    // A woken connection's deadline stays in the heap until it is due; with
+                    // clients that park and wake all the time those would pile up for the
+                    // idle limit's length, so past twice what is parked the heap is rebuilt.
+                    if stale(due.len(), held.len()) {
+                        due = held.iter().map(|(key, (number, parked, _))| Reverse((parked.until, key, *number))).collect();
+                    }
                 }
                 () = tokio::time::sleep_until(next.unwrap_or_else(Instant::now)), if next.is_some() => {
                     let now = Instant::now();
@@ -186,15 +198,61 @@ mod tests {
         (client, server, peer)
     }
 
+    /// The parked count is the process's: the tests that read it take turns.
+    static COUNTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     fn slot() -> Slot {
         let spread = Arc::new(super::super::Spread::new(1));
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
         spread.slot(0, permit)
     }
 
+    /// Deadlines left behind by 100 woken clients make the heap be rebuilt, and the parked
+    /// connections' own deadlines survive it: one is closed when due, the other stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deadlines_survive_the_heap_being_rebuilt() {
+        let _turn = COUNTING.lock().await;
+        let (lot, attendant) = open().unwrap();
+        let stop = CancellationToken::new();
+        let woken = Arc::new(Mutex::new(0usize));
+        let run = tokio::spawn({
+            let (stop, woken) = (stop.clone(), woken.clone());
+            attendant.run(stop, move |_held: Held| *woken.lock().unwrap() += 1)
+        });
+        let far = Instant::now() + Duration::from_secs(60);
+        let (mut soon, server, peer) = pair();
+        Holder { lot: lot.clone(), peer, slot: slot() }
+            .hold(server, Instant::now() + Duration::from_millis(500));
+        let (_stays, server, peer) = pair();
+        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
+        let mut senders = Vec::new();
+        for _ in 0..100 {
+            let (client, server, peer) = pair();
+            Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
+            senders.push(client);
+        }
+        assert!(stale(100 + 2, 2), "enough woken to rebuild");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for client in &mut senders {
+            client.write_all(b"G").unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while *woken.lock().unwrap() < 100 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*woken.lock().unwrap(), 100);
+        let mut byte = [0u8; 1];
+        soon.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(soon.read(&mut byte).unwrap(), 0, "closed at its deadline after the rebuild");
+        assert_eq!(super::super::park::parked(), 1, "the far one is still parked");
+        stop.cancel();
+        run.await.unwrap();
+    }
+
     // Two threads: the test reads with blocking sockets while the lot runs.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_that_sends_is_woken_one_that_closes_or_outstays_is_closed() {
+        let _turn = COUNTING.lock().await;
         let (lot, attendant) = open().unwrap();
         let stop = CancellationToken::new();
         let woken = Arc::new(Mutex::new(Vec::new()));

@@ -201,6 +201,18 @@ mod tests {
     /// The parked count is the process's: the tests that read it take turns.
     static COUNTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+    /// Polls until `done` holds, for up to 5 s; whether it did.
+    async fn until(done: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     fn slot() -> Slot {
         let spread = Arc::new(super::super::Spread::new(1));
         let permit = Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().unwrap();
@@ -232,15 +244,11 @@ mod tests {
             senders.push(client);
         }
         assert!(stale(100 + 2, 2), "enough woken to rebuild");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(until(|| super::super::park::parked() == 102).await, "not all parked");
         for client in &mut senders {
             client.write_all(b"G").unwrap();
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while *woken.lock().unwrap() < 100 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(*woken.lock().unwrap(), 100);
+        assert!(until(|| *woken.lock().unwrap() == 100).await, "not all woken");
         let mut byte = [0u8; 1];
         soon.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(soon.read(&mut byte).unwrap(), 0, "closed at its deadline after the rebuild");
@@ -270,15 +278,14 @@ mod tests {
             .hold(server, Instant::now() + Duration::from_millis(200));
         let (mut at_stop, server, peer) = pair();
         Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(super::super::park::parked(), 4);
+        assert!(until(|| super::super::park::parked() == 4).await, "not all parked");
 
         sends.write_all(b"GET / HTTP/1.1\r\n").unwrap();
         drop(closes);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while super::super::park::parked() > 2 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        assert!(
+            until(|| super::super::park::parked() == 2).await,
+            "the sender was not woken, or the closed one kept"
+        );
         {
             let woken = woken.lock().unwrap();
             assert_eq!(woken.len(), 1, "only the client that sent is woken");

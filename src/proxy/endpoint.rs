@@ -263,12 +263,11 @@ impl Endpoint {
         max_requests.saturating_add(self.jitter)
     }
 
-    /// Counts a request towards `max_requests`, saying when the budget and when the overshoot
-    /// was reached (each once).
     /// Takes a place on this worker for one request: a [`Lease`] and the request counted
     /// against its budget, both at once and atomically, so that front-end shards picking the
     /// same worker together can neither push it past `max_in_flight` (0: no cap) nor past
-    /// [`OVERSHOOT`] times its budget. `Err` when it is full or spent — pick again — with
+    /// [`OVERSHOOT`] times its budget; the [`Counted`] says when this request reached the
+    /// budget or the overshoot (each once). `Err` when it is full or spent — pick again — with
     /// what to report, if this refusal is the first news of it (a budget lowered by a reload
     /// below what the worker has served).
     pub fn claim(
@@ -311,6 +310,7 @@ impl Endpoint {
         Ok((lease, Counted::Within))
     }
 
+    /// Sent its whole overshoot: no more requests until it is replaced.
     pub fn is_spent(&self) -> bool {
         self.spent.load(Ordering::Relaxed)
     }

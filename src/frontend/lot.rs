@@ -1,8 +1,9 @@
-//! A shard's parked plain-TCP client connections, held without a task each. Invariant: a
-//! connection in the lot is its socket, its client's address, its place (`--max-connections`
-//! permit and shard count) and its idle deadline, kept in one table; the first byte or close
-//! from its client gives it back to the shard as a new connection task, its deadline closes
-//! it, and a stop closes every one at once.
+//! A shard's parked client connections, held without a task each. Invariant: a connection in
+//! the lot is its socket (and over TLS its session), its client's address, its place
+//! (`--max-connections` permit and shard count) and its idle deadline, kept in one table; the
+//! first byte or close from its client gives it back to the shard as a new connection task,
+//! its deadline closes it, and a stop closes every one at once — over TLS with a close_notify,
+//! as in a task.
 //!
 //! Why: a parked connection that keeps its task keeps what was allocated for it when it was
 //! accepted (the task, its service, the socket's registration), scattered over heap pages
@@ -28,7 +29,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::park::ParkedNow;
+use super::park::{ParkedNow, Session};
 use super::Slot;
 
 /// Where a shard's connections are parked: cheap to clone, one per connection being served.
@@ -37,7 +38,7 @@ pub struct Lot {
     parking: mpsc::UnboundedSender<Held>,
 }
 
-/// What a plain-TCP connection needs to be parked in its shard's lot: the lot, and what the
+/// What a connection needs to be parked in its shard's lot: the lot, and what the
 /// connection is held with there.
 pub struct Holder {
     pub lot: Lot,
@@ -46,20 +47,37 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// Parks `stream` until its client sends or closes, or until `until`.
-    pub fn hold(self, stream: std::net::TcpStream, until: Instant) {
+    /// Parks `stream` (with its TLS `session`, if any) until its client sends or closes, or
+    /// until `until`.
+    pub fn hold(self, stream: std::net::TcpStream, session: Option<Box<Session>>, until: Instant) {
         let Holder { lot, peer, slot } = self;
         // A lot that is gone was stopped: the connection closes, as parked ones do on a stop.
-        let _ = lot.parking.send(Held { stream, peer, slot, until });
+        if let Err(unsent) = lot.parking.send(Held { stream, session, peer, slot, until }) {
+            unsent.0.close();
+        }
     }
 }
 
 /// A parked connection.
 pub struct Held {
     pub stream: std::net::TcpStream,
+    /// The TLS session over `stream`, its socket taken out.
+    pub session: Option<Box<Session>>,
     pub peer: SocketAddr,
     pub slot: Slot,
     until: Instant,
+}
+
+impl Held {
+    /// Ends a connection its client left idle, as its task would: over TLS a close_notify
+    /// first, written at once and not waited on (an idle socket's send buffer has room for it).
+    fn close(self) {
+        if let Some(mut session) = self.session {
+            let (_, session) = session.get_mut();
+            session.send_close_notify();
+            let _ = session.write_tls(&mut &self.stream);
+        }
+    }
 }
 
 /// The lot's table and its epoll instance, run by one task of the shard.
@@ -173,12 +191,16 @@ impl Attendant {
                         if held.get(key).is_some_and(|(n, ..)| *n == number) {
                             let (_, parked, _) = held.remove(key);
                             let _ = self.epoll.get_ref().0.delete(&parked.stream);
+                            parked.close();
                         }
                     }
                 }
             }
         }
-        // Dropping the table closes every parked connection and gives back its place.
+        // Every parked connection closed, and its place given back.
+        for (_, parked, _) in held.drain() {
+            parked.close();
+        }
     }
 }
 
@@ -233,14 +255,17 @@ mod tests {
         });
         let far = Instant::now() + Duration::from_secs(60);
         let (mut soon, server, peer) = pair();
-        Holder { lot: lot.clone(), peer, slot: slot() }
-            .hold(server, Instant::now() + Duration::from_millis(500));
+        Holder { lot: lot.clone(), peer, slot: slot() }.hold(
+            server,
+            None,
+            Instant::now() + Duration::from_millis(500),
+        );
         let (_stays, server, peer) = pair();
-        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
+        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, None, far);
         let mut senders = Vec::new();
         for _ in 0..100 {
             let (client, server, peer) = pair();
-            Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
+            Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, None, far);
             senders.push(client);
         }
         assert!(stale(100 + 2, 2), "enough woken to rebuild");
@@ -270,14 +295,17 @@ mod tests {
         });
         let far = Instant::now() + Duration::from_secs(60);
         let (mut sends, server, peer) = pair();
-        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
+        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, None, far);
         let (closes, server, peer) = pair();
-        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
+        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, None, far);
         let (mut outstays, server, peer) = pair();
-        Holder { lot: lot.clone(), peer, slot: slot() }
-            .hold(server, Instant::now() + Duration::from_millis(200));
+        Holder { lot: lot.clone(), peer, slot: slot() }.hold(
+            server,
+            None,
+            Instant::now() + Duration::from_millis(200),
+        );
         let (mut at_stop, server, peer) = pair();
-        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, far);
+        Holder { lot: lot.clone(), peer, slot: slot() }.hold(server, None, far);
         assert!(until(|| super::super::park::parked() == 4).await, "not all parked");
 
         sends.write_all(b"GET / HTTP/1.1\r\n").unwrap();

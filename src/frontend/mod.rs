@@ -11,7 +11,7 @@ pub mod connections;
 pub mod framing;
 /// HTTP/2 with prior knowledge from clients, and its limits.
 mod http2c;
-/// A shard's parked plain-TCP connections, held without a task each.
+/// A shard's parked client connections, held without a task each.
 mod lot;
 /// Idle HTTP/1 connections held as their socket alone.
 mod park;
@@ -305,7 +305,7 @@ struct Opener {
     connections: Connections,
     builder: http1::Builder,
     h2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
-    /// Where this shard's idle plain-TCP connections are parked; `None` if it could not open.
+    /// Where this shard's idle connections are parked; `None` if it could not open.
     lot: Option<lot::Lot>,
 }
 
@@ -331,11 +331,13 @@ impl Opener {
         let Some(service) = self.service(peer) else { return };
         let (builder, h2) = (self.builder.clone(), self.h2.clone());
         let header_timeout = limits.header_timeout;
+        let (holder, slot) = self.holder(peer, slot);
         if let Some(tls) = tls {
             let acceptor = tls.acceptor().clone();
             let opened = async move {
                 // The handshake must finish within the header timeout, or it holds a slot.
-                let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                let accepting = acceptor.accept(park::Socket::new(stream));
+                let stream = match tokio::time::timeout(header_timeout, accepting).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
@@ -348,12 +350,11 @@ impl Opener {
                 } else {
                     Opening::Http1
                 };
-                Some(serve_as(opening, stream, service, &builder, &h2, header_timeout, None))
+                Some(serve_as(opening, stream, service, &builder, &h2, header_timeout, holder))
             };
             connections.spawn_after(opened, slot);
             return;
         }
-        let (holder, slot) = self.holder(peer, slot);
         let opened = async move {
             match tokio::time::timeout(header_timeout, opening(&stream)).await {
                 Ok(Some(opening)) => {
@@ -368,7 +369,7 @@ impl Opener {
 
     /// Serves again a parked connection whose client sent (or closed): HTTP/1, as it was.
     fn resume(&self, held: lot::Held) {
-        let lot::Held { stream, peer, slot, .. } = held;
+        let lot::Held { stream, session, peer, slot, .. } = held;
         let stream = match TcpStream::from_std(stream) {
             Ok(stream) => stream,
             Err(e) => return warn!(error = %e, "a client connection could not be registered"),
@@ -376,16 +377,18 @@ impl Opener {
         // Made anew, so that what a connection is served with follows a reload while it waited.
         let Some(service) = self.service(peer) else { return };
         let (holder, slot) = self.holder(peer, slot);
-        let served = serve_as(
-            Opening::Http1,
-            stream,
-            service,
-            &self.builder,
-            &self.h2,
-            self.front.limits.header_timeout,
-            holder,
-        );
-        self.connections.spawn(served, slot);
+        let (builder, h2, idle) = (&self.builder, &self.h2, self.front.limits.header_timeout);
+        match session {
+            None => {
+                let served = serve_as(Opening::Http1, stream, service, builder, h2, idle, holder);
+                self.connections.spawn(served, slot);
+            }
+            Some(mut session) => {
+                session.get_mut().0.plug(stream);
+                let served = serve_as(Opening::Http1, *session, service, builder, h2, idle, holder);
+                self.connections.spawn(served, slot);
+            }
+        }
     }
 
     /// What serves a client connection from `peer`; `None` in hand-off mode, where nothing does.
@@ -401,8 +404,8 @@ impl Opener {
         Some(Connection { front, peer })
     }
 
-    /// A plain-TCP connection's place goes with it into the lot when it parks, so it is held
-    /// by the connection rather than by its task; without a lot the task holds it.
+    /// A connection's place goes with it into the lot when it parks, so it is held by the
+    /// connection rather than by its task; without a lot the task holds it.
     fn holder(&self, peer: SocketAddr, slot: Slot) -> (Option<lot::Holder>, Option<Slot>) {
         match &self.lot {
             Some(lot) => (Some(lot::Holder { lot: lot.clone(), peer, slot }), None),

@@ -25,7 +25,7 @@ fn start(extra: &[&str]) -> (Rip, SocketAddr) {
 }
 
 /// `rip_client_connections_parked` now.
-fn parked(admin: SocketAddr) -> usize {
+pub(crate) fn parked(admin: SocketAddr) -> usize {
     let text = runtime().block_on(async { Client::new(admin).get("/metrics").await.unwrap().text() });
     parse_prometheus(&text)
         .iter()
@@ -42,6 +42,11 @@ fn get(stream: &mut TcpStream, path: &str) -> (u16, String) {
 
 fn read_answer(stream: &mut TcpStream) -> (u16, String) {
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_answer_from(stream)
+}
+
+/// One whole keep-alive answer from `stream`, whose reads time out: its status and body.
+pub(crate) fn read_answer_from(stream: &mut impl Read) -> (u16, String) {
     let mut bytes = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {

@@ -2,7 +2,8 @@
 //! workers, which are told `X-Forwarded-Proto: https`; the certificate is chosen by SNI; on
 //! SIGHUP new certificates are read while an open keep-alive connection keeps working and a
 //! new one sees the new certificate; a bad pair is refused at start and on reload (the old one
-//! keeps serving); a client that never finishes its handshake is closed.
+//! keeps serving); a client that never finishes its handshake is closed; idle connections are
+//! parked and served again on the same session, and closed with a close_notify.
 //!
 //! Certificates are made for each test with the `openssl` command (Debian: apt install
 //! openssl); a test fails, saying so, when it is missing.
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::harness::{Control, Rip, TempDir, WAIT};
+use crate::harness::{log_addr, wait_until, Control, Rip, TempDir, WAIT};
+use crate::parking::{parked, read_answer_from};
 
 /// A test CA and leaf certificates signed by it, in a directory of their own.
 struct Certs {
@@ -308,4 +310,113 @@ fn the_plain_redirect_listener_sends_clients_to_https_on_the_main_port() {
         "{text} {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A keep-alive HTTPS client of its own (rustls, HTTP/1.1, trusting the test CA).
+struct TlsClient(rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>);
+
+impl TlsClient {
+    fn connect(rip: &Rip, certs: &Certs) -> TlsClient {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(certs.path("ca.pem")).unwrap() {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let session = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let socket = std::net::TcpStream::connect(rip.addr()).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        TlsClient(rustls::StreamOwned::new(session, socket))
+    }
+
+    /// Sends `bytes` as one TLS record.
+    fn send(&mut self, bytes: &[u8]) {
+        self.0.write_all(bytes).unwrap();
+        self.0.flush().unwrap();
+    }
+
+    fn get(&mut self, path: &str) -> (u16, String) {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes());
+        read_answer_from(&mut self.0)
+    }
+
+    /// Waits for the server to end the connection; whether it said close_notify first (a
+    /// close without one is an unexpected EOF to rustls).
+    fn closed_cleanly(&mut self) -> bool {
+        let mut byte = [0u8; 1];
+        match self.0.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => panic!("bytes where a close was expected"),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => false,
+            Err(e) => panic!("no close: {e}"),
+        }
+    }
+}
+
+/// HTTPS keep-alive connections park like plain ones — in the shard's lot, their sessions
+/// kept with their sockets out of the runtime — and are served again on the same session,
+/// many woken at once from threads of their own, a request split over two records among them;
+/// at the idle limit and on a stop each is closed with a close_notify.
+#[test]
+fn idle_https_connections_are_parked_served_again_and_closed_with_a_close_notify() {
+    const CLIENTS: usize = 20;
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let args = ["--admin", "127.0.0.1:0", "--header-timeout", "4s", "--access-log", "off"];
+    let mut rip = serve_tls(&[pair], &args);
+    let admin = rip
+        .wait_for_log(|l| l.contains(" admin listener started "), WAIT)
+        .and_then(|l| log_addr(&l))
+        .expect("the admin address is logged");
+    let mut clients: Vec<TlsClient> = (0..CLIENTS).map(|_| TlsClient::connect(&rip, &certs)).collect();
+    for client in &mut clients {
+        assert_eq!(client.get("/").0, 200);
+    }
+    assert!(wait_until(Duration::from_secs(10), || parked(admin) >= CLIENTS), "{} parked", parked(admin));
+
+    let woken: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            std::thread::spawn(move || {
+                let (status, body) = if i % 2 == 0 {
+                    client.get("/whoami")
+                } else {
+                    client.send(b"GET /who");
+                    client.send(b"ami HTTP/1.1\r\nHost: localhost\r\n\r\n");
+                    read_answer_from(&mut client.0)
+                };
+                assert_eq!(status, 200, "{body}");
+                assert!(body.contains("\"pid\""), "{body}");
+                client
+            })
+        })
+        .collect();
+    let mut clients: Vec<TlsClient> = woken.into_iter().map(|t| t.join().expect("a woken client")).collect();
+    assert!(wait_until(Duration::from_secs(10), || parked(admin) >= CLIENTS), "not parked again");
+    assert_eq!(clients[0].get("/").0, 200, "served a second time");
+
+    // Past --header-timeout since their last requests, the others are closed from the lot.
+    let since = Instant::now();
+    for client in &mut clients[1..] {
+        assert!(client.closed_cleanly(), "closed at the idle limit without a close_notify");
+    }
+    assert!(since.elapsed() < Duration::from_secs(6), "closed after {:?}", since.elapsed());
+
+    drop(clients);
+    assert!(wait_until(Duration::from_secs(5), || parked(admin) == 0), "a closed client stayed parked");
+    let mut waiting = TlsClient::connect(&rip, &certs);
+    assert_eq!(waiting.get("/").0, 200);
+    assert!(wait_until(Duration::from_secs(5), || parked(admin) >= 1), "never parked");
+    let stopped = Instant::now();
+    rip.signal(Signal::SIGTERM);
+    assert!(waiting.closed_cleanly(), "closed on the stop without a close_notify");
+    assert!(rip.wait_exit(Duration::from_secs(10)).success());
+    assert!(stopped.elapsed() < Duration::from_secs(5), "the stop took {:?}", stopped.elapsed());
 }

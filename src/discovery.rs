@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::TcpStream;
+
+use crate::quiet::QuietUnix;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::heartbeat::Heartbeat;
@@ -97,7 +99,7 @@ impl From<String> for Address {
 impl Address {
     pub async fn connect(&self) -> io::Result<Stream> {
         match self {
-            Address::Unix(path) => UnixStream::connect(path).await.map(Stream::Unix),
+            Address::Unix(path) => QuietUnix::connect(path).await.map(Stream::Unix),
             Address::Tcp(addr) => {
                 let stream = TcpStream::connect(addr).await?;
                 // Requests and responses are written whole; Nagle would only hold them back.
@@ -119,7 +121,7 @@ impl Address {
 /// A connection to a worker.
 #[derive(Debug)]
 pub enum Stream {
-    Unix(UnixStream),
+    Unix(QuietUnix),
     Tcp(TcpStream),
 }
 

@@ -64,6 +64,8 @@ pub(crate) mod memory;
 #[doc(hidden)]
 pub mod proxy;
 /// The private directory that holds the workers' sockets.
+/// Unix sockets between the front-end and workers, watched for write space only when needed.
+pub(crate) mod quiet;
 pub(crate) mod runtime_dir;
 /// The parent's script: bind, start the supervisor, serve, shut down in order.
 pub(crate) mod serve;

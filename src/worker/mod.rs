@@ -237,7 +237,10 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => serve_connection(&service, TokioIo::new(stream), &connections),
+                Ok((stream, _)) => match stream.into_std().and_then(crate::quiet::QuietUnix::new) {
+                    Ok(stream) => serve_connection(&service, TokioIo::new(stream), &connections),
+                    Err(e) => warn!(error = %e, "an accepted connection could not be registered"),
+                },
                 Err(e) => {
                     warn!(error = %e, "accept failed");
                     tokio::time::sleep(crate::frontend::connections::ACCEPT_ERROR_PAUSE).await;

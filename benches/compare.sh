@@ -604,7 +604,12 @@ measure() {
     result=$(grep '^RESULT' "$out") || die "$name $case: wrk failed: $(cat "$out")"
     local front=0 pid workers=()
     for pid in $(front_pids "$name"); do front=$((front + $(rss_kb "$pid"))); done
-    for pid in $(worker_pids "$name"); do workers+=("$(($(rss_kb "$pid") / 1024))"); done
+    for pid in $(worker_pids "$name"); do
+        # rip serve's fork server, a child too once a worker was replaced, is marked "f".
+        local mark=""
+        [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) == *" forkserver "* ]] && mark=f
+        workers+=("$mark$(($(rss_kb "$pid") / 1024))")
+    done
     local joined
     joined=$(IFS=/ && echo "${workers[*]}")
     # setup case run | requests duration_us bytes p50 p99 p999 max connect read write
@@ -805,7 +810,7 @@ report() {
         echo "- load average (1/5/15 min) at start: $LOAD_START; at end: $(cut -d' ' -f1-3 /proc/loadavg) — anything else running on the machine shows up in these numbers"
         echo "- each number is the median of $RUNS runs of ${DURATION}s, each after a ${WARMUP}s warm-up; setups interleaved run by run; wrk shares the $(nproc) cores; $REDONE runs were redone because other work kept more than $OTHER_MAX cores busy (up to $RETRIES retries each)"
         echo
-        echo "Columns: latency in ms from wrk's histogram; errors = socket errors (connect, read, write) + non-2xx/3xx + timeouts summed (wrk counts, every 2 s, each request older than 2 s); server CPU = utime+stime of every server process (front-end and workers) from /proc/<pid>/stat over the run ÷ requests; server cores busy = that CPU ÷ wall time; context switches = voluntary + involuntary, all threads of the server processes; wrk CPU = wrk's own user+sys ÷ requests; other cores busy = the machine's busy time (/proc/stat) less the servers' and wrk's, ÷ wall time (other work on the machine, plus kernel time not charged to a process); RSS (VmRSS) after the last run, front-end = rip serve or nginx master+workers, workers = each rip worker. ×nginx = ÷ the better nginx setup of that case (by req/s); ×ceiling = ÷ the ceiling."
+        echo "Columns: latency in ms from wrk's histogram; errors = socket errors (connect, read, write) + non-2xx/3xx + timeouts summed (wrk counts, every 2 s, each request older than 2 s); server CPU = utime+stime of every server process (front-end and workers) from /proc/<pid>/stat over the run ÷ requests; server cores busy = that CPU ÷ wall time; context switches = voluntary + involuntary, all threads of the server processes; wrk CPU = wrk's own user+sys ÷ requests; other cores busy = the machine's busy time (/proc/stat) less the servers' and wrk's, ÷ wall time (other work on the machine, plus kernel time not charged to a process); RSS (VmRSS) after the last run, front-end = rip serve or nginx master+workers, workers = each rip worker (and, marked f, the fork server that replacement workers are forked from). ×nginx = ÷ the better nginx setup of that case (by req/s); ×ceiling = ÷ the ceiling."
         local case
         for case in $CASES; do
             grep -q "	$case	" "$summary" || continue

@@ -47,6 +47,9 @@ pub enum Command {
     /// Kill the workers' process groups once `rip serve` is gone (started by it, not by hand).
     #[command(hide = true)]
     Guard(GuardArgs),
+    /// Fork workers for `rip serve` from one started image (started by it, not by hand).
+    #[command(hide = true, name = "forkserver")]
+    ForkServer(ForkServerArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -64,6 +67,19 @@ pub struct LaunchArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct GuardArgs {}
+
+#[derive(Debug, Clone, Args)]
+pub struct ForkServerArgs {
+    /// Pid of the `rip serve` that started this server; it exits if that is gone.
+    #[arg(long)]
+    pub parent: i32,
+    /// The socket the supervisor sends its requests on, inherited under this number.
+    #[arg(long)]
+    pub socket_fd: i32,
+    /// Spaces: room for each forked worker's command line to be shown in.
+    #[arg(hide = true)]
+    pub room: Option<String>,
+}
 
 /// How a command finds the running rip.
 #[derive(Debug, Default, Clone, Args)]

@@ -49,6 +49,8 @@ pub(crate) mod control;
 /// The messages between supervisor and proxy: workers joining and leaving, workers in trouble.
 #[doc(hidden)]
 pub mod discovery;
+/// `rip forkserver`: workers forked from one started image instead of executed each.
+pub(crate) mod forkserver;
 /// The parent's public listener: accepts connections, strict framing, limits, drain.
 #[doc(hidden)]
 pub mod frontend;
@@ -161,6 +163,12 @@ impl Rip {
             cli::Command::Worker(args) => worker::run(args, self.app),
             cli::Command::Launch(args) => launch::launch(args),
             cli::Command::Guard(args) => launch::guard(args),
+            // Returns in each forked child as that worker.
+            cli::Command::ForkServer(args) => match forkserver::serve(args) {
+                Ok(Some(worker)) => worker::run(worker, self.app),
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            },
             cli::Command::Status(args) => commands::status(&args),
             cli::Command::Reload(args) => commands::reload(&args),
             cli::Command::Scale(args) => commands::scale(&args),

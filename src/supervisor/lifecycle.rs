@@ -27,10 +27,11 @@ impl Machine {
         self.act(Action::Spawn { id, within: self.settings.start_timeout });
     }
 
-    pub(super) fn on_spawned(&mut self, id: WorkerId, pid: Pid) {
+    pub(super) fn on_spawned(&mut self, id: WorkerId, pid: Pid, forked: bool) {
         let Some(worker) = self.workers.get_mut(&id) else { return };
         worker.pid = Some(pid);
-        info!(worker = %id, pid = pid.as_raw(), "worker spawned");
+        let how = if forked { "forked" } else { "executed" };
+        info!(worker = %id, pid = pid.as_raw(), how, "worker spawned");
         if worker.state == WorkerState::Stopping {
             // Retired, or shutdown began, while it was being started.
             self.act(Action::Signal { id, pid, signal: Signal::SIGTERM });

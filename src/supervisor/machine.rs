@@ -22,10 +22,11 @@ use crate::telemetry::metrics::RecycleReason;
 /// Something that happened, as the executor reports it.
 #[derive(Debug)]
 pub enum Event {
-    /// The spawner started the worker's process.
+    /// The spawner started the worker's process: forked by the fork server, or executed.
     Spawned {
         id: WorkerId,
         pid: Pid,
+        forked: bool,
     },
     SpawnFailed {
         id: WorkerId,
@@ -217,7 +218,7 @@ impl Machine {
     pub fn step(&mut self, event: Event, now: Instant) -> Vec<Action> {
         self.now = now;
         match event {
-            Event::Spawned { id, pid } => self.on_spawned(id, pid),
+            Event::Spawned { id, pid, forked } => self.on_spawned(id, pid, forked),
             Event::SpawnFailed { id, error } => self.on_spawn_failed(id, error),
             Event::Exited { id, status, stderr } => self.on_exited(id, status, stderr),
             Event::Probed { id, result } => self.on_probed(id, result),

@@ -58,7 +58,7 @@ impl Fake {
     }
 
     fn becomes_ready(&mut self, id: WorkerId) -> Vec<String> {
-        assert_eq!(self.step(Event::Spawned { id, pid: pid(id) }), Vec::<String>::new());
+        assert_eq!(self.step(Event::Spawned { id, pid: pid(id), forked: false }), Vec::<String>::new());
         self.step(Event::Probed { id, result: Ok(()) })
     }
 
@@ -117,7 +117,10 @@ fn a_worker_joins_the_rotation_only_once_probed_ready() {
     let now = Instant::now();
     let mut machine = Machine::new(settings(1), now);
     assert_eq!(words(machine.start(now)), w(&["spawn 0/0"]));
-    assert_eq!(words(machine.step(Event::Spawned { id: id(0, 0), pid: pid(id(0, 0)) }, now)), w(&[]));
+    assert_eq!(
+        words(machine.step(Event::Spawned { id: id(0, 0), pid: pid(id(0, 0)), forked: false }, now)),
+        w(&[])
+    );
     assert_eq!(words(machine.step(Event::Probed { id: id(0, 0), result: Ok(()) }, now)), w(&["admit 0/0"]));
 }
 
@@ -175,7 +178,7 @@ fn a_reload_rolls_one_worker_at_a_time_within_the_surge_and_reports_when_done() 
 fn a_reload_whose_new_worker_dies_before_ready_stops_and_the_old_ones_keep_serving() {
     let mut fake = Fake::ready(settings(2));
     fake.step(Event::Reload { settings: None });
-    fake.step(Event::Spawned { id: id(0, 1), pid: pid(id(0, 1)) });
+    fake.step(Event::Spawned { id: id(0, 1), pid: pid(id(0, 1)), forked: false });
     assert_eq!(
         fake.exits(id(0, 1), "exit code 3"),
         w(&[
@@ -204,7 +207,7 @@ fn a_worker_that_crashes_before_ready_backs_off_doubling_each_time() {
     let mut expected_ms = 100;
     for generation in 1..5 {
         let worker = id(0, generation);
-        fake.step(Event::Spawned { id: worker, pid: pid(worker) });
+        fake.step(Event::Spawned { id: worker, pid: pid(worker), forked: false });
         let exited = fake.exits(worker, "exit code 1");
         assert_eq!(
             exited,
@@ -247,7 +250,7 @@ fn a_worker_that_fails_its_readiness_probe_is_killed_and_its_exit_says_why() {
     let now = Instant::now();
     let mut machine = Machine::new(settings(1), now);
     machine.start(now);
-    machine.step(Event::Spawned { id: id(0, 0), pid: pid(id(0, 0)) }, now);
+    machine.step(Event::Spawned { id: id(0, 0), pid: pid(id(0, 0)), forked: false }, now);
     let probed = machine.step(Event::Probed { id: id(0, 0), result: Err("no answer".into()) }, now);
     assert_eq!(words(probed), w(&["SIGKILL 0/0"]));
     machine.step(
@@ -357,7 +360,7 @@ fn a_worker_retired_while_still_being_started_is_signalled_once_its_pid_is_known
     machine.start(now);
     let retired = machine.step(Event::Scale { workers: 1 }, now);
     assert_eq!(words(retired), w(&["cancel probes 1/0", "kill 1/0 after 30s"]), "no pid to signal yet");
-    let spawned = machine.step(Event::Spawned { id: id(1, 0), pid: pid(id(1, 0)) }, now);
+    let spawned = machine.step(Event::Spawned { id: id(1, 0), pid: pid(id(1, 0)), forked: false }, now);
     assert_eq!(words(spawned), w(&["SIGTERM 1/0"]));
 }
 
@@ -368,7 +371,7 @@ fn a_slot_scaled_away_while_backing_off_starts_at_once_when_scaled_back_and_its_
         fake.exits(id(1, 0), "signal 9 (SIGKILL)"),
         w(&["forget 1/0", "leave 1/0", "restarted", "spawn 1/1"])
     );
-    fake.step(Event::Spawned { id: id(1, 1), pid: pid(id(1, 1)) });
+    fake.step(Event::Spawned { id: id(1, 1), pid: pid(id(1, 1)), forked: false });
     let failed_start = fake.exits(id(1, 1), "exit code 1");
     assert_eq!(failed_start, w(&["forget 1/1", "leave 1/1", "restarted", "respawn 1 after 100ms"]));
     assert_eq!(fake.step(Event::Scale { workers: 1 }), w(&[]));

@@ -176,6 +176,17 @@ struct Started {
     stop_signal: Option<nix::sys::signal::Signal>,
 }
 
+/// A worker ready to be started.
+struct Prepared {
+    /// The command to execute.
+    cmd: tokio::process::Command,
+    /// For `rip worker`: its arguments, for the fork server.
+    worker_args: Option<Vec<std::ffi::OsString>>,
+    started: Started,
+    /// Fds the child inherits, kept open until it has started; a heartbeat page first.
+    keep: Vec<OwnedFd>,
+}
+
 /// The guard, or a warning that there is none.
 async fn start_guard(spawner: &process::Spawner, exe: &std::path::Path) -> Option<process::Guard> {
     match process::Guard::start(spawner, exe).await {
@@ -242,6 +253,9 @@ impl Supervisor {
                 command = commands.recv(), if commands_open => match command {
                     Some(Command::Reload { settings, done }) => {
                         self.reload_waiters.extend(done);
+                        // A reload serves the binary on disk, which a fork server started
+                        // earlier does not hold.
+                        self.spawner.renew_fork_server();
                         let settings = settings.map(|pair| {
                             let (settings, spec) = *pair;
                             self.spec = spec;
@@ -383,7 +397,7 @@ impl Supervisor {
             Some(app) => self.prepare_app(id, &app),
             None => self.prepare_rip(id),
         };
-        let (cmd, started, keep) = match prepared {
+        let Prepared { cmd, worker_args, started, keep } = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
                 let _ = events.send(Event::SpawnFailed { id, error: format!("{e:#}") });
@@ -404,8 +418,14 @@ impl Supervisor {
                 Some(cell) => cell.get_or_init(|| start_guard(&spawner, &exe)).await.as_ref(),
                 None => None,
             };
-            let inherit = keep.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
-            let spawned = spawner.spawn(cmd, inherit).await;
+            let inherit: Vec<_> = keep.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+            let spawned = match worker_args {
+                // A worker that replaces another is forked: the exec is what a recycle costs.
+                Some(args) => {
+                    spawner.spawn_worker(cmd, args, inherit.first().copied(), id.generation > 0).await
+                }
+                None => spawner.spawn(cmd, inherit).await.map(process::Process::Executed),
+            };
             // The child has its own copies now.
             drop(keep);
             let mut child = match spawned {
@@ -416,14 +436,15 @@ impl Supervisor {
                     return;
                 }
             };
-            let pid = Pid::from_raw(child.id().map_or(0, |p| p as i32));
+            let pid = child.pid();
             if let Some(guard) = guard {
                 guard.watch(pid);
             }
-            let _ = events.send(Event::Spawned { id, pid });
+            let forked = matches!(child, process::Process::Forked(_));
+            let _ = events.send(Event::Spawned { id, pid, forked });
             let tail = process::Tail::default();
-            let output = if app {
-                Some(process::log_output(&mut child, id, tail.clone()))
+            let output = if let (true, Some(child)) = (app, child.child_mut()) {
+                Some(process::log_output(child, id, tail.clone()))
             } else {
                 process::copy_stderr(&mut child, tail.clone())
             };
@@ -458,10 +479,7 @@ impl Supervisor {
     }
 
     /// `rip worker` on its Unix socket, with a heartbeat page.
-    fn prepare_rip(
-        &mut self,
-        id: WorkerId,
-    ) -> anyhow::Result<(tokio::process::Command, Started, Vec<OwnedFd>)> {
+    fn prepare_rip(&mut self, id: WorkerId) -> anyhow::Result<Prepared> {
         let socket = self.dir.socket_path(id.slot, id.generation)?;
         let _ = std::fs::remove_file(&socket);
         let heartbeat = match new_heartbeat() {
@@ -474,20 +492,16 @@ impl Supervisor {
                 None
             }
         };
-        let cmd = process::command(&self.spec, id, &socket, heartbeat.as_ref());
-        Ok((
-            cmd,
-            Started { address: Address::Unix(socket), stop_signal: None },
-            heartbeat.into_iter().collect(),
-        ))
+        Ok(Prepared {
+            cmd: process::command(&self.spec, id, &socket, heartbeat.as_ref()),
+            worker_args: Some(process::worker_args(&self.spec, id, &socket)),
+            started: Started { address: Address::Unix(socket), stop_signal: None },
+            keep: heartbeat.into_iter().collect(),
+        })
     }
 
     /// The user's command, on a socket as `--app-socket` says.
-    fn prepare_app(
-        &mut self,
-        id: WorkerId,
-        app: &App,
-    ) -> anyhow::Result<(tokio::process::Command, Started, Vec<OwnedFd>)> {
+    fn prepare_app(&mut self, id: WorkerId, app: &App) -> anyhow::Result<Prepared> {
         use crate::config::AppSocket;
         let mut keep = Vec::new();
         let address = match app.socket {
@@ -502,7 +516,12 @@ impl Supervisor {
             AppSocket::Port => Address::Tcp(process::free_port()?),
         };
         let cmd = process::app_command(&self.spec.exe, app, id, &address, keep.first());
-        Ok((cmd, Started { address, stop_signal: Some(app.stop_signal) }, keep))
+        Ok(Prepared {
+            cmd,
+            worker_args: None,
+            started: Started { address, stop_signal: Some(app.stop_signal) },
+            keep,
+        })
     }
 
     fn probe_liveness(&self, id: WorkerId, within: Duration) {

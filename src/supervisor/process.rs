@@ -115,43 +115,10 @@ impl Tail {
 }
 
 /// The `rip worker` command for `id` on `socket`, given `heartbeat` (an fd the caller keeps
-/// open until the process has started, and passes to [`Spawner::spawn`] to be inherited).
+/// open until the process has started, and passes to [`Spawner::spawn_worker`] to be inherited).
 pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&OwnedFd>) -> Command {
     let mut cmd = Command::new(&spec.exe);
-    cmd.arg("worker")
-        .arg("--socket")
-        .arg(socket)
-        .arg("--id")
-        .arg(id.slot.to_string())
-        .arg("--generation")
-        .arg(id.generation.to_string())
-        .arg("--parent")
-        .arg(std::process::id().to_string())
-        .arg("--threads")
-        .arg(spec.threads.to_string())
-        .arg("--graceful-ms")
-        .arg(spec.graceful_ms.to_string())
-        .arg("--log-format")
-        .arg(spec.log_format.as_str());
-    if let Some(root) = &spec.root {
-        cmd.arg("--root").arg(root);
-    }
-    if let Some(value) = &spec.cache_control {
-        cmd.arg("--cache-control").arg(value);
-    }
-    if let Some(limits) = &spec.handoff {
-        cmd.arg("--handoff")
-            .arg("--header-timeout-ms")
-            .arg(limits.header_timeout.as_millis().to_string())
-            .arg("--max-body")
-            .arg(limits.max_body.to_string())
-            .arg("--max-connections")
-            .arg(limits.max_connections.to_string());
-        if !limits.trusted_proxies.is_empty() {
-            let list: Vec<String> = limits.trusted_proxies.iter().map(ToString::to_string).collect();
-            cmd.arg("--trusted-proxies").arg(list.join(","));
-        }
-    }
+    cmd.args(worker_args(spec, id, socket));
     if let Some(fd) = heartbeat {
         cmd.arg("--heartbeat-fd").arg(fd.as_raw_fd().to_string());
     }
@@ -161,6 +128,40 @@ pub fn command(spec: &Spec, id: WorkerId, socket: &Path, heartbeat: Option<&Owne
         .process_group(0)
         .kill_on_drop(false);
     cmd
+}
+
+/// The arguments of `rip worker` for `id` on `socket`, from `worker` on, without the
+/// heartbeat's fd (whose number differs between an executed and a forked worker).
+pub fn worker_args(spec: &Spec, id: WorkerId, socket: &Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["worker".into()];
+    let mut flag = |name: &str, value: std::ffi::OsString| {
+        args.push(name.into());
+        args.push(value);
+    };
+    flag("--socket", socket.into());
+    flag("--id", id.slot.to_string().into());
+    flag("--generation", id.generation.to_string().into());
+    flag("--parent", std::process::id().to_string().into());
+    flag("--threads", spec.threads.to_string().into());
+    flag("--graceful-ms", spec.graceful_ms.to_string().into());
+    flag("--log-format", spec.log_format.as_str().into());
+    if let Some(root) = &spec.root {
+        flag("--root", root.into());
+    }
+    if let Some(value) = &spec.cache_control {
+        flag("--cache-control", value.into());
+    }
+    if let Some(limits) = &spec.handoff {
+        flag("--header-timeout-ms", limits.header_timeout.as_millis().to_string().into());
+        flag("--max-body", limits.max_body.to_string().into());
+        flag("--max-connections", limits.max_connections.to_string().into());
+        if !limits.trusted_proxies.is_empty() {
+            let list: Vec<String> = limits.trusted_proxies.iter().map(ToString::to_string).collect();
+            flag("--trusted-proxies", list.join(",").into());
+        }
+        args.push("--handoff".into());
+    }
+    args
 }
 
 /// Logs each line a command's worker writes, tagged with the worker and the stream, through
@@ -191,8 +192,8 @@ pub fn log_output(child: &mut Child, id: WorkerId, tail: Tail) -> JoinHandle<()>
 
 /// Copies the worker's stderr to ours line by line, keeping a tail in `tail`; the returned
 /// task ends when the worker's stderr closes.
-pub fn copy_stderr(child: &mut Child, tail: Tail) -> Option<JoinHandle<()>> {
-    let stderr = child.stderr.take()?;
+pub fn copy_stderr(process: &mut Process, tail: Tail) -> Option<JoinHandle<()>> {
+    let stderr = process.take_stderr()?;
     Some(tokio::spawn(async move {
         let (mut reader, mut buf) = (BufReader::new(stderr), Vec::new());
         while let Some(line) = next_line(&mut reader, &mut buf).await {
@@ -250,12 +251,32 @@ fn decode(line: &[u8]) -> String {
 /// copies the front-end's page tables and makes every page the front-end writes next fault
 /// once (6.5% of the front-end's CPU at full load with `--max-requests 1000`), where without
 /// it the standard library uses `posix_spawn`, which shares the memory until the exec.
+///
+/// A worker that replaces another is forked by the fork server (see `crate::forkserver`),
+/// started by this thread with the first such worker, so that a pool that never recycles
+/// has no extra process. Whatever goes wrong with the server, the worker is executed
+/// instead, and the next one gets a new server.
 #[derive(Debug, Clone)]
 pub struct Spawner {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
-type Job = (Command, Vec<RawFd>, oneshot::Sender<io::Result<Child>>);
+enum Job {
+    /// Execute the command; its child inherits the fds (kept open by the caller until the
+    /// reply).
+    Exec(Command, Vec<RawFd>, oneshot::Sender<io::Result<Child>>),
+    /// Start a `rip worker`: forked with these arguments if `fork`, else (or if that fails)
+    /// executed as the command.
+    Worker {
+        cmd: Command,
+        args: Vec<std::ffi::OsString>,
+        heartbeat: Option<RawFd>,
+        fork: bool,
+        reply: oneshot::Sender<io::Result<Process>>,
+    },
+    /// The binary on disk may have changed (a reload): later forks come from a new server.
+    Renew,
+}
 
 /// Held while a descriptor is inheritable, and by any other start of a process in rip, so
 /// that no other child inherits it.
@@ -268,8 +289,26 @@ impl Spawner {
         let runtime = tokio::runtime::Handle::current();
         std::thread::Builder::new().name("rip-spawner".into()).spawn(move || {
             let _entered = runtime.enter();
-            for (mut cmd, inherit, reply) in queue {
-                let _ = reply.send(spawn_inheriting(&mut cmd, &inherit));
+            let mut server = ServerState::NotStarted;
+            for job in queue {
+                match job {
+                    Job::Exec(mut cmd, inherit, reply) => {
+                        let _ = reply.send(spawn_inheriting(&mut cmd, &inherit));
+                    }
+                    Job::Worker { mut cmd, args, heartbeat, fork, reply } => {
+                        let forked = if fork { server.fork(&cmd, &args, heartbeat) } else { None };
+                        let process = forked.map_or_else(
+                            || spawn_inheriting(&mut cmd, heartbeat.as_slice()).map(Process::Executed),
+                            Ok,
+                        );
+                        let _ = reply.send(process);
+                    }
+                    Job::Renew => {
+                        if matches!(server, ServerState::Running(_)) {
+                            server = ServerState::NotStarted;
+                        }
+                    }
+                }
             }
         })?;
         Ok(Spawner { jobs })
@@ -279,8 +318,171 @@ impl Spawner {
     /// returns).
     pub async fn spawn(&self, cmd: Command, inherit: Vec<RawFd>) -> io::Result<Child> {
         let (reply, child) = oneshot::channel();
-        self.jobs.send((cmd, inherit, reply)).map_err(|_| io::Error::other("the spawner thread is gone"))?;
-        child.await.map_err(|_| io::Error::other("the spawner thread is gone"))?
+        self.send(Job::Exec(cmd, inherit, reply))?;
+        child.await.map_err(|_| gone())?
+    }
+
+    /// Starts a `rip worker`: forked from the fork server with `args` (see [`worker_args`])
+    /// if `fork`, executed as `cmd` otherwise or if the fork server fails. `heartbeat` is the
+    /// fd `cmd` names, kept open by the caller until this returns.
+    pub async fn spawn_worker(
+        &self,
+        cmd: Command,
+        args: Vec<std::ffi::OsString>,
+        heartbeat: Option<RawFd>,
+        fork: bool,
+    ) -> io::Result<Process> {
+        let (reply, process) = oneshot::channel();
+        self.send(Job::Worker { cmd, args, heartbeat, fork, reply })?;
+        process.await.map_err(|_| gone())?
+    }
+
+    /// Workers forked from now on come from a fork server started anew, from the binary on
+    /// disk now.
+    pub fn renew_fork_server(&self) {
+        let _ = self.send(Job::Renew);
+    }
+
+    fn send(&self, job: Job) -> io::Result<()> {
+        self.jobs.send(job).map_err(|_| gone())
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::other("the spawner thread is gone")
+}
+
+/// The spawner thread's fork server.
+enum ServerState {
+    NotStarted,
+    Running(crate::forkserver::ForkServer),
+    /// It could not be started (said once in the log): every worker is executed.
+    Unavailable,
+}
+
+impl ServerState {
+    /// The worker forked, or `None` if it is to be executed.
+    fn fork(
+        &mut self,
+        cmd: &Command,
+        args: &[std::ffi::OsString],
+        heartbeat: Option<RawFd>,
+    ) -> Option<Process> {
+        if matches!(self, ServerState::NotStarted) {
+            let exe = Path::new(cmd.as_std().get_program());
+            *self = match crate::forkserver::ForkServer::start(exe, spawn_inheriting) {
+                Ok(server) => ServerState::Running(server),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no fork server: each worker is started by executing rip");
+                    ServerState::Unavailable
+                }
+            };
+        }
+        let ServerState::Running(server) = self else { return None };
+        match fork_with(server, args, heartbeat) {
+            Ok(process) => Some(process),
+            Err(e) => {
+                tracing::warn!(error = %e, "the fork server failed; this worker is executed, the next one gets a new server");
+                *self = ServerState::NotStarted;
+                None
+            }
+        }
+    }
+}
+
+fn fork_with(
+    server: &crate::forkserver::ForkServer,
+    args: &[std::ffi::OsString],
+    heartbeat: Option<RawFd>,
+) -> io::Result<Process> {
+    use std::os::fd::BorrowedFd;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the caller keeps the heartbeat's fd open until the spawn's reply.
+    let heartbeat = heartbeat.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
+    let pid = server.fork(args, std::os::fd::AsFd::as_fd(&write), heartbeat)?;
+    drop(write);
+    let exit = crate::forkserver::pidfd(pid).and_then(|fd| {
+        // SAFETY: the AsyncFd owns the pidfd until it is dropped; nothing else closes it.
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)
+    });
+    match exit {
+        Ok(exit) => Ok(Process::Forked(Forked { pid, exit, stderr: Some(read) })),
+        Err(e) => {
+            // Unreapable by the way forked workers are; it goes before it is ever used.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(e)
+        }
+    }
+}
+
+/// A worker's process as started: executed (tokio reaps it) or forked by the fork server
+/// (our child as well, reaped here when its pidfd says it exited).
+#[derive(Debug)]
+pub enum Process {
+    Executed(Child),
+    Forked(Forked),
+}
+
+#[derive(Debug)]
+pub struct Forked {
+    pid: Pid,
+    exit: tokio::io::unix::AsyncFd<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+impl Process {
+    pub fn pid(&self) -> Pid {
+        match self {
+            Process::Executed(child) => Pid::from_raw(child.id().map_or(0, |p| p as i32)),
+            Process::Forked(forked) => forked.pid,
+        }
+    }
+
+    /// The child, for an executed process (a command's, whose stdout is read too).
+    pub fn child_mut(&mut self) -> Option<&mut Child> {
+        match self {
+            Process::Executed(child) => Some(child),
+            Process::Forked(_) => None,
+        }
+    }
+
+    fn take_stderr(&mut self) -> Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>> {
+        match self {
+            Process::Executed(child) => Some(Box::new(child.stderr.take()?)),
+            Process::Forked(forked) => {
+                let fd = forked.stderr.take()?;
+                match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+                    Ok(pipe) => Some(Box::new(pipe)),
+                    Err(e) => {
+                        tracing::warn!(pid = forked.pid.as_raw(), error = %e, "a worker's stderr cannot be read");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        use std::os::unix::process::ExitStatusExt;
+        let forked = match self {
+            Process::Executed(child) => return child.wait().await,
+            Process::Forked(forked) => forked,
+        };
+        loop {
+            let mut ready = forked.exit.readable().await?;
+            match waitpid(forked.pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw(code << 8)),
+                Ok(WaitStatus::Signaled(_, signal, core)) => {
+                    return Ok(ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 }))
+                }
+                Ok(_) => ready.clear_ready(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 }
 
@@ -387,7 +589,10 @@ pub fn signal(pid: Pid, signal: Signal) {
     if pid.as_raw() <= 0 {
         return;
     }
-    let _ = killpg(pid, signal);
+    // A forked worker makes its group itself, first thing; until then it is alone.
+    if killpg(pid, signal) == Err(nix::errno::Errno::ESRCH) {
+        let _ = nix::sys::signal::kill(pid, signal);
+    }
 }
 
 /// "exit code 3", "signal 9 (SIGKILL)".
@@ -402,5 +607,52 @@ pub fn describe(status: ExitStatus) -> String {
             Err(_) => format!("signal {sig}"),
         },
         None => "unknown status".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the fork server is sent parses to what the executed command says, every setting
+    /// included, so that a forked worker runs as an executed one would.
+    #[test]
+    fn a_forked_workers_arguments_say_what_the_executed_command_says() {
+        let spec = Spec {
+            exe: "/usr/bin/rip".into(),
+            root: Some("/srv/www root".into()),
+            cache_control: Some("public, max-age=60".into()),
+            threads: 3,
+            graceful_ms: 1500,
+            log_format: crate::config::LogFormat::Json,
+            handoff: Some(crate::worker::ClientLimits {
+                header_timeout: std::time::Duration::from_millis(700),
+                max_body: 1 << 20,
+                max_connections: 9,
+                trusted_proxies: crate::config::parse_cidrs("10.0.0.0/8,::1/128").unwrap(),
+            }),
+            health_path: "/healthz".into(),
+            app: None,
+        };
+        let id = WorkerId { slot: 2, generation: 7 };
+        let socket = Path::new("/run/rip/w2.7.sock");
+        let parse =
+            |args: Vec<std::ffi::OsString>| match <crate::cli::Cli as clap::Parser>::try_parse_from(args) {
+                Ok(crate::cli::Cli { command: crate::cli::Command::Worker(w) }) => format!("{w:?}"),
+                other => panic!("not a worker's command line: {other:?}"),
+            };
+        let executed = command(&spec, id, socket, None);
+        let executed: Vec<std::ffi::OsString> = std::iter::once("rip".into())
+            .chain(executed.as_std().get_args().map(ToOwned::to_owned))
+            .collect();
+        let forked: Vec<std::ffi::OsString> =
+            std::iter::once("rip".into()).chain(worker_args(&spec, id, socket)).collect();
+        assert_eq!(parse(forked.clone()), parse(executed));
+        let parsed = parse(forked);
+        for expected in
+            ["/srv/www root", "public, max-age=60", "threads: 3", "generation: 7", "handoff: true", "::1/128"]
+        {
+            assert!(parsed.contains(expected), "{expected} not in {parsed}");
+        }
     }
 }

@@ -9,6 +9,7 @@ mod chaos;
 mod conformance;
 mod early_answers;
 mod examples;
+mod forkserver;
 mod forwarding;
 mod framing;
 mod handlers;

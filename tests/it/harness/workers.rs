@@ -27,21 +27,22 @@ pub fn ready_workers(rip: &Rip) -> Vec<i32> {
 }
 
 /// The running (not zombie) children of `parent`: a serve's workers, and not the `rip guard`
-/// that a serve with a command's workers also starts.
+/// that a serve with a command's workers also starts, nor the `rip forkserver` that recycled
+/// workers are forked from.
 pub fn worker_processes(parent: i32) -> BTreeSet<i32> {
     let mut children = BTreeSet::new();
     for entry in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        if parent_of(pid) == Some(parent) && is_running(pid) && !is_guard(pid) {
+        if parent_of(pid) == Some(parent) && is_running(pid) && !is_helper(pid) {
             children.insert(pid);
         }
     }
     children
 }
 
-fn is_guard(pid: i32) -> bool {
+fn is_helper(pid: i32) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    cmdline.split(|&b| b == 0).nth(1) == Some(b"guard")
+    matches!(cmdline.split(|&b| b == 0).nth(1), Some(b"guard" | b"forkserver"))
 }
 
 pub fn parent_of(pid: i32) -> Option<i32> {

@@ -700,7 +700,8 @@ measure_startup() {
     t_all=${line%% *}
     logged=$(grep -o 'startup_ms=[0-9]*' <<<"$line" | cut -d= -f2)
     local sock answered=0
-    for sock in "$dir"/*/*.sock; do socket_healthy "$sock" && answered=$((answered + 1)); done
+    # The workers' sockets only (w<slot>.<generation>.sock): the control socket speaks no HTTP.
+    for sock in "$dir"/*/w*.sock; do socket_healthy "$sock" && answered=$((answered + 1)); done
     ((answered == STARTUP_WORKERS)) || die "startup: $answered of $STARTUP_WORKERS worker sockets answer"
     stop_pid "$pid"
     printf 'startup\t%s\t%s\t%s\t%s\t%s\n' "$run" "$(((t_started - t0) / 1000))" \

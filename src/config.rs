@@ -122,6 +122,11 @@ settings! {
     /// Workers replaced at once by recycles and reloads
     max_surge: usize = 1, shown "1",
         flag "N", parse parse_count;
+    /// How a worker that replaces another starts: fork (from a fork server started with the
+    /// first replacement, which has paid the exec's costs once) or exec (each executes the
+    /// binary afresh, with a memory layout of its own)
+    spawn: Spawn = Spawn::Fork, shown "fork",
+        flag "HOW", parse str::parse;
     /// How requests are spread over workers: least-pending or round-robin
     balance: Strategy = Strategy::LeastPending, shown "least-pending",
         flag "STRATEGY", parse str::parse;
@@ -245,7 +250,7 @@ impl Raw for Duration {
 macro_rules! raw_by_name {
     ($($ty:ty),+) => { $( impl Raw for $ty { fn raw(&self) -> String { self.as_str().to_string() } } )+ };
 }
-raw_by_name!(Strategy, Upstream, LogFormat, AppSocket, StopSignal);
+raw_by_name!(Strategy, Upstream, LogFormat, AppSocket, StopSignal, Spawn);
 
 impl Raw for String {
     fn raw(&self) -> String {
@@ -391,6 +396,35 @@ impl std::str::FromStr for Upstream {
             "http2" => Ok(Upstream::Http2),
             "handoff" => Ok(Upstream::Handoff),
             _ => anyhow::bail!("expected http2, http1 or handoff"),
+        }
+    }
+}
+
+/// How a worker that replaces another is started (a command's workers are always executed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spawn {
+    /// Forked from `rip forkserver` (see `crate::forkserver`).
+    Fork,
+    /// `rip worker` executed afresh.
+    Exec,
+}
+
+impl Spawn {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Spawn::Fork => "fork",
+            Spawn::Exec => "exec",
+        }
+    }
+}
+
+impl std::str::FromStr for Spawn {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "fork" => Ok(Spawn::Fork),
+            "exec" => Ok(Spawn::Exec),
+            _ => bail!("expected fork or exec"),
         }
     }
 }

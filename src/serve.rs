@@ -142,6 +142,7 @@ fn worker_spec(config: &Config, exe: &Path, root: Option<PathBuf>) -> supervisor
             socket: config.app_socket,
             stop_signal: config.stop_signal.0,
         }),
+        fork: config.spawn == crate::config::Spawn::Fork,
     }
 }
 

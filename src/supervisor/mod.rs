@@ -397,6 +397,7 @@ impl Supervisor {
             Some(app) => self.prepare_app(id, &app),
             None => self.prepare_rip(id),
         };
+        let fork = self.spec.fork && id.generation > 0;
         let Prepared { cmd, worker_args, started, keep } = match prepared {
             Ok(prepared) => prepared,
             Err(e) => {
@@ -421,9 +422,7 @@ impl Supervisor {
             let inherit: Vec<_> = keep.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
             let spawned = match worker_args {
                 // A worker that replaces another is forked: the exec is what a recycle costs.
-                Some(args) => {
-                    spawner.spawn_worker(cmd, args, inherit.first().copied(), id.generation > 0).await
-                }
+                Some(args) => spawner.spawn_worker(cmd, args, inherit.first().copied(), fork).await,
                 None => spawner.spawn(cmd, inherit).await.map(process::Process::Executed),
             };
             // The child has its own copies now.

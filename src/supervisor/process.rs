@@ -38,6 +38,8 @@ pub struct Spec {
     pub health_path: String,
     /// Workers that run a command of the user's instead of `rip worker`.
     pub app: Option<App>,
+    /// Replacement workers are forked from the fork server.
+    pub fork: bool,
 }
 
 /// A command's workers (`rip serve -- CMD`).
@@ -633,6 +635,7 @@ mod tests {
             }),
             health_path: "/healthz".into(),
             app: None,
+            fork: true,
         };
         let id = WorkerId { slot: 2, generation: 7 };
         let socket = Path::new("/run/rip/w2.7.sock");

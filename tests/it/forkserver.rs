@@ -155,3 +155,19 @@ fn a_reload_forks_from_a_fork_server_started_anew_and_the_old_one_exits() {
     assert!(rip.wait_exit(WAIT).success());
     assert_eq!(wait_gone(&new, WAIT), Vec::<i32>::new(), "the fork server outlived rip");
 }
+
+#[test]
+fn with_spawn_exec_every_replacement_is_executed_and_no_fork_server_runs() {
+    let rt = runtime();
+    let rip =
+        Rip::start(&["--workers", "2", "--max-requests", "5", "--spawn", "exec", "--access-log", "off"]);
+    rip.wait_all_ready();
+    let report = rt.block_on(
+        Load::get("/whoami").clients(4).total(200).deadline(Duration::from_secs(60)).run(rip.addr()),
+    );
+    assert_eq!((report.ok, report.failed), (200, 0), "{}", summary(&report));
+    let all = spawned(&rip, 0);
+    assert!(all.len() >= 20, "{all:?}");
+    assert!(all.iter().all(|(_, how)| how == "executed"), "{all:?}");
+    assert!(fork_servers(rip.pid()).is_empty(), "a fork server with --spawn exec");
+}

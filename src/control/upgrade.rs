@@ -52,7 +52,7 @@ pub async fn start(exe: &Path, args: Vec<OsString>, listener: RawFd, within: Dur
     }
     let spawned = {
         // No worker's descriptor is inheritable meanwhile (see `Spawner`).
-        let _spawning = crate::supervisor::process::SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
+        let _spawning = crate::supervisor::spawner::SPAWNING.lock().unwrap_or_else(|e| e.into_inner());
         cmd.spawn()
     };
     let mut child = spawned.with_context(|| format!("starting {}", exe.display()))?;

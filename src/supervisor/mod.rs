@@ -18,6 +18,7 @@ mod machine;
 mod probe;
 pub(crate) mod process;
 mod recycle;
+pub(crate) mod spawner;
 mod stop;
 mod table;
 
@@ -135,7 +136,7 @@ pub fn start(
     changes: ChangeSender,
     reports: ReportReceiver,
 ) -> std::io::Result<(SupervisorHandle, tokio::task::JoinHandle<()>)> {
-    let spawner = process::Spawner::start()?;
+    let spawner = spawner::Spawner::start()?;
     let (commands_tx, commands) = mpsc::unbounded_channel();
     let (events_tx, events) = mpsc::unbounded_channel();
     let (ready_tx, ready) = watch::channel(0);
@@ -188,7 +189,7 @@ struct Prepared {
 }
 
 /// The guard, or a warning that there is none.
-async fn start_guard(spawner: &process::Spawner, exe: &std::path::Path) -> Option<process::Guard> {
+async fn start_guard(spawner: &spawner::Spawner, exe: &std::path::Path) -> Option<process::Guard> {
     match process::Guard::start(spawner, exe).await {
         Ok(guard) => Some(guard),
         Err(e) => {
@@ -206,7 +207,7 @@ const STDERR_WAIT: Duration = Duration::from_millis(500);
 struct Supervisor {
     machine: Machine,
     spec: Spec,
-    spawner: process::Spawner,
+    spawner: spawner::Spawner,
     dir: Arc<RuntimeDir>,
     metrics: Arc<Metrics>,
     changes: ChangeSender,
@@ -423,7 +424,7 @@ impl Supervisor {
             let spawned = match worker_args {
                 // A worker that replaces another is forked: the exec is what a recycle costs.
                 Some(args) => spawner.spawn_worker(cmd, args, inherit.first().copied(), fork).await,
-                None => spawner.spawn(cmd, inherit).await.map(process::Process::Executed),
+                None => spawner.spawn(cmd, inherit).await.map(spawner::Process::Executed),
             };
             // The child has its own copies now.
             drop(keep);
@@ -439,7 +440,7 @@ impl Supervisor {
             if let Some(guard) = guard {
                 guard.watch(pid);
             }
-            let forked = matches!(child, process::Process::Forked(_));
+            let forked = matches!(child, spawner::Process::Forked(_));
             let _ = events.send(Event::Spawned { id, pid, forked });
             let tail = process::Tail::default();
             let output = if let (true, Some(child)) = (app, child.child_mut()) {

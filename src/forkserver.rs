@@ -2,8 +2,9 @@
 //! and forks each new worker from that image instead of the front-end executing the binary
 //! again. An exec costs the dynamic loader's relocations, the page faults of a fresh address
 //! space, and glibc's, libgcc's and Rust's CPU-feature probing, whose `cpuid` instructions
-//! each trap to the hypervisor on a virtual machine: about 1 ms of CPU for `rip --version`
-//! on a 2-core VM where a fork and exit of a process this size costs about 0.1 ms. Under
+//! each trap to the hypervisor on a virtual machine: 1.0–1.2 ms of CPU for `rip --version`
+//! on a 2-core VM where a fork and exit of a process this size costs 0.1–0.2 ms
+//! (`benches/support/fork_cost.c`). Under
 //! `--max-requests` at full load a worker is replaced every few dozen milliseconds, on the
 //! same cores that serve the requests.
 //!

@@ -13,7 +13,10 @@
 //! supervisor's child, as an executed worker is: the supervisor reaps it, its parent-death
 //! signal is tied to the supervisor's spawner thread, and the server dying (or being killed)
 //! takes no worker with it. A worker forked from it shares its memory layout with the other
-//! workers forked from the same server, as gunicorn's and unicorn's preloaded workers do.
+//! workers forked from the same server, as gunicorn's and unicorn's preloaded workers do, and
+//! inherits whatever a user's `main` did before `Rip::run` (run once, here): descriptors it
+//! opened are shared. A server with a second thread (started by such a `main`) never forks:
+//! the child could inherit a lock that thread held; rip executes every worker then.
 //!
 //! The protocol, over a `SOCK_SEQPACKET` pair: the supervisor sends one message per worker,
 //! the worker's arguments (from `worker` on) separated by NULs, with its stderr pipe and, if
@@ -69,6 +72,12 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
             reply(&socket, -(Errno::EINVAL as i32))?;
             continue;
         }
+        // A binary whose main starts a thread before `Rip::run` (a tracing or metrics agent,
+        // a runtime) would hand the child locks that thread may hold: no fork, ever.
+        if threads() != Some(1) {
+            reply(&socket, -(Errno::ENOTSUP as i32))?;
+            return Ok(None);
+        }
         // SAFETY: this process has one thread and holds no lock: the child may run anything.
         match unsafe { fork_as_sibling() } {
             Ok(0) => return become_worker(socket, argv, fds).map(Some),
@@ -78,6 +87,13 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
         // The child has its own copies.
         drop(fds);
     }
+}
+
+/// How many threads this process has, from /proc/self/stat.
+fn threads() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Field 20 (num_threads); those after the command name's closing parenthesis start at 3.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(17)?.parse().ok()
 }
 
 /// A child of our own parent, sharing nothing with us after the call: `fork` with
@@ -284,6 +300,11 @@ impl ForkServer {
             errno => Err(io::Error::from_raw_os_error(-errno)),
         }
     }
+}
+
+/// The fork server's answer when it has more than one thread: it will never fork.
+pub fn is_unusable(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ENOTSUP)
 }
 
 fn retry_eintr<T>(mut call: impl FnMut() -> nix::Result<T>) -> io::Result<T> {

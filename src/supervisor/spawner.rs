@@ -154,6 +154,11 @@ impl ServerState {
         let ServerState::Running(server) = self else { return None };
         match fork_with(server, args, heartbeat) {
             Ok(process) => Some(process),
+            Err(e) if crate::forkserver::is_unusable(&e) => {
+                tracing::warn!("the fork server has more than one thread (something in main started one before Rip::run), so it cannot fork safely: every worker is started by executing the binary");
+                *self = ServerState::Unavailable;
+                None
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the fork server failed; this worker is executed, the next one gets a new server");
                 *self = ServerState::NotStarted;

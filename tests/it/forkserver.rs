@@ -9,8 +9,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use crate::harness::{
-    is_running, lines_after, log_field, no_failures, parent_of, runtime, summary, wait_gone, wait_until,
-    worker_processes, Load, Rip, WorkerEvent, WAIT,
+    example, is_running, lines_after, log_field, no_failures, parent_of, runtime, summary, wait_gone,
+    wait_until, worker_processes, Load, Rip, WorkerEvent, WAIT,
 };
 
 /// The children of `parent` that are a fork server (not workers).
@@ -170,4 +170,27 @@ fn with_spawn_exec_every_replacement_is_executed_and_no_fork_server_runs() {
     assert!(all.len() >= 20, "{all:?}");
     assert!(all.iter().all(|(_, how)| how == "executed"), "{all:?}");
     assert!(fork_servers(rip.pid()).is_empty(), "a fork server with --spawn exec");
+}
+
+/// A binary whose `main` starts a thread before `Rip::run` (examples/agent_thread.rs): its
+/// fork server refuses to fork, and every worker is executed, with one warning.
+#[test]
+fn a_main_that_starts_a_thread_gets_every_worker_executed_and_one_warning() {
+    let rt = runtime();
+    let rip = example("agent_thread")
+        .args(&["--workers", "2", "--max-requests", "5", "--access-log", "off"])
+        .start_all_ready();
+    let report =
+        rt.block_on(Load::get("/").clients(4).total(200).deadline(Duration::from_secs(60)).run(rip.addr()));
+    assert_eq!((report.ok, report.failed), (200, 0), "{}", summary(&report));
+    let all = spawned(&rip, 0);
+    assert!(all.len() >= 20, "{all:?}");
+    assert!(all.iter().all(|(_, how)| how == "executed"), "{all:?}");
+    let warned = lines_after(&rip, 0, "the fork server has more than one thread");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        wait_until(WAIT, || fork_servers(rip.pid()).is_empty()),
+        "a fork server stayed: {:?}",
+        fork_servers(rip.pid())
+    );
 }

@@ -152,7 +152,7 @@ fn become_worker(socket: OwnedFd, mut argv: Vec<OsString>, fds: Vec<OwnedFd>) ->
 /// argument of this many spaces, which `ps` shows as nothing.
 const TITLE_ROOM: usize = 1024;
 
-/// Makes `ps`, `pgrep -f` and /proc/<pid>/cmdline show the worker's command line, as for an
+/// Makes `ps`, `pgrep -f` and `/proc/<pid>/cmdline` show the worker's command line, as for an
 /// executed worker, rather than the fork server's, which the child's memory still holds: the
 /// kernel reads the command line from the process's own memory, where its argument strings
 /// were laid out at exec. The server's arguments end with [`TITLE_ROOM`] spaces, so that a

@@ -95,7 +95,8 @@ impl Spawner {
         child.await.map_err(|_| gone())?
     }
 
-    /// Starts a `rip worker`: forked from the fork server with `args` (see [`worker_args`])
+    /// Starts a `rip worker`: forked from the fork server with `args` (see
+    /// [`worker_args`](super::process::worker_args))
     /// if `fork`, executed as `cmd` otherwise or if the fork server fails. `heartbeat` is the
     /// fd `cmd` names, kept open by the caller until this returns.
     pub async fn spawn_worker(
@@ -129,7 +130,8 @@ fn gone() -> io::Error {
 enum ServerState {
     NotStarted,
     Running(crate::forkserver::ForkServer),
-    /// It could not be started (said once in the log): every worker is executed.
+    /// It could not be started, or has a second thread (said once in the log): every worker
+    /// is executed.
     Unavailable,
 }
 

@@ -63,11 +63,7 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
         if len == 0 && fds.is_empty() {
             return Ok(None);
         }
-        let argv: Vec<OsString> = buf[..len]
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| OsString::from_vec(a.to_vec()))
-            .collect();
+        let argv = decode_args(&buf[..len]);
         if argv.first().map(|a| a.as_bytes()) != Some(b"worker") || fds.is_empty() {
             reply(&socket, -(Errno::EINVAL as i32))?;
             continue;
@@ -89,11 +85,33 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
     }
 }
 
-/// How many threads this process has, from /proc/self/stat.
-fn threads() -> Option<u64> {
+/// Each argument followed by a NUL, so that an empty one survives the trip.
+fn encode_args(args: &[OsString]) -> Vec<u8> {
+    let mut message = Vec::new();
+    for arg in args {
+        message.extend_from_slice(arg.as_bytes());
+        message.push(0);
+    }
+    message
+}
+
+fn decode_args(message: &[u8]) -> Vec<OsString> {
+    let Some(body) = message.strip_suffix(&[0]) else { return Vec::new() };
+    body.split(|&b| b == 0).map(|a| OsString::from_vec(a.to_vec())).collect()
+}
+
+/// Fields of /proc/self/stat, numbered as proc(5) numbers them, from `first` on.
+fn stat_fields(first: usize) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Field 20 (num_threads); those after the command name's closing parenthesis start at 3.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(17)?.parse().ok()
+    // The command name may hold spaces and parentheses; the fields after its last ')' do not,
+    // and start at field 3.
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().skip(first.checked_sub(3)?).map(|f| f.parse().ok()).collect()
+}
+
+/// How many threads this process has (field 20, num_threads).
+fn threads() -> Option<u64> {
+    stat_fields(20)?.first().copied()
 }
 
 /// A child of our own parent, sharing nothing with us after the call: `fork` with
@@ -180,15 +198,12 @@ fn set_title(argv: &[OsString]) {
     }
 }
 
-/// Where this process's argument strings start and end, from /proc/self/stat.
+/// Where this process's argument strings start and end (fields 48 and 49, arg_start and
+/// arg_end).
 fn args_area() -> Option<(usize, usize)> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields 48 and 49 (arg_start, arg_end); those after the command name's closing
-    // parenthesis start at field 3.
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(45);
-    let start: usize = fields.next()?.parse().ok()?;
-    let end: usize = fields.next()?.parse().ok()?;
-    (start < end).then_some((start, end))
+    let fields = stat_fields(48)?;
+    let (&start, &end) = (fields.first()?, fields.get(1)?);
+    (start < end).then_some((start as usize, end as usize))
 }
 
 fn receive(socket: &OwnedFd, buf: &mut [u8]) -> Result<(usize, Vec<OwnedFd>)> {
@@ -277,11 +292,7 @@ impl ForkServer {
         stderr: BorrowedFd<'_>,
         heartbeat: Option<BorrowedFd<'_>>,
     ) -> io::Result<Pid> {
-        let mut message = Vec::new();
-        for arg in args {
-            message.extend_from_slice(arg.as_bytes());
-            message.push(0);
-        }
+        let message = encode_args(args);
         if message.len() > MAX_MESSAGE {
             return Err(io::Error::other("a worker command line too long for the fork server"));
         }
@@ -332,4 +343,25 @@ pub fn pidfd(pid: Pid) -> io::Result<OwnedFd> {
     }
     // SAFETY: the descriptor was just created and nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An empty argument (`--cache-control ""`) must reach the worker as one: dropped, the
+    /// flag would take the next argument for its value.
+    #[test]
+    fn arguments_cross_the_socket_as_they_were_empty_ones_included() {
+        let args: Vec<OsString> = ["worker", "--cache-control", "", "--id", "3"].map(OsString::from).into();
+        assert_eq!(decode_args(&encode_args(&args)), args);
+        assert!(decode_args(b"").is_empty());
+    }
+
+    #[test]
+    fn reads_its_own_thread_count_and_argument_area() {
+        assert!(threads().is_some_and(|n| n >= 1));
+        let (start, end) = args_area().expect("arg_start and arg_end");
+        assert!(end > start);
+    }
 }

@@ -134,6 +134,8 @@ impl Machine {
         let slot = &mut self.slots[id.slot];
         if slot.current == Some(id) {
             slot.current = slot.next.take();
+            // Whatever the old worker was due for, its successor is not.
+            slot.recycle_reason = None;
             slot.failures = if healthy { 0 } else { slot.failures + 1 };
             if !expected {
                 self.act(Action::Restarted);

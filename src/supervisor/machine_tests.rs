@@ -142,6 +142,16 @@ fn a_recycle_starts_the_replacement_first_then_drains_and_stops_the_old_worker()
 }
 
 #[test]
+fn a_replacement_whose_worker_crashed_while_it_started_is_its_successor_and_not_recycled() {
+    let mut fake = Fake::ready(settings(1));
+    fake.step(Event::Exhausted { id: id(0, 0) });
+    fake.step(Event::Spawned { id: id(0, 1), pid: pid(id(0, 1)), forked: false });
+    fake.exits(id(0, 0), "signal 9 (SIGKILL)");
+    assert_eq!(fake.step(Event::Probed { id: id(0, 1), result: Ok(()) }), w(&["admit 0/1"]));
+    assert_eq!(fake.step(Event::Tick { rss: Vec::new() }), w(&[]));
+}
+
+#[test]
 fn a_reload_rolls_one_worker_at_a_time_within_the_surge_and_reports_when_done() {
     let mut fake = Fake::ready(settings(3));
     assert_eq!(fake.step(Event::Reload { settings: None }), w(&["spawn 0/1"]));

@@ -139,7 +139,12 @@ mod tests {
             let (page, fd) = Heartbeat::create().unwrap();
             beats.push(Heartbeat::open(fd).unwrap());
             let heartbeat = Some(Arc::new(page));
-            pool.apply(Change::Ready { id: id(slot), socket: "/nonexistent".into(), heartbeat });
+            pool.apply(Change::Ready {
+                id: id(slot),
+                socket: "/nonexistent".into(),
+                heartbeat,
+                startup: std::time::Duration::ZERO,
+            });
         }
         let config = crate::config::Config { timeout, ..Default::default() };
         let settings = Arc::new(ArcSwap::from_pointee(Settings::from(&config)));

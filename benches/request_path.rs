@@ -142,7 +142,6 @@ async fn serve_frontend(socket: PathBuf, stop: CancellationToken, addr: std::syn
             id: WorkerId { slot: 0, generation: 0 },
             socket: socket.into(),
             heartbeat: None,
-            startup: std::time::Duration::ZERO,
         })
         .unwrap();
     tokio::spawn({

@@ -37,8 +37,7 @@ impl fmt::Display for WorkerId {
 pub enum Change {
     /// The worker answered its health probe: start sending it requests. Its heartbeat page
     /// tells the proxy whether its event loop is turning.
-    /// `startup` is how long it took from its start to its first answer.
-    Ready { id: WorkerId, socket: Address, heartbeat: Option<Arc<Heartbeat>>, startup: std::time::Duration },
+    Ready { id: WorkerId, socket: Address, heartbeat: Option<Arc<Heartbeat>> },
     /// Stop sending the worker requests. When `drained` is given, it is completed once the
     /// worker has no request in flight (every response body ended), so it may then be stopped.
     Leave { id: WorkerId, drained: Option<oneshot::Sender<()>> },
@@ -47,10 +46,7 @@ pub enum Change {
 /// Proxy to supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Report {
-    /// The worker will reach its `--max-requests` about when a replacement started now is
-    /// ready: start it, and keep the worker in the rotation until its budget is spent.
-    Ahead(WorkerId),
-    /// The worker was sent its `--max-requests`: start its replacement, if it has none yet.
+    /// The worker was sent its `--max-requests`: start its replacement.
     Exhausted(WorkerId),
     /// The worker's event loop has been silent for `--timeout`: kill and replace it.
     Hung(WorkerId),

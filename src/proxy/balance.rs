@@ -90,9 +90,6 @@ fn report(reports: &ReportSender, endpoint: &Endpoint, counted: Option<Counted>)
         Some(Counted::Spent) => {
             let _ = reports.send(Report::Overdue(endpoint.id));
         }
-        Some(Counted::Ahead) => {
-            let _ = reports.send(Report::Ahead(endpoint.id));
-        }
         Some(Counted::Within) | None => {}
     }
 }
@@ -124,7 +121,6 @@ mod tests {
                 id: id(slot),
                 socket: format!("/nonexistent/{slot}").into(),
                 heartbeat: None,
-                startup: std::time::Duration::ZERO,
             });
         }
         let config = crate::config::Config {
@@ -172,12 +168,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_worker_is_reported_due_ahead_then_exhausted_once_at_its_budget() {
+    async fn a_worker_is_reported_exhausted_once_at_its_budget() {
         let (svc, mut reports) = setup(1, 3);
         for _ in 0..5 {
             svc.clone().oneshot(forward(None)).await.unwrap();
         }
-        assert_eq!(reports.try_recv().unwrap(), Report::Ahead(id(0)));
         assert_eq!(reports.try_recv().unwrap(), Report::Exhausted(id(0)));
         assert!(reports.try_recv().is_err());
     }

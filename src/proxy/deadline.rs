@@ -141,7 +141,6 @@ mod tests {
             id: WorkerId { slot: 0, generation: 0 },
             socket: "/nonexistent".into(),
             heartbeat,
-            startup: std::time::Duration::ZERO,
         });
         pool
     }

@@ -137,82 +137,6 @@ pub struct Endpoint {
     capacity: Arc<Capacity>,
     /// Extra requests this worker may serve past `--max-requests` (`--max-requests-jitter`).
     jitter: u64,
-    ahead: Ahead,
-}
-
-/// How far ahead of its budget to ask for a worker's replacement, so that the replacement is
-/// ready before the budget runs out and a recycle is a swap, not a wait on the worker's last
-/// requests or on the others: learnt from how fast this worker is sent requests (measured
-/// once, at half its budget) and how long replacements have taken to start
-/// ([`Capacity::replacement_time`]).
-#[derive(Debug)]
-struct Ahead {
-    born: std::time::Instant,
-    /// When the first request was sent, in nanoseconds after `born`.
-    first: AtomicU64,
-    /// The request count at which to ask; `u64::MAX` until it is known.
-    at: AtomicU64,
-    asked: AtomicBool,
-}
-
-/// Ask this many times the replacement's expected start-up ahead: one start that is slower
-/// than the last few still finds the worker serving.
-const AHEAD_MARGIN: u64 = 2;
-
-impl Ahead {
-    fn new() -> Ahead {
-        Ahead {
-            born: std::time::Instant::now(),
-            first: AtomicU64::new(0),
-            at: AtomicU64::new(u64::MAX),
-            asked: AtomicBool::new(false),
-        }
-    }
-
-    fn nanos(&self) -> u64 {
-        u64::try_from(self.born.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Counts request number `sent` of `budget`; true the one time the replacement is due.
-    /// Reads the clock twice in a worker's life, at its first request and at half its budget.
-    fn due(&self, sent: u64, budget: u64, replacement: std::time::Duration) -> bool {
-        self.due_by(sent, budget, replacement, || self.nanos())
-    }
-
-    /// [`due`](Self::due) with the clock given: `now` in nanoseconds after `born`.
-    fn due_by(
-        &self,
-        sent: u64,
-        budget: u64,
-        replacement: std::time::Duration,
-        now: impl Fn() -> u64,
-    ) -> bool {
-        if sent == 1 {
-            self.first.store(now(), Ordering::Relaxed);
-        }
-        let half = (budget / 2).max(1);
-        if sent == half {
-            let at = if sent == 1 {
-                // Too small a budget to measure a rate on: ask at once.
-                1
-            } else {
-                let per_request = now().saturating_sub(self.first.load(Ordering::Relaxed)) / (sent - 1);
-                let replacement = u64::try_from(replacement.as_nanos()).unwrap_or(u64::MAX);
-                let lead = AHEAD_MARGIN
-                    .saturating_mul(replacement)
-                    .checked_div(per_request)
-                    .map_or(budget, |l| l + 1);
-                budget.saturating_sub(lead).max(half)
-            };
-            self.at.store(at, Ordering::Relaxed);
-        }
-        sent >= self.at.load(Ordering::Relaxed) && self.ask()
-    }
-
-    /// True the first time only.
-    fn ask(&self) -> bool {
-        !self.asked.swap(true, Ordering::Relaxed)
-    }
 }
 
 impl Endpoint {
@@ -245,7 +169,6 @@ impl Endpoint {
             drained: Notify::new(),
             capacity,
             jitter,
-            ahead: Ahead::new(),
         }
     }
 
@@ -383,9 +306,6 @@ impl Endpoint {
         }
         if sent >= budget && self.mark_exhausted() {
             return Ok((lease, Counted::Exhausted));
-        }
-        if sent < budget && self.ahead.due(sent, budget, self.capacity.replacement_time()) {
-            return Ok((lease, Counted::Ahead));
         }
         Ok((lease, Counted::Within))
     }
@@ -568,9 +488,6 @@ pub const OVERSHOOT: u64 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
     Within,
-    /// A replacement started now should be ready about when the budget runs out: start it,
-    /// and keep sending this worker requests until it does.
-    Ahead,
     /// The budget was reached just now: start the replacement.
     Exhausted,
     /// [`OVERSHOOT`] times the budget was reached just now: this worker takes no more.
@@ -647,9 +564,8 @@ mod tests {
             |e: &Arc<Endpoint>, max_requests| e.claim(0, max_requests).ok().map(|(_, counted)| counted);
         let e = endpoint();
         let reports: Vec<Option<Counted>> = (0..8).map(|_| counted(&e, 3)).collect();
-        // Too small a budget to time: the replacement is asked for at once. Past twice its
-        // budget a worker takes nothing more.
-        let expected = [Ahead, Within, Exhausted, Within, Within, Spent].map(Some);
+        // Past twice its budget a worker takes nothing more.
+        let expected = [Within, Within, Exhausted, Within, Within, Spent].map(Some);
         assert_eq!(reports[..6], expected);
         assert_eq!(reports[6..], [None, None]);
         assert!(e.is_exhausted() && e.is_spent());
@@ -668,26 +584,6 @@ mod tests {
         let unlimited = endpoint();
         assert!((0..100).all(|_| counted(&unlimited, 0) == Some(Within)));
         assert!(!unlimited.is_spent());
-    }
-
-    #[test]
-    fn the_replacement_is_asked_for_ahead_by_twice_its_start_up_at_the_rate_seen_at_half_the_budget() {
-        use std::time::Duration;
-        const MS: u64 = 1_000_000;
-        let asked = |budget: u64, every: u64, replacement: Duration| -> Vec<u64> {
-            let ahead = Ahead::new();
-            (1..=budget).filter(|&sent| ahead.due_by(sent, budget, replacement, || sent * every)).collect()
-        };
-        // A request a millisecond, a replacement in 10 ms: asked 21 requests before the budget.
-        assert_eq!(asked(1000, MS, Duration::from_millis(10)), [979]);
-        // Slow traffic: asked for one request ahead.
-        assert_eq!(asked(1000, 100 * MS, Duration::from_millis(10)), [999]);
-        // Replacements that take longer than half a worker's life: asked at half its budget.
-        assert_eq!(asked(1000, MS, Duration::from_secs(1)), [500]);
-        assert_eq!(asked(1000, 0, Duration::from_millis(10)), [500], "no time measured");
-        assert_eq!(asked(2, MS, Duration::from_millis(10)), [1]);
-        let ahead = Ahead::new();
-        assert!(ahead.ask() && !ahead.ask(), "asked once");
     }
 
     #[test]

@@ -5,7 +5,6 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -40,17 +39,7 @@ pub struct Capacity {
     waiting: AtomicUsize,
     /// Tunnels open through every worker, those that left the rotation included.
     pub(super) tunnels: AtomicUsize,
-    /// How long a replacement takes from its start to its first answer to the readiness
-    /// probe, in microseconds: a moving average.
-    replacement_us: AtomicU64,
 }
-
-/// What a replacement is expected to take before any has been measured: a worker of rip's
-/// own starts in a few milliseconds.
-const FIRST_REPLACEMENT_GUESS: Duration = Duration::from_millis(10);
-/// A replacement that took longer than this (a slow app) counts as this long: the lead it
-/// buys is capped at half a worker's budget anyway.
-const LONGEST_REPLACEMENT: Duration = Duration::from_secs(1);
 
 impl Capacity {
     pub fn touch(&self) {
@@ -61,21 +50,6 @@ impl Capacity {
         if self.waiting.load(Ordering::Relaxed) > 0 {
             self.touch();
         }
-    }
-
-    /// How long a replacement is expected to take, from its start to its readiness.
-    pub fn replacement_time(&self) -> Duration {
-        Duration::from_micros(self.replacement_us.load(Ordering::Relaxed))
-    }
-
-    /// A replacement took `took` to start. An average, weighted to the last eight or so:
-    /// a worker asks for its replacement twice this ahead of its budget, which covers the
-    /// slower starts, and a lead longer than needed keeps an extra process serving longer.
-    fn replaced_in(&self, took: Duration) {
-        let took = u64::try_from(took.min(LONGEST_REPLACEMENT).as_micros()).unwrap_or(u64::MAX);
-        let _ = self.replacement_us.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |was| {
-            Some(if took >= was { was + (took - was) / 8 } else { was - (was - took) / 8 })
-        });
     }
 }
 
@@ -96,7 +70,6 @@ impl Pool {
                 version: watch::Sender::new(0),
                 waiting: AtomicUsize::new(0),
                 tunnels: AtomicUsize::new(0),
-                replacement_us: AtomicU64::new(FIRST_REPLACEMENT_GUESS.as_micros() as u64),
             }),
             next: AtomicUsize::new(0),
             strategy,
@@ -181,16 +154,12 @@ impl Pool {
     /// Applies one discovery message.
     pub fn apply(&self, change: Change) {
         match change {
-            Change::Ready { id, socket, heartbeat, startup } => {
+            Change::Ready { id, socket, heartbeat } => {
                 debug!(worker = %id, "worker joined the rotation");
                 let jitter = random_up_to(self.jitter.load(Ordering::Relaxed));
                 let capacity = self.capacity.clone();
                 let endpoint =
                     Arc::new(Endpoint::new(id, socket, capacity, jitter, self.upstream, heartbeat));
-                if id.generation > 0 {
-                    // Started as replacements are (the first workers are executed together).
-                    self.capacity.replaced_in(startup);
-                }
                 self.update(|list| {
                     list.retain(|e| e.id != id);
                     list.push(endpoint);
@@ -243,6 +212,7 @@ fn random_up_to(max: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::sync::oneshot;
 
     fn id(slot: usize) -> WorkerId {
@@ -254,37 +224,7 @@ mod tests {
             id: id(slot),
             socket: format!("/nonexistent/{slot}").into(),
             heartbeat: None,
-            startup: Duration::ZERO,
         });
-    }
-
-    #[test]
-    fn the_expected_replacement_time_follows_an_average_of_the_last_starts() {
-        let pool = Pool::new(Strategy::RoundRobin, 0, Upstream::Http1);
-        let replacement = || pool.capacity().replacement_time();
-        assert_eq!(replacement(), FIRST_REPLACEMENT_GUESS);
-        let replaced = |generation, ms| {
-            pool.apply(Change::Ready {
-                id: WorkerId { slot: 0, generation },
-                socket: "/nonexistent/0".into(),
-                heartbeat: None,
-                startup: Duration::from_millis(ms),
-            })
-        };
-        replaced(0, 500);
-        assert_eq!(replacement(), FIRST_REPLACEMENT_GUESS, "a first worker is no replacement");
-        replaced(1, 2);
-        assert_eq!(replacement(), Duration::from_millis(9));
-        replaced(2, 17);
-        assert_eq!(replacement(), Duration::from_millis(10));
-        for generation in 3..100 {
-            replaced(generation, 3);
-        }
-        assert!(replacement() < Duration::from_micros(3010), "{:?}", replacement());
-        let before = replacement();
-        replaced(100, 60_000);
-        let expected = before + (Duration::from_secs(1) - before) / 8;
-        assert!(expected - replacement() < Duration::from_micros(1), "at most a second counts");
     }
 
     #[tokio::test]

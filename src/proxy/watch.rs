@@ -139,12 +139,7 @@ mod tests {
             let (page, fd) = Heartbeat::create().unwrap();
             beats.push(Heartbeat::open(fd).unwrap());
             let heartbeat = Some(Arc::new(page));
-            pool.apply(Change::Ready {
-                id: id(slot),
-                socket: "/nonexistent".into(),
-                heartbeat,
-                startup: std::time::Duration::ZERO,
-            });
+            pool.apply(Change::Ready { id: id(slot), socket: "/nonexistent".into(), heartbeat });
         }
         let config = crate::config::Config { timeout, ..Default::default() };
         let settings = Arc::new(ArcSwap::from_pointee(Settings::from(&config)));

@@ -84,20 +84,10 @@ impl Machine {
             let old = slot.current.replace(id);
             slot.next = None;
             let reason = slot.recycle_reason.take().unwrap_or(RecycleReason::Reload);
-            let ahead = std::mem::take(&mut slot.ahead) && reason == RecycleReason::Requests;
             if let Some(old) = old {
                 info!(worker = %old, replacement = %id, reason = reason.as_str(), "worker recycled");
                 self.act(Action::Recycled { reason });
-                let serving = self
-                    .workers
-                    .get(&old)
-                    .is_some_and(|w| w.state == WorkerState::Ready && w.epoch == self.epoch);
-                if ahead && serving {
-                    // It serves the rest of its budget beside its replacement, then leaves.
-                    self.act(Action::RetireAfter { id: old, after: super::recycle::OUTGOING_LIMIT });
-                } else {
-                    self.retire(old);
-                }
+                self.retire(old);
             }
         }
         if !self.slots.get(id.slot).is_some_and(Slot::is_active) {
@@ -145,7 +135,6 @@ impl Machine {
         if slot.current == Some(id) {
             slot.current = slot.next.take();
             // Whatever the old worker was due for, its successor is not.
-            slot.ahead = false;
             slot.recycle_reason = None;
             slot.failures = if healthy { 0 } else { slot.failures + 1 };
             if !expected {

@@ -60,17 +60,8 @@ pub enum Event {
     KillDue {
         id: WorkerId,
     },
-    /// The proxy expects the worker to reach its `--max-requests` about when a replacement
-    /// started now would be ready.
-    Ahead {
-        id: WorkerId,
-    },
     /// The proxy sent the worker its `--max-requests`.
     Exhausted {
-        id: WorkerId,
-    },
-    /// A replaced worker kept serving its last requests for as long as it may.
-    RetireDue {
         id: WorkerId,
     },
     /// A request on the worker outlived `--timeout`.
@@ -134,11 +125,6 @@ pub enum Action {
         id: WorkerId,
         after: Duration,
     },
-    /// Report [`Event::RetireDue`] after `after`.
-    RetireAfter {
-        id: WorkerId,
-        after: Duration,
-    },
     /// Report [`Event::RespawnDue`] after `after`.
     RespawnAfter {
         slot: usize,
@@ -164,8 +150,6 @@ pub enum Action {
     Recycled {
         reason: RecycleReason,
     },
-    /// A worker reached its `--max-requests` before its replacement was ready.
-    RecycleLate,
     Restarted,
     /// The rolling reload finished, or failed.
     ReloadFinished {
@@ -246,11 +230,9 @@ impl Machine {
             Event::Alive { id, result } => self.on_alive(id, result),
             Event::RespawnDue { slot } => self.on_respawn_due(slot),
             Event::KillDue { id } => self.on_kill_due(id),
-            Event::Ahead { id } if !self.is_stopping() => self.want_recycle_ahead(id),
-            Event::Exhausted { id } if !self.is_stopping() => self.on_exhausted(id),
-            Event::RetireDue { id } if !self.is_stopping() => self.on_retire_due(id),
+            Event::Exhausted { id } if !self.is_stopping() => self.want_recycle(id, RecycleReason::Requests),
             Event::Hung { id } if !self.is_stopping() => self.kill_hung(id),
-            Event::Ahead { .. } | Event::Exhausted { .. } | Event::RetireDue { .. } | Event::Hung { .. } => {}
+            Event::Exhausted { .. } | Event::Hung { .. } => {}
             Event::Tick { rss } => {
                 self.check_limits(&rss);
                 self.probe_liveness();
@@ -282,15 +264,6 @@ impl Machine {
     pub(super) fn is_slot_member(&self, id: WorkerId) -> bool {
         let slot = &self.slots[id.slot];
         slot.current == Some(id) || slot.next == Some(id)
-    }
-
-    /// Replaced workers still serving their last requests (see [`Slot::ahead`]).
-    pub(super) fn outgoing(&self) -> Vec<WorkerId> {
-        self.workers
-            .iter()
-            .filter(|(id, w)| w.state == WorkerState::Ready && !self.is_slot_member(**id))
-            .map(|(id, _)| *id)
-            .collect()
     }
 
     pub(super) fn publish_ready(&mut self) {

@@ -99,8 +99,6 @@ fn words(actions: Vec<Action>) -> Vec<String> {
                 Action::Forget { id } => format!("forget {id}"),
                 Action::PublishReady { .. } => return None,
                 Action::Recycled { reason } => format!("recycled for {}", reason.as_str()),
-                Action::RecycleLate => "late".into(),
-                Action::RetireAfter { id, after } => format!("retire {id} after {}s", after.as_secs()),
                 Action::Restarted => "restarted".into(),
                 Action::ReloadFinished { result: Ok(()) } => "reload done".into(),
                 Action::ReloadFinished { result: Err(e) } => format!("reload failed: {e}"),
@@ -129,8 +127,8 @@ fn a_worker_joins_the_rotation_only_once_probed_ready() {
 #[test]
 fn a_recycle_starts_the_replacement_first_then_drains_and_stops_the_old_worker() {
     let mut fake = Fake::ready(settings(2));
-    assert_eq!(fake.step(Event::Exhausted { id: id(0, 0) }), w(&["late", "spawn 0/1"]));
-    assert_eq!(fake.step(Event::Exhausted { id: id(0, 0) }), w(&["late"]), "reported twice, replaced once");
+    assert_eq!(fake.step(Event::Exhausted { id: id(0, 0) }), w(&["spawn 0/1"]));
+    assert_eq!(fake.step(Event::Exhausted { id: id(0, 0) }), w(&[]), "reported twice, replaced once");
     assert_eq!(fake.state(id(0, 0)), Some(WorkerState::Ready), "serves until its replacement is ready");
     assert_eq!(
         fake.becomes_ready(id(0, 1)),
@@ -151,67 +149,6 @@ fn a_replacement_whose_worker_crashed_while_it_started_is_its_successor_and_not_
     fake.exits(id(0, 0), "signal 9 (SIGKILL)");
     assert_eq!(fake.step(Event::Probed { id: id(0, 1), result: Ok(()) }), w(&["admit 0/1"]));
     assert_eq!(fake.step(Event::Tick { rss: Vec::new() }), w(&[]));
-}
-
-#[test]
-fn a_replacement_asked_for_ahead_joins_beside_the_old_worker_which_leaves_at_its_budget() {
-    let mut fake = Fake::ready(settings(2));
-    assert_eq!(fake.step(Event::Ahead { id: id(0, 0) }), w(&["spawn 0/1"]));
-    assert_eq!(fake.step(Event::Ahead { id: id(0, 0) }), w(&[]), "asked twice, replaced once");
-    // Ready before the budget ran out: the old worker keeps serving beside it.
-    assert_eq!(
-        fake.becomes_ready(id(0, 1)),
-        w(&["admit 0/1", "recycled for requests", "retire 0/0 after 1s"])
-    );
-    assert_eq!(fake.state(id(0, 0)), Some(WorkerState::Ready));
-    // It holds the surge: the other slot's replacement waits until it has left.
-    assert_eq!(fake.step(Event::Ahead { id: id(1, 0) }), w(&[]));
-    assert_eq!(fake.step(Event::Exhausted { id: id(0, 0) }), w(&["leave 0/0 when drained", "SIGUSR1 0/0"]));
-    assert_eq!(fake.step(Event::RetireDue { id: id(0, 0) }), w(&[]), "retired once");
-    assert_eq!(
-        fake.step(Event::Drained { id: id(0, 0) }),
-        w(&["cancel probes 0/0", "SIGTERM 0/0", "kill 0/0 after 30s", "spawn 1/1"])
-    );
-    assert_eq!(fake.exits(id(0, 0), "exit code 0"), w(&["forget 0/0"]), "an expected exit is no restart");
-
-    // The budget ran out before the replacement was ready: an ordinary recycle, counted late.
-    assert_eq!(fake.step(Event::Exhausted { id: id(1, 0) }), w(&["late"]));
-    assert_eq!(
-        fake.becomes_ready(id(1, 1)),
-        w(&["admit 1/1", "recycled for requests", "leave 1/0 when drained", "SIGUSR1 1/0"])
-    );
-
-    // A worker whose clients went quiet leaves at the limit, not at its budget.
-    fake.step(Event::Drained { id: id(1, 0) });
-    fake.exits(id(1, 0), "exit code 0");
-    assert_eq!(fake.step(Event::Ahead { id: id(0, 1) }), w(&["spawn 0/2"]));
-    fake.becomes_ready(id(0, 2));
-    assert_eq!(fake.step(Event::RetireDue { id: id(0, 1) }), w(&["leave 0/1 when drained", "SIGUSR1 0/1"]));
-}
-
-#[test]
-fn a_reload_or_a_scale_down_retires_a_worker_serving_past_its_replacement_at_once() {
-    let mut fake = Fake::ready(settings(2));
-    fake.step(Event::Ahead { id: id(1, 0) });
-    fake.becomes_ready(id(1, 1));
-    assert_eq!(
-        fake.step(Event::Reload { settings: None }),
-        w(&["leave 1/0 when drained", "SIGUSR1 1/0"]),
-        "the old code's last requests go to the others; the roll waits for its drain"
-    );
-    let mut fake = Fake::ready(settings(2));
-    fake.step(Event::Ahead { id: id(1, 0) });
-    fake.becomes_ready(id(1, 1));
-    let words = fake.step(Event::Scale { workers: 1 });
-    for retired in ["leave 1/0 when drained", "leave 1/1 when drained"] {
-        assert!(words.contains(&retired.to_string()), "{words:?}");
-    }
-    // A replacement asked for ahead by a worker that then crashed is simply its successor.
-    let mut fake = Fake::ready(settings(1));
-    fake.step(Event::Ahead { id: id(0, 0) });
-    fake.step(Event::Spawned { id: id(0, 1), pid: pid(id(0, 1)), forked: false });
-    fake.exits(id(0, 0), "signal 9 (SIGKILL)");
-    assert_eq!(fake.step(Event::Probed { id: id(0, 1), result: Ok(()) }), w(&["admit 0/1"]));
 }
 
 #[test]

@@ -172,8 +172,6 @@ fn new_heartbeat() -> anyhow::Result<(Heartbeat, std::os::fd::OwnedFd)> {
 #[derive(Debug, Clone)]
 struct Started {
     address: Address,
-    /// When its start was asked for, to tell the proxy how long replacements take.
-    spawned: Instant,
     /// The command's stop signal, for a command's worker; rip's own workers drain on SIGTERM
     /// and take a drain notice (SIGUSR1), which an app may not expect.
     stop_signal: Option<nix::sys::signal::Signal>,
@@ -245,7 +243,6 @@ impl Supervisor {
             let event = tokio::select! {
                 Some(event) = events.recv() => event,
                 Some(report) = reports.recv() => match report {
-                    Report::Ahead(id) => Event::Ahead { id },
                     Report::Exhausted(id) => Event::Exhausted { id },
                     Report::Hung(id) => Event::Hung { id },
                     Report::Overdue(id) => {
@@ -320,7 +317,6 @@ impl Supervisor {
                             id,
                             socket: worker.address.clone(),
                             heartbeat,
-                            startup: worker.spawned.elapsed(),
                         });
                     }
                 }
@@ -338,7 +334,6 @@ impl Supervisor {
                 }
                 Action::KillAfter { id, after } => self.after(after, Event::KillDue { id }),
                 Action::RespawnAfter { slot, after } => self.after(after, Event::RespawnDue { slot }),
-                Action::RetireAfter { id, after } => self.after(after, Event::RetireDue { id }),
                 Action::StopAfter { after } => self.after(after, Event::StopDue),
                 Action::ProbeLiveness { id, within } => self.probe_liveness(id, within),
                 Action::Forget { id } => {
@@ -354,7 +349,6 @@ impl Supervisor {
                     self.ready_tx.send_replace(ready);
                 }
                 Action::Recycled { reason } => self.metrics.recycle(reason),
-                Action::RecycleLate => self.metrics.recycle_late(),
                 Action::Restarted => self.metrics.restart(),
                 Action::ReloadFinished { result } => {
                     for waiter in self.reload_waiters.drain(..) {
@@ -501,7 +495,7 @@ impl Supervisor {
         Ok(Prepared {
             cmd: process::command(&self.spec, id, &socket, heartbeat.as_ref()),
             worker_args: Some(process::worker_args(&self.spec, id, &socket)),
-            started: Started { address: Address::Unix(socket), spawned: Instant::now(), stop_signal: None },
+            started: Started { address: Address::Unix(socket), stop_signal: None },
             keep: heartbeat.into_iter().collect(),
         })
     }
@@ -525,7 +519,7 @@ impl Supervisor {
         Ok(Prepared {
             cmd,
             worker_args: None,
-            started: Started { address, spawned: Instant::now(), stop_signal: Some(app.stop_signal) },
+            started: Started { address, stop_signal: Some(app.stop_signal) },
             keep,
         })
     }

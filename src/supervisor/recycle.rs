@@ -5,9 +5,7 @@
 //! most `surge` replacements run at once, so capacity never dips below the configured
 //! number of workers and memory never doubles.
 
-use std::time::Duration;
-
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::machine::{Action, Machine};
 use super::table::{Slot, SlotState, WorkerState};
@@ -15,47 +13,7 @@ use super::{backoff, Settings};
 use crate::discovery::WorkerId;
 use crate::telemetry::metrics::RecycleReason;
 
-/// Longest a replaced worker asked for ahead of its budget keeps serving once its replacement
-/// is ready: its budget is usually spent within the replacement's start-up time, but a client
-/// that stops sending must not keep an extra process alive.
-pub const OUTGOING_LIMIT: Duration = Duration::from_secs(1);
-
 impl Machine {
-    /// The proxy expects `id` to reach its request budget about when a replacement started
-    /// now is ready: start one, and keep `id` serving until then.
-    pub(super) fn want_recycle_ahead(&mut self, id: WorkerId) {
-        let slot = &mut self.slots[id.slot];
-        if slot.current == Some(id) && slot.next.is_none() && slot.recycle_reason.is_none() {
-            slot.ahead = true;
-        }
-        self.want_recycle(id, RecycleReason::Requests);
-    }
-
-    pub(super) fn on_exhausted(&mut self, id: WorkerId) {
-        if self.outgoing().contains(&id) {
-            // Its replacement took its place already; its last request is sent.
-            self.retire(id);
-            return;
-        }
-        let slot = &mut self.slots[id.slot];
-        if slot.current != Some(id) {
-            return;
-        }
-        // The replacement is not ready (or was never asked for): for a while the others carry
-        // this worker's share, and it takes requests past its budget when they cannot.
-        slot.ahead = false;
-        debug!(worker = %id, replacement = ?slot.next.map(|n| n.to_string()), "worker reached its request budget before its replacement was ready");
-        self.act(Action::RecycleLate);
-        self.want_recycle(id, RecycleReason::Requests);
-    }
-
-    pub(super) fn on_retire_due(&mut self, id: WorkerId) {
-        if self.outgoing().contains(&id) {
-            self.retire(id);
-            self.start_replacements();
-        }
-    }
-
     pub(super) fn want_recycle(&mut self, id: WorkerId, reason: RecycleReason) {
         let slot = &mut self.slots[id.slot];
         if slot.current == Some(id) && slot.next.is_none() && slot.recycle_reason.is_none() {
@@ -104,10 +62,6 @@ impl Machine {
         }
         self.epoch += 1;
         info!(epoch = self.epoch, workers = self.active_slots(), "reload started");
-        // Replaced already, and running the old code: their last requests can go elsewhere.
-        for id in self.outgoing() {
-            self.retire(id);
-        }
         self.reloading = true;
         self.start_replacements();
         self.finish_reload_if_done();
@@ -183,13 +137,9 @@ impl Machine {
                     self.spawn(slot);
                 }
             } else {
-                let outgoing: Vec<WorkerId> =
-                    self.outgoing().into_iter().filter(|id| id.slot == slot).collect();
                 let s = &mut self.slots[slot];
-                let mut leaving: Vec<WorkerId> = s.current.take().into_iter().chain(s.next.take()).collect();
-                leaving.extend(outgoing);
+                let leaving: Vec<WorkerId> = s.current.take().into_iter().chain(s.next.take()).collect();
                 s.recycle_reason = None;
-                s.ahead = false;
                 for id in leaving {
                     self.retire(id);
                 }
@@ -230,7 +180,7 @@ impl Machine {
         }
     }
 
-    /// Replacements starting, plus replaced workers still serving or draining requests. A replaced
+    /// Replacements starting, plus replaced workers still draining requests. A replaced
     /// worker that is past its requests and only exiting (closing its WebSockets, within its
     /// grace) no longer holds up the roll: a pool of long-lived connections would otherwise
     /// take one grace period per worker to reload.
@@ -239,9 +189,7 @@ impl Machine {
         let leaving = self
             .workers
             .iter()
-            .filter(|(id, w)| {
-                matches!(w.state, WorkerState::Ready | WorkerState::Draining) && !self.is_slot_member(**id)
-            })
+            .filter(|(id, w)| w.state == WorkerState::Draining && !self.is_slot_member(**id))
             .count();
         starting + leaving
     }

@@ -36,11 +36,6 @@ pub struct Slot {
     pub next: Option<WorkerId>,
     /// Why `current` is due for replacement, if it is.
     pub recycle_reason: Option<RecycleReason>,
-    /// The replacement was asked for ahead of `current`'s request budget: once it is ready,
-    /// `current` stays in the rotation until its budget is spent (or
-    /// [`OUTGOING_LIMIT`](super::recycle::OUTGOING_LIMIT) has passed), so the swap never
-    /// leaves the other workers to carry its share.
-    pub ahead: bool,
     /// How the last worker of this slot ended.
     pub last_exit: Option<String>,
 }

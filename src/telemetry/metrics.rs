@@ -49,7 +49,6 @@ pub struct Metrics {
     recycles: [AtomicU64; 4],
     restarts: AtomicU64,
     overdue: AtomicU64,
-    late: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -66,7 +65,6 @@ impl Default for Metrics {
             recycles: Default::default(),
             restarts: AtomicU64::new(0),
             overdue: AtomicU64::new(0),
-            late: AtomicU64::new(0),
         }
     }
 }
@@ -142,11 +140,6 @@ impl Metrics {
         self.overdue.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A worker reached its budget before its replacement was ready.
-    pub fn recycle_late(&self) {
-        self.late.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Since start: requests answered, healthy workers recycled, workers restarted after an
     /// unexpected exit.
     pub fn lifetime(&self) -> (u64, u64, u64) {
@@ -217,12 +210,6 @@ impl Metrics {
             "rip_worker_restarts_total",
             "Workers replaced after exiting unexpectedly.",
             load(&self.restarts),
-        );
-        counter(
-            &mut out,
-            "rip_recycles_late_total",
-            "Workers that reached their --max-requests before their replacement was ready, so that the others carried their share meanwhile.",
-            load(&self.late),
         );
         counter(
             &mut out,

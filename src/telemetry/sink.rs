@@ -6,8 +6,8 @@
 //! the writer gets through again it says how many were lost.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, OnceLock};
 
 /// Lines queued for stderr at most; past this they are dropped. Enough for a burst of a few
@@ -25,7 +25,11 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 /// A cheap handle to the stderr writer.
 #[derive(Debug, Clone)]
 pub struct Sink {
-    lines: SyncSender<Message>,
+    /// Unbounded, so that its memory is taken as lines come (a bounded channel allocates and
+    /// writes every slot up front: 320 KiB, 80 page faults, in every worker that logs a
+    /// line); `queued` is the bound.
+    lines: Sender<Message>,
+    queued: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -48,24 +52,25 @@ impl Sink {
     }
 
     fn start<W: Write + Send + 'static>(out: W) -> Sink {
-        let (lines, queue) = sync_channel(BACKLOG);
+        let (lines, queue) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let dropped = Arc::new(AtomicU64::new(0));
-        let counted = dropped.clone();
+        let (taken, counted) = (queued.clone(), dropped.clone());
         // Without a thread (the process is out of them) the queue only fills: lines are then
         // dropped and counted rather than written on the caller's thread.
         let _ = std::thread::Builder::new()
             .name("rip-stderr".into())
-            .spawn(move || write_lines(queue, out, &counted));
-        Sink { lines, dropped }
+            .spawn(move || write_lines(queue, out, &taken, &counted));
+        Sink { lines, queued, dropped }
     }
 
     /// Queues one whole line (with its newline); drops it if the queue is full.
     pub fn write_line(&self, line: Vec<u8>) {
-        match self.lines.try_send(Message::Line(line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= BACKLOG
+            || self.lines.send(Message::Line(line)).is_err()
+        {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -74,7 +79,7 @@ impl Sink {
     pub fn flush(&self) {
         let (done, written) = sync_channel(1);
         // Not waited on when the queue is full of lines nobody reads: then no wait would help.
-        if self.lines.try_send(Message::Flush(done)).is_ok() {
+        if self.queued.load(Ordering::Relaxed) < BACKLOG && self.lines.send(Message::Flush(done)).is_ok() {
             let _ = written.recv_timeout(FLUSH_WAIT);
         }
     }
@@ -85,13 +90,16 @@ impl Sink {
     }
 }
 
-fn write_lines<W: Write>(queue: Receiver<Message>, mut out: W, dropped: &AtomicU64) {
+fn write_lines<W: Write>(queue: Receiver<Message>, mut out: W, queued: &AtomicUsize, dropped: &AtomicU64) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut reported = 0;
     while let Ok(message) = queue.recv() {
         let mut flushed = Vec::new();
         let mut take = |message: Message, batch: &mut Vec<u8>| match message {
-            Message::Line(line) => batch.extend_from_slice(&line),
+            Message::Line(line) => {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                batch.extend_from_slice(&line);
+            }
             Message::Flush(done) => flushed.push(done),
         };
         take(message, &mut batch);

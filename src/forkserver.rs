@@ -57,6 +57,9 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
     // asks; asked here, every worker inherits the answers.
     #[cfg(target_arch = "x86_64")]
     let _ = std::arch::is_x86_feature_detected!("avx2");
+    // Built once here rather than in each child: clap's definition of every subcommand and
+    // flag costs a forked worker more than its fork does.
+    let cli = built_cli();
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let (len, fds) = receive(&socket, &mut buf)?;
@@ -76,7 +79,7 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
         }
         // SAFETY: this process has one thread and holds no lock: the child may run anything.
         match unsafe { fork_as_sibling() } {
-            Ok(0) => return become_worker(socket, argv, fds).map(Some),
+            Ok(0) => return become_worker(socket, argv, fds, cli).map(Some),
             Ok(pid) => reply(&socket, pid)?,
             Err(errno) => reply(&socket, -(errno as i32))?,
         }
@@ -140,7 +143,12 @@ unsafe fn fork_as_sibling() -> Result<libc::pid_t, Errno> {
 
 /// In the child: its own process group (as `process_group(0)` gives an executed worker), its
 /// stderr pipe, none of the server's descriptors, and its arguments as the worker parses them.
-fn become_worker(socket: OwnedFd, mut argv: Vec<OsString>, fds: Vec<OwnedFd>) -> Result<WorkerArgs> {
+fn become_worker(
+    socket: OwnedFd,
+    mut argv: Vec<OsString>,
+    fds: Vec<OwnedFd>,
+    mut cli: clap::Command,
+) -> Result<WorkerArgs> {
     drop(socket);
     nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).context("setting the process group")?;
     let mut fds = fds.into_iter();
@@ -154,12 +162,29 @@ fn become_worker(socket: OwnedFd, mut argv: Vec<OsString>, fds: Vec<OwnedFd>) ->
         argv.push(heartbeat.to_string().into());
     }
     set_title(&argv);
-    let cli =
-        <crate::cli::Cli as clap::Parser>::try_parse_from(std::iter::once(OsString::from("rip")).chain(argv))
-            .map_err(|e| {
-                let first = e.to_string().lines().next().unwrap_or_default().to_string();
-                anyhow::anyhow!("the fork server was sent a bad worker command line: {first}")
-            })?;
+    let args = parse_worker(&mut cli, argv);
+    // Its memory is the server's, shared until written: freeing it would copy those pages.
+    std::mem::forget(cli);
+    args
+}
+
+/// rip's command line, built (see [`serve`]).
+pub(crate) fn built_cli() -> clap::Command {
+    let mut cli = <crate::cli::Cli as clap::CommandFactory>::command();
+    cli.build();
+    cli
+}
+
+/// A worker's arguments (after `rip`) as `rip worker` parses them, with `cli` from
+/// [`built_cli`].
+pub(crate) fn parse_worker(cli: &mut clap::Command, argv: Vec<OsString>) -> Result<WorkerArgs> {
+    let cli = cli
+        .try_get_matches_from_mut(std::iter::once(OsString::from("rip")).chain(argv))
+        .and_then(|mut matches| <crate::cli::Cli as clap::FromArgMatches>::from_arg_matches_mut(&mut matches))
+        .map_err(|e| {
+            let first = e.to_string().lines().next().unwrap_or_default().to_string();
+            anyhow::anyhow!("the fork server was sent a bad worker command line: {first}")
+        })?;
     match cli.command {
         crate::cli::Command::Worker(args) => Ok(args),
         _ => bail!("the fork server was sent something other than a worker's command line"),

@@ -383,6 +383,11 @@ mod tests {
         let forked: Vec<std::ffi::OsString> =
             std::iter::once("rip".into()).chain(worker_args(&spec, id, socket)).collect();
         assert_eq!(parse(forked.clone()), parse(executed));
+        // And so does the fork server's child, which parses them with a command built once.
+        let mut cli = crate::forkserver::built_cli();
+        let child =
+            crate::forkserver::parse_worker(&mut cli, forked[1..].to_vec()).expect("a worker's arguments");
+        assert_eq!(format!("{child:?}"), parse(forked.clone()));
         let parsed = parse(forked);
         for expected in
             ["/srv/www root", "public, max-age=60", "threads: 3", "generation: 7", "handoff: true", "::1/128"]

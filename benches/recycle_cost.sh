@@ -62,7 +62,7 @@ for build in "${builds[@]}"; do
   name=${build%%=*}
   # Pair each run's recycling figure with the same run's figure without.
   paste -d' ' <(grep "^$name none " "$results") <(grep "^$name max " "$results") |
-    awk '{ base = $4 / $3; print base / 1000, $9 / $8 / 1000, $10, ($9 - $8 * base) / $10 / 1e6 }' >"$dir/$name"
+    awk '{ base = $4 / $3; print base / 1000, $9 / $8 / 1000, $10, ($10 ? ($9 - $8 * base) / $10 / 1e6 : "nan") }' >"$dir/$name"
   without=$(awk '{ print $1 }' "$dir/$name" | median)
   with=$(awk '{ print $2 }' "$dir/$name" | median)
   recycles=$(awk '{ print $3 }' "$dir/$name" | median)

@@ -34,7 +34,8 @@ use crate::frontend::connections::Connections;
 use crate::heartbeat::Heartbeat;
 use crate::AppFactory;
 
-/// What a worker's app may know about the worker serving it.
+/// What a worker's app may know about the worker serving it. Cheap to clone: axum clones an
+/// app's state for every request, so what the clones share is behind one reference count.
 #[derive(Debug, Clone)]
 pub struct WorkerContext {
     /// The worker's slot in the pool (0-based).
@@ -45,7 +46,12 @@ pub struct WorkerContext {
     pub root: Option<PathBuf>,
     /// With `root`: the Cache-Control each file is sent with (`--cache-control`).
     pub cache_control: Option<String>,
-    served: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    served: AtomicU64,
     draining: CancellationToken,
     tracker: TaskTracker,
     /// Shared with the front-end, when the worker was started by `rip serve`.
@@ -59,21 +65,27 @@ pub struct Tracked(#[allow(dead_code)] TaskTrackerToken);
 
 impl WorkerContext {
     pub fn new(id: usize, generation: u64, root: Option<PathBuf>) -> WorkerContext {
-        WorkerContext {
-            id,
-            generation,
-            root,
-            cache_control: None,
-            served: Arc::new(AtomicU64::new(0)),
+        WorkerContext::with_heartbeat(id, generation, root, None)
+    }
+
+    fn with_heartbeat(
+        id: usize,
+        generation: u64,
+        root: Option<PathBuf>,
+        heartbeat: Option<Arc<Heartbeat>>,
+    ) -> WorkerContext {
+        let shared = Shared {
+            served: AtomicU64::new(0),
             draining: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            heartbeat: None,
-        }
+            heartbeat,
+        };
+        WorkerContext { id, generation, root, cache_control: None, shared: Arc::new(shared) }
     }
 
     /// Requests this worker has served so far, health probes excluded.
     pub fn served(&self) -> u64 {
-        self.served.load(Ordering::Relaxed)
+        self.shared.served.load(Ordering::Relaxed)
     }
 
     /// Completes when this worker starts to drain: it left the rotation (a recycle, a
@@ -81,7 +93,7 @@ impl WorkerContext {
     /// server-sent event stream — should end now, politely (a WebSocket close with 1001,
     /// "going away"), and background work should wrap up before `--graceful-timeout`.
     pub fn draining(&self) -> impl Future<Output = ()> + Send + 'static {
-        let token = self.draining.clone();
+        let token = self.shared.draining.clone();
         async move { token.cancelled().await }
     }
 
@@ -90,18 +102,18 @@ impl WorkerContext {
     /// (up to `--graceful-timeout`) before it exits. Hold one in each long-lived task and end
     /// the task on [`draining`](Self::draining).
     pub fn track(&self) -> Tracked {
-        Tracked(self.tracker.token())
+        Tracked(self.shared.tracker.token())
     }
 
     /// Whether this worker has started to drain.
     pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
+        self.shared.draining.is_cancelled()
     }
 
     /// Starts the drain that [`draining`](Self::draining) waits for (rip calls this on
     /// SIGTERM; tests of an app may call it themselves).
     pub fn start_draining(&self) {
-        self.draining.cancel();
+        self.shared.draining.cancel();
     }
 }
 
@@ -116,8 +128,8 @@ pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
     // Sockets this process creates are for its own user only.
     umask(Mode::from_bits_truncate(0o077));
     let runtime = crate::runtime(args.threads).context("starting the worker runtime")?;
-    let mut ctx = WorkerContext::new(args.id, args.generation, args.root.clone());
-    ctx.heartbeat = args.heartbeat_fd.map(open_heartbeat).transpose()?.map(Arc::new);
+    let heartbeat = args.heartbeat_fd.map(open_heartbeat).transpose()?.map(Arc::new);
+    let mut ctx = WorkerContext::with_heartbeat(args.id, args.generation, args.root.clone(), heartbeat);
     ctx.cache_control = args.cache_control.clone();
     let router = match app {
         AppFactory::Sync(app) => {
@@ -215,7 +227,7 @@ fn beat(heartbeat: Arc<Heartbeat>) {
 }
 
 async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Result<()> {
-    if let Some(heartbeat) = &ctx.heartbeat {
+    if let Some(heartbeat) = &ctx.shared.heartbeat {
         beat(heartbeat.clone());
     }
     let service = WorkerService::new(router, &ctx);
@@ -275,10 +287,10 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
     );
     // Upgraded connections (WebSockets) are the app's tasks, not connections any more; the
     // app holds a `Tracked` for each, and the worker waits for them within the same grace.
-    ctx.tracker.close();
-    let tasks = ctx.tracker.len();
-    let tracked_open = if tokio::time::timeout_at(deadline, ctx.tracker.wait()).await.is_err() {
-        ctx.tracker.len()
+    ctx.shared.tracker.close();
+    let tasks = ctx.shared.tracker.len();
+    let tracked_open = if tokio::time::timeout_at(deadline, ctx.shared.tracker.wait()).await.is_err() {
+        ctx.shared.tracker.len()
     } else {
         0
     };

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -24,18 +24,13 @@ use tower_http::catch_panic::{CatchPanic, CatchPanicLayer, DefaultResponseForPan
 #[derive(Clone)]
 pub struct WorkerService {
     app: CatchPanic<Router, DefaultResponseForPanic>,
-    served: Arc<AtomicU64>,
-    heartbeat: Option<Arc<Heartbeat>>,
+    shared: Arc<super::Shared>,
 }
 
 impl WorkerService {
     /// Wraps the app a worker serves; requests are counted in `ctx`.
     pub fn new(router: Router, ctx: &crate::WorkerContext) -> WorkerService {
-        WorkerService {
-            app: CatchPanicLayer::new().layer(router),
-            served: ctx.served.clone(),
-            heartbeat: ctx.heartbeat.clone(),
-        }
+        WorkerService { app: CatchPanicLayer::new().layer(router), shared: ctx.shared.clone() }
     }
 }
 
@@ -82,7 +77,7 @@ where
         if req.method() == Method::GET && req.uri().path() == "/healthz" {
             return Box::pin(async { Ok(health()) });
         }
-        self.served.fetch_add(1, Ordering::Relaxed);
+        self.shared.served.fetch_add(1, Ordering::Relaxed);
         set_connect_info(&mut req);
         let request = req.headers_mut().remove(&crate::proxy::headers::REQUEST);
         let future = self.app.call(req.map(super::drain::Drained::new));
@@ -93,7 +88,7 @@ where
             }
         };
         let request = request.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        match (request, &self.heartbeat) {
+        match (request, &self.shared.heartbeat) {
             (Some(request), Some(heartbeat)) => {
                 Box::pin(Named { inner: answer, request, heartbeat: heartbeat.clone() })
             }

@@ -60,6 +60,13 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
     // Built once here rather than in each child: clap's definition of every subcommand and
     // flag cost each forked worker about 70 us, a fifteenth of what a recycle costs.
     let cli = built_cli();
+    // Once, not per fork: the reads of /proc these take were 0.09 ms of a recycle's 2.2 ms
+    // (`benches/recycle_phases.sh`), half in the server and half in each child. After
+    // `Rip::run` this process runs nothing but the loop below, which starts no thread, so the
+    // count it starts with is its count at every fork; its children inherit its argument
+    // area where it is now.
+    let single = threads() == Some(1);
+    let title = Title::here();
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
         let (len, fds) = receive(&socket, &mut buf)?;
@@ -73,13 +80,13 @@ pub(crate) fn serve(args: ForkServerArgs) -> Result<Option<WorkerArgs>> {
         }
         // A binary whose main starts a thread before `Rip::run` (a tracing or metrics agent,
         // a runtime) would hand the child locks that thread may hold: no fork, ever.
-        if threads() != Some(1) {
+        if !single {
             reply(&socket, -(Errno::ENOTSUP as i32))?;
             return Ok(None);
         }
         // SAFETY: this process has one thread and holds no lock: the child may run anything.
         match unsafe { fork_as_sibling() } {
-            Ok(0) => return become_worker(socket, argv, fds, cli).map(Some),
+            Ok(0) => return become_worker(socket, argv, fds, cli, &title).map(Some),
             Ok(pid) => reply(&socket, pid)?,
             Err(errno) => reply(&socket, -(errno as i32))?,
         }
@@ -148,6 +155,7 @@ fn become_worker(
     mut argv: Vec<OsString>,
     fds: Vec<OwnedFd>,
     mut cli: clap::Command,
+    title: &Title,
 ) -> Result<WorkerArgs> {
     drop(socket);
     nix::unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0)).context("setting the process group")?;
@@ -161,7 +169,7 @@ fn become_worker(
         argv.push("--heartbeat-fd".into());
         argv.push(heartbeat.to_string().into());
     }
-    set_title(&argv);
+    title.set(&argv);
     let args = parse_worker(&mut cli, argv);
     // Its memory is the server's, shared until written: freeing it would copy those pages.
     std::mem::forget(cli);
@@ -191,35 +199,50 @@ pub(crate) fn parse_worker(cli: &mut clap::Command, argv: Vec<OsString>) -> Resu
     }
 }
 
-/// Room the fork server's own command line leaves for its workers' (see [`set_title`]): one
+/// Room the fork server's own command line leaves for its workers' (see [`Title::set`]): one
 /// argument of this many spaces, which `ps` shows as nothing.
 const TITLE_ROOM: usize = 1024;
 
-/// Makes `ps`, `pgrep -f` and `/proc/<pid>/cmdline` show the worker's command line, as for an
-/// executed worker, rather than the fork server's, which the child's memory still holds: the
-/// kernel reads the command line from the process's own memory, where its argument strings
-/// were laid out at exec. The server's arguments end with [`TITLE_ROOM`] spaces, so that a
-/// worker's arguments fit over them (a longer one is cut). `std::env::args()` in a forked
-/// worker reads the same strings, through pointers set at the server's start, so it does not
-/// list the worker's arguments.
-fn set_title(argv: &[OsString]) {
-    let Some((start, end)) = args_area() else { return };
-    let exe = std::env::current_exe().map(|p| p.into_os_string()).unwrap_or_else(|_| "rip".into());
-    let mut title = exe.into_vec();
-    for arg in argv {
-        title.push(0);
-        title.extend_from_slice(arg.as_bytes());
+/// Where the kernel reads this process's command line from, and the executable's path that
+/// goes first in it: found in the server, used in each child.
+struct Title {
+    /// The argument strings' area, `[start, end)`, when /proc said where it is.
+    area: Option<(usize, usize)>,
+    exe: Vec<u8>,
+}
+
+impl Title {
+    fn here() -> Title {
+        let exe = std::env::current_exe().map(|p| p.into_os_string()).unwrap_or_else(|_| "rip".into());
+        Title { area: args_area(), exe: exe.into_vec() }
     }
-    let room = end - start;
-    // The last byte stays a NUL, as in any argument list.
-    title.truncate(room.saturating_sub(1));
-    // SAFETY: [start, end) is this process's argument strings, mapped and writable. What still
-    // points into them (the standard library's saved argv, glibc's program name) reads
-    // NUL-terminated strings, and the area ends with a NUL.
-    unsafe {
-        let area = std::slice::from_raw_parts_mut(start as *mut u8, room);
-        area[..title.len()].copy_from_slice(&title);
-        area[title.len()..].fill(0);
+
+    /// Makes `ps`, `pgrep -f` and `/proc/<pid>/cmdline` show the worker's command line, as
+    /// for an executed worker, rather than the fork server's, which the child's memory still
+    /// holds: the kernel reads the command line from the process's own memory, where its
+    /// argument strings were laid out at exec. The server's arguments end with
+    /// [`TITLE_ROOM`] spaces, so that a worker's arguments fit over them (a longer one is
+    /// cut). `std::env::args()` in a forked worker reads the same strings, through pointers
+    /// set at the server's start, so it does not list the worker's arguments.
+    fn set(&self, argv: &[OsString]) {
+        let Some((start, end)) = self.area else { return };
+        let mut title = self.exe.clone();
+        for arg in argv {
+            title.push(0);
+            title.extend_from_slice(arg.as_bytes());
+        }
+        let room = end - start;
+        // The last byte stays a NUL, as in any argument list.
+        title.truncate(room.saturating_sub(1));
+        // SAFETY: [start, end) is this process's argument strings, mapped and writable (the
+        // child's copy of the server's, at the same address). What still points into them
+        // (the standard library's saved argv, glibc's program name) reads NUL-terminated
+        // strings, and the area ends with a NUL.
+        unsafe {
+            let area = std::slice::from_raw_parts_mut(start as *mut u8, room);
+            area[..title.len()].copy_from_slice(&title);
+            area[title.len()..].fill(0);
+        }
     }
 }
 

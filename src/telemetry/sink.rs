@@ -4,11 +4,18 @@
 //! reader (a terminal paused with Ctrl-S, a pipe nobody drains, journald applying
 //! backpressure) falls [`BACKLOG`] lines behind, new lines are dropped and counted, and once
 //! the writer gets through again it says how many were lost.
+//!
+//! A worker's stderr is a pipe to `rip serve`, which always reads it, and a worker logs a
+//! handful of lines in its life, the last of them as it exits. There a line is written
+//! straight into the pipe, without blocking, when nothing is queued ahead of it, and the
+//! writer thread starts only for a line the pipe had no room for: a thread started to write
+//! one line at exit was a tenth of what a worker's end costs under `--max-requests`
+//! (`benches/recycle_phases.sh`).
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 /// Lines queued for stderr at most; past this they are dropped. Enough for a burst of a few
 /// thousand requests' access lines while a reader catches up, under a MiB.
@@ -21,6 +28,8 @@ const BATCH_BYTES: usize = 64 * 1024;
 /// which measured as a fifth of the throughput with the access log on. A line reaches stderr
 /// at most this late.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// A write this size or smaller to a pipe goes in whole or not at all (pipe(7)).
+const PIPE_BUF: usize = libc::PIPE_BUF;
 
 /// A cheap handle to the stderr writer.
 #[derive(Debug, Clone)]
@@ -29,8 +38,34 @@ pub struct Sink {
     /// writes every slot up front: 320 KiB, 80 page faults, in every worker that logs a
     /// line); `queued` is the bound.
     lines: Sender<Message>,
-    queued: Arc<AtomicUsize>,
-    dropped: Arc<AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Lines sent to the writer and not yet written.
+    queued: AtomicUsize,
+    dropped: AtomicU64,
+    /// The writer thread's start, on the first line that has to be queued.
+    started: Once,
+    writer: Mutex<Option<Writer>>,
+    /// The same pipe as stderr, opened anew for non-blocking writes: see the module's notes.
+    direct: Option<std::fs::File>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("queued", &self.queued)
+            .field("dropped", &self.dropped)
+            .field("direct", &self.direct)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the writer thread is started with.
+struct Writer {
+    queue: Receiver<Message>,
+    out: Box<dyn Write + Send>,
 }
 
 #[derive(Debug)]
@@ -44,60 +79,134 @@ enum Message {
 /// reading gets no more than this.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Set by a worker before it logs: its stderr is rip's pipe (see the module's notes).
+static STRAIGHT_TO_PIPE: AtomicBool = AtomicBool::new(false);
+
+/// Lets this process write lines straight into stderr when stderr is a pipe: for a worker,
+/// whose pipe `rip serve` always reads and which logs little. Call before the first line.
+pub fn write_straight_to_a_pipe() {
+    STRAIGHT_TO_PIPE.store(true, Ordering::Relaxed);
+}
+
 impl Sink {
     /// The process's one stderr sink, started on first use.
     pub fn stderr() -> &'static Sink {
         static STDERR: OnceLock<Sink> = OnceLock::new();
-        STDERR.get_or_init(|| Sink::start(std::io::stderr()))
+        STDERR.get_or_init(|| {
+            let direct = if STRAIGHT_TO_PIPE.load(Ordering::Relaxed) { stderr_pipe() } else { None };
+            Sink::new(std::io::stderr(), direct)
+        })
     }
 
+    #[cfg(test)]
     fn start<W: Write + Send + 'static>(out: W) -> Sink {
+        Sink::new(out, None)
+    }
+
+    fn new<W: Write + Send + 'static>(out: W, direct: Option<std::fs::File>) -> Sink {
         let (lines, queue) = channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let dropped = Arc::new(AtomicU64::new(0));
-        let (taken, counted) = (queued.clone(), dropped.clone());
-        // Without a thread (the process is out of them) the queue only fills: lines are then
-        // dropped and counted rather than written on the caller's thread.
-        let _ = std::thread::Builder::new()
-            .name("rip-stderr".into())
-            .spawn(move || write_lines(queue, out, &taken, &counted));
-        Sink { lines, queued, dropped }
+        let shared = Shared {
+            queued: AtomicUsize::new(0),
+            dropped: AtomicU64::new(0),
+            started: Once::new(),
+            writer: Mutex::new(Some(Writer { queue, out: Box::new(out) })),
+            direct,
+        };
+        Sink { lines, shared: Arc::new(shared) }
     }
 
     /// Queues one whole line (with its newline); drops it if the queue is full.
-    pub fn write_line(&self, line: Vec<u8>) {
-        if self.queued.fetch_add(1, Ordering::Relaxed) >= BACKLOG
-            || self.lines.send(Message::Line(line)).is_err()
-        {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+    pub fn write_line(&self, mut line: Vec<u8>) {
+        let shared = &*self.shared;
+        // Nothing is queued that this line could overtake: the writer counts a line as
+        // queued until it is written.
+        if let Some(direct) = &shared.direct {
+            if line.len() <= PIPE_BUF && shared.queued.load(Ordering::Acquire) == 0 {
+                match (&*direct).write(&line) {
+                    Ok(n) if n == line.len() => return,
+                    Ok(n) => drop(line.drain(..n)),
+                    // Full (or gone: the writer thread finds that out, too).
+                    Err(_) => {}
+                }
+            }
         }
+        if shared.queued.fetch_add(1, Ordering::AcqRel) >= BACKLOG || {
+            self.start_writer();
+            self.lines.send(Message::Line(line)).is_err()
+        } {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn start_writer(&self) {
+        let shared = self.shared.clone();
+        self.shared.started.call_once(move || {
+            let Some(Writer { queue, out }) = shared.writer.lock().unwrap_or_else(|e| e.into_inner()).take()
+            else {
+                return;
+            };
+            let counts = shared.clone();
+            // Without a thread (the process is out of them) the queue only fills: lines are
+            // then dropped and counted rather than written on the caller's thread.
+            let _ = std::thread::Builder::new()
+                .name("rip-stderr".into())
+                .spawn(move || write_lines(queue, out, &counts.queued, &counts.dropped));
+        });
     }
 
     /// Waits (up to [`FLUSH_WAIT`]) until every line queued so far is written: at exit, so
     /// that a process's last words are not lost with its writer thread.
     pub fn flush(&self) {
+        // No writer: every line went straight out.
+        if !self.shared.started.is_completed() {
+            return;
+        }
         let (done, written) = sync_channel(1);
         // Not waited on when the queue is full of lines nobody reads: then no wait would help.
-        if self.queued.load(Ordering::Relaxed) < BACKLOG && self.lines.send(Message::Flush(done)).is_ok() {
+        if self.shared.queued.load(Ordering::Relaxed) < BACKLOG
+            && self.lines.send(Message::Flush(done)).is_ok()
+        {
             let _ = written.recv_timeout(FLUSH_WAIT);
         }
     }
 
     /// Lines dropped so far because stderr was not being read.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 }
 
-fn write_lines<W: Write>(queue: Receiver<Message>, mut out: W, queued: &AtomicUsize, dropped: &AtomicU64) {
+/// stderr opened anew for writes that never block, when it is a pipe: a file description of
+/// its own, so the flag reaches no other process sharing stderr (nor this process's own
+/// `eprintln!`, which must block rather than fail).
+fn stderr_pipe() -> Option<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = std::fs::metadata("/proc/self/fd/2").ok()?;
+    if !meta.file_type().is_fifo() {
+        return None;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open("/proc/self/fd/2")
+        .ok()
+}
+
+fn write_lines(
+    queue: Receiver<Message>,
+    mut out: Box<dyn Write + Send>,
+    queued: &AtomicUsize,
+    dropped: &AtomicU64,
+) {
     let mut batch = Vec::with_capacity(BATCH_BYTES);
     let mut reported = 0;
     while let Ok(message) = queue.recv() {
         let mut flushed = Vec::new();
+        let mut lines = 0;
         let mut take = |message: Message, batch: &mut Vec<u8>| match message {
             Message::Line(line) => {
-                queued.fetch_sub(1, Ordering::Relaxed);
+                lines += 1;
                 batch.extend_from_slice(&line);
             }
             Message::Flush(done) => flushed.push(done),
@@ -112,6 +221,8 @@ fn write_lines<W: Write>(queue: Receiver<Message>, mut out: W, queued: &AtomicUs
         // Blocking here is this thread's job: it holds up nobody but the queue.
         let _ = out.write_all(&batch);
         let _ = out.flush();
+        // Only now: a line written straight out must not overtake these (see `write_line`).
+        queued.fetch_sub(lines, Ordering::AcqRel);
         let full = batch.len() >= BATCH_BYTES;
         batch.clear();
         let flushing = !flushed.is_empty();
@@ -188,6 +299,82 @@ mod tests {
         }
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
+        }
+    }
+
+    /// A pipe as a worker's stderr is: the read end, the write end as the writer thread
+    /// writes it (blocking), and the same pipe opened anew as `stderr_pipe` opens it.
+    fn pipe() -> (std::fs::File, std::fs::File, std::fs::File) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let direct = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&write)))
+            .unwrap();
+        (read.into(), write.into(), direct)
+    }
+
+    fn read_all(mut read: std::fs::File) -> String {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut read, &mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn lines_a_pipe_has_room_for_go_straight_in_and_start_no_thread() {
+        let (read, write, direct) = pipe();
+        let sink = Sink::new(write, Some(direct));
+        for i in 0..100 {
+            sink.write_line(format!("line {i}\n").into_bytes());
+        }
+        assert!(!sink.shared.started.is_completed(), "a writer thread was started");
+        sink.flush();
+        drop(sink);
+        let expected: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(read_all(read), expected);
+    }
+
+    #[test]
+    fn a_full_pipe_sends_lines_through_the_writer_and_none_is_lost_or_out_of_order() {
+        // A few rounds: whether a line would overtake depends on how the threads interleave.
+        for _ in 0..4 {
+            let (read, write, direct) = pipe();
+            let sink = Sink::new(write, Some(direct));
+            // 280 KB, four times what a pipe holds: the first lines go straight in, the rest wait
+            // in the queue (under its bound) behind a writer blocked on the pipe...
+            let line = |i: usize| format!("line {i:>34}\n").into_bytes();
+            let started = std::time::Instant::now();
+            for i in 0..7_000 {
+                sink.write_line(line(i));
+            }
+            assert!(started.elapsed() < std::time::Duration::from_secs(2), "a full pipe blocked a caller");
+            assert!(sink.shared.started.is_completed(), "the writer thread never started");
+            // ...and while the pipe drains, room in it must not let a new line overtake them.
+            let reader = std::thread::spawn(move || read_all(read));
+            // Fewer in all than the queue's bound, so that no scheduling of the threads can
+            // make the test drop one.
+            let lines = 8_000;
+            for i in 7_000..lines {
+                sink.write_line(line(i));
+                if i % 50 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+            sink.flush();
+            let sink_dropped = sink.dropped();
+            // The reader sees the end of the pipe once every copy of its write end is closed: the
+            // writer thread's goes when the queue's last sender is dropped.
+            drop(sink);
+            let text = reader.join().unwrap();
+            let expected: Vec<u8> = (0..lines).flat_map(line).collect();
+            assert!(sink_dropped == 0, "{sink_dropped} lines dropped");
+            assert!(
+                text.as_bytes() == expected,
+                "{} of {} bytes, or out of order",
+                text.len(),
+                expected.len()
+            );
         }
     }
 

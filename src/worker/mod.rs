@@ -123,6 +123,8 @@ fn worker_id(args: &WorkerArgs) -> crate::discovery::WorkerId {
 }
 
 pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
+    // A worker's stderr is rip's pipe, always read: its few lines need no writer thread.
+    crate::telemetry::sink::write_straight_to_a_pipe();
     crate::telemetry::logging::init(args.log_format);
     die_with_parent(args.parent)?;
     // Sockets this process creates are for its own user only.

@@ -7,12 +7,14 @@
 //!
 //! A worker's stderr is a pipe to `rip serve`, which always reads it, and a worker logs a
 //! handful of lines in its life, the last of them as it exits. There a line is written
-//! straight into the pipe, without blocking, when nothing is queued ahead of it, and the
-//! writer thread starts only for a line the pipe had no room for: a thread started to write
-//! one line at exit was a tenth of what a worker's end costs under `--max-requests`
-//! (`benches/recycle_phases.sh`).
+//! straight into the pipe when nothing is queued ahead of it, with a write that returns
+//! rather than waits when the pipe is full (`RWF_NOWAIT`; the pipe's file description stays
+//! blocking for everything else that writes stderr), and the writer thread starts only for a
+//! line the pipe had no room for: a thread started to write one line at exit was a tenth of
+//! what a worker's end costs under `--max-requests` (`benches/recycle_phases.sh`).
 
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, Once, OnceLock};
@@ -48,8 +50,8 @@ struct Shared {
     /// The writer thread's start, on the first line that has to be queued.
     started: Once,
     writer: Mutex<Option<Writer>>,
-    /// The same pipe as stderr, opened anew for non-blocking writes: see the module's notes.
-    direct: Option<std::fs::File>,
+    /// A pipe to write lines into straight, never waiting: see the module's notes.
+    direct: Option<RawFd>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -93,8 +95,8 @@ impl Sink {
     pub fn stderr() -> &'static Sink {
         static STDERR: OnceLock<Sink> = OnceLock::new();
         STDERR.get_or_init(|| {
-            let direct = if STRAIGHT_TO_PIPE.load(Ordering::Relaxed) { stderr_pipe() } else { None };
-            Sink::new(std::io::stderr(), direct)
+            let straight = STRAIGHT_TO_PIPE.load(Ordering::Relaxed) && stderr_is_a_pipe();
+            Sink::new(std::io::stderr(), straight.then_some(libc::STDERR_FILENO))
         })
     }
 
@@ -103,7 +105,7 @@ impl Sink {
         Sink::new(out, None)
     }
 
-    fn new<W: Write + Send + 'static>(out: W, direct: Option<std::fs::File>) -> Sink {
+    fn new<W: Write + Send + 'static>(out: W, direct: Option<RawFd>) -> Sink {
         let (lines, queue) = channel();
         let shared = Shared {
             queued: AtomicUsize::new(0),
@@ -120,12 +122,13 @@ impl Sink {
         let shared = &*self.shared;
         // Nothing is queued that this line could overtake: the writer counts a line as
         // queued until it is written.
-        if let Some(direct) = &shared.direct {
+        if let Some(fd) = shared.direct {
             if line.len() <= PIPE_BUF && shared.queued.load(Ordering::Acquire) == 0 {
-                match (&*direct).write(&line) {
+                match write_nowait(fd, &line) {
                     Ok(n) if n == line.len() => return,
                     Ok(n) => drop(line.drain(..n)),
-                    // Full (or gone: the writer thread finds that out, too).
+                    // Full, gone (the writer thread finds that out, too), or a kernel whose
+                    // pipes cannot be asked not to wait.
                     Err(_) => {}
                 }
             }
@@ -177,20 +180,33 @@ impl Sink {
     }
 }
 
-/// stderr opened anew for writes that never block, when it is a pipe: a file description of
-/// its own, so the flag reaches no other process sharing stderr (nor this process's own
-/// `eprintln!`, which must block rather than fail).
-fn stderr_pipe() -> Option<std::fs::File> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let meta = std::fs::metadata("/proc/self/fd/2").ok()?;
-    if !meta.file_type().is_fifo() {
-        return None;
+/// Whether stderr is a pipe.
+fn stderr_is_a_pipe() -> bool {
+    nix::sys::stat::fstat(libc::STDERR_FILENO).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
+/// One write(2) to `fd` that fails with `EAGAIN` instead of waiting for room.
+fn write_nowait(fd: RawFd, bytes: &[u8]) -> std::io::Result<usize> {
+    let iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    // SAFETY: one iovec over `bytes`, which outlives the call; offset -1 (low word -1, high
+    // word 0) is the file's own position, as write(2) uses.
+    let n = unsafe {
+        // Every argument a full register wide, as the kernel reads them.
+        let (fd, count, flags) = (fd as libc::c_long, 1 as libc::c_long, libc::RWF_NOWAIT as libc::c_long);
+        libc::syscall(
+            libc::SYS_pwritev2,
+            fd,
+            &iov as *const libc::iovec,
+            count,
+            -1 as libc::c_long,
+            0 as libc::c_long,
+            flags,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open("/proc/self/fd/2")
-        .ok()
+    Ok(n as usize)
 }
 
 fn write_lines(
@@ -302,17 +318,12 @@ mod tests {
         }
     }
 
-    /// A pipe as a worker's stderr is: the read end, the write end as the writer thread
-    /// writes it (blocking), and the same pipe opened anew as `stderr_pipe` opens it.
-    fn pipe() -> (std::fs::File, std::fs::File, std::fs::File) {
-        use std::os::unix::fs::OpenOptionsExt;
+    /// A pipe as a worker's stderr is: its read end, and its write end as the writer thread
+    /// writes it (blocking) with its descriptor for the writes that do not wait.
+    fn pipe() -> (std::fs::File, std::fs::File, RawFd) {
         let (read, write) = nix::unistd::pipe().unwrap();
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&write)))
-            .unwrap();
-        (read.into(), write.into(), direct)
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&write);
+        (read.into(), write.into(), fd)
     }
 
     fn read_all(mut read: std::fs::File) -> String {

@@ -7,10 +7,13 @@
 # runtime's and the process's teardown, the exit). The fork server's samples are a phase of
 # their own. Each phase's CPU is given per recycle, and for the phases only a recycle has,
 # the frames their samples were in (inclusive: a sample counts for every frame of its stack).
-# A build with frame pointers (target/frame-pointers), so that rip's own frames show. Needs
-# perf and wrk. Loopback only; bounded ($SECS + 4 s of load).
+# A build with frame pointers (target/frame-pointers), so that rip's own frames show; RIP=<a
+# rip binary> profiles that one instead (another build, for a side-by-side: build it with
+# RUSTFLAGS="-C force-frame-pointers=yes" for its frames). Needs perf and wrk. Loopback only;
+# bounded ($SECS + 4 s of load).
 #
 #     benches/recycle_phases.sh            # MAX=1000 CONNS=100 SECS=3
+#     RIP=/path/to/old/rip benches/recycle_phases.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MAX=${MAX:-1000}
@@ -19,11 +22,14 @@ SECS=${SECS:-3}
 for tool in perf wrk python3; do
   command -v $tool >/dev/null || { echo "recycle_phases.sh needs $tool (Debian: apt install linux-perf wrk python3)" >&2; exit 1; }
 done
-RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target/frame-pointers cargo build --release --quiet --bin rip
+if [[ -z ${RIP:-} ]]; then
+  RUSTFLAGS="-C force-frame-pointers=yes" CARGO_TARGET_DIR=target/frame-pointers cargo build --release --quiet --bin rip
+  RIP=target/frame-pointers/release/rip
+fi
 dir=$(mktemp -d); chmod 700 "$dir"
 pid=
 trap '[[ -n $pid ]] && { kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; }; rm -rf "$dir"' EXIT
-target/frame-pointers/release/rip serve --port 0 --workers 2 --max-requests "$MAX" --access-log off \
+"$RIP" serve --port 0 --workers 2 --max-requests "$MAX" --access-log off \
   --runtime-dir "$dir/rt" 2>"$dir/log" &
 pid=$!; front=$pid
 for _ in $(seq 100); do grep -q "all workers ready" "$dir/log" && break; sleep 0.1; done
@@ -39,7 +45,12 @@ perf record -q -a -g -k CLOCK_REALTIME -e cpu-clock -o "$dir/perf.data" -- sleep
 wait $load
 kill $pid; wait $pid 2>/dev/null || true; pid=
 perf script -i "$dir/perf.data" -F comm,pid,time,ip,sym 2>/dev/null >"$dir/samples"
-echo "rip $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (src with uncommitted changes)'), frame pointers; rip serve --workers 2 --max-requests $MAX; wrk -t2 -c$CONNS, profiled ${SECS}s: $(grep -o '[0-9.]* requests in' "$dir/wrk" | cut -d' ' -f1) requests in $((SECS + 4)) s"
+if [[ $RIP == target/frame-pointers/release/rip ]]; then
+  built="rip $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src || echo ' (src with uncommitted changes)'), frame pointers"
+else
+  built="$RIP"
+fi
+echo "$built; rip serve --workers 2 --max-requests $MAX; wrk -t2 -c$CONNS, profiled ${SECS}s: $(grep -o '[0-9.]* requests in' "$dir/wrk" | cut -d' ' -f1) requests in $((SECS + 4)) s"
 python3 - "$dir/log" "$dir/samples" "$front" "${forkserver:-0}" "$SECS" <<'PYEOF'
 import collections, datetime, re, sys
 log, samples, front, forkserver, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])

@@ -5,13 +5,15 @@
 //! backpressure) falls [`BACKLOG`] lines behind, new lines are dropped and counted, and once
 //! the writer gets through again it says how many were lost.
 //!
-//! A worker's stderr is a pipe to `rip serve`, which always reads it, and a worker logs a
-//! handful of lines in its life, the last of them as it exits. There a line is written
-//! straight into the pipe when nothing is queued ahead of it, with a write that returns
-//! rather than waits when the pipe is full (`RWF_NOWAIT`; the pipe's file description stays
-//! blocking for everything else that writes stderr), and the writer thread starts only for a
-//! line the pipe had no room for: a thread started to write one line at exit was a tenth of
-//! what a worker's end costs under `--max-requests` (`benches/recycle_phases.sh`).
+//! A worker's stderr is a pipe to `rip serve`, which always reads it, and most workers log
+//! nothing until they drain, then a line or two as they exit. A worker that reaches its drain
+//! with no line logged writes its lines straight into the pipe when nothing is queued ahead of
+//! them, with a write that returns rather than waits when the pipe is full (`RWF_NOWAIT`; the
+//! pipe's file description stays blocking for everything else that writes stderr); the writer
+//! thread starts only for a line the pipe has no room for. A thread started to write one line
+//! at exit was a tenth of what a worker's end costs under `--max-requests`
+//! (`benches/recycle_phases.sh`). One whose app logs as it serves has its writer thread by
+//! then, and keeps it: batched writes cost less than a system call per line.
 
 use std::io::Write;
 use std::os::fd::RawFd;
@@ -81,11 +83,12 @@ enum Message {
 /// reading gets no more than this.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Set by a worker before it logs: its stderr is rip's pipe (see the module's notes).
+/// Set by a worker as it drains: its stderr is rip's pipe (see the module's notes).
 static STRAIGHT_TO_PIPE: AtomicBool = AtomicBool::new(false);
 
-/// Lets this process write lines straight into stderr when stderr is a pipe: for a worker,
-/// whose pipe `rip serve` always reads and which logs little. Call before the first line.
+/// Lets this process write lines straight into stderr when stderr is a pipe, if it has not
+/// logged yet (the sink is made by the first line): for a worker that drains, whose pipe
+/// `rip serve` always reads and which has a few lines left to log.
 pub fn write_straight_to_a_pipe() {
     STRAIGHT_TO_PIPE.store(true, Ordering::Relaxed);
 }
@@ -117,7 +120,8 @@ impl Sink {
         Sink { lines, shared: Arc::new(shared) }
     }
 
-    /// Queues one whole line (with its newline); drops it if the queue is full.
+    /// Writes one whole line (with its newline): straight into a worker's pipe when it can,
+    /// else through the queue; drops it if the queue is full.
     pub fn write_line(&self, mut line: Vec<u8>) {
         let shared = &*self.shared;
         // Nothing is queued that this line could overtake: the writer counts a line as

@@ -123,8 +123,6 @@ fn worker_id(args: &WorkerArgs) -> crate::discovery::WorkerId {
 }
 
 pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
-    // A worker's stderr is rip's pipe, always read: its few lines need no writer thread.
-    crate::telemetry::sink::write_straight_to_a_pipe();
     crate::telemetry::logging::init(args.log_format);
     die_with_parent(args.parent)?;
     // Sockets this process creates are for its own user only.
@@ -143,6 +141,14 @@ pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
             .with_context(|| format!("starting the app in worker {}", worker_id(&args)))?,
     };
     runtime.block_on(serve(args, ctx, router))
+}
+
+/// The worker is on its way out: the lines it logs from now on (its drain, the app's goodbyes)
+/// go straight into rip's pipe rather than start a writer thread for a handful of lines, if it
+/// has logged nothing so far. A worker whose app logs as it serves keeps the queue and its
+/// batched writes.
+fn ends() {
+    crate::telemetry::sink::write_straight_to_a_pipe();
 }
 
 /// The connection set of a worker. The front-end takes a worker out of its pool before
@@ -262,10 +268,14 @@ async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Re
             },
             // Out of the rotation (a recycle, a reload): the app hears now, so that its
             // WebSockets close politely and the front-end's wait for them ends early.
-            _ = drain_notice.recv() => ctx.start_draining(),
+            _ = drain_notice.recv() => {
+                ends();
+                ctx.start_draining();
+            }
             _ = terminate.recv() => break,
         }
     }
+    ends();
     // The app hears first (if it has not yet), so that long-lived requests can end politely
     // while the connections drain.
     ctx.start_draining();

@@ -47,7 +47,8 @@
 # Cases: GET / at c=1 and c=$CONNS, and at c=$CONNS with a browser's request head; POST /echo of $BODY_BYTES and of $SMALL_BODY_BYTES bytes at
 # c=$BODY_CONNS; GET / with `Connection: close` at c=$CONNS. Each run is preceded by a $WARMUP s warm-up of the same case;
 # the table shows medians over $RUNS runs. Then `rip serve --workers $STARTUP_WORKERS` is
-# started $RUNS times to time startup from outside.
+# started $RUNS times to time startup from outside. With IDLE_CONNS, each front-end's memory
+# with that many idle keep-alive clients; with REST_SECS, each setup's CPU and wake-ups at rest.
 #
 # Writes the markdown report to $REPORT (default target/bench-report.md) and prints it.
 # Needs nginx and wrk; installs them with apt-get when absent (as root). Uses only 127.0.0.1
@@ -72,6 +73,7 @@ ACCESS_LOG=${ACCESS_LOG:-off}    # off, or on: rip and nginx both log every requ
 SERVE_ARGS=${SERVE_ARGS:-}       # extra flags for every `rip serve`, e.g. "--upstream http1"
 IDLE_CONNS=${IDLE_CONNS:-0}      # idle case: this many keep-alive clients, one GET each, then silent (0: skipped)
 IDLE_SETTLE=${IDLE_SETTLE:-6}    # ... held this many seconds before the front-end's RSS is read (rip parks after 1-2 s, trims after)
+REST_SECS=${REST_SECS:-0}        # rest case: CPU and wake-ups of each setup over this many seconds at rest, after a burst (0: skipped)
 CASES=${CASES:-"get_c1 get_c100 browser_c100 echo_1m echo_64k close_c100"}
 SETUPS=${SETUPS:-"rip rip-handoff nginx-1 nginx-auto ceiling rip-recycle rip-handoff-recycle"}
 
@@ -680,6 +682,30 @@ measure_idle() {
     sleep 1
 }
 
+# Run time (ns) and times scheduled in, summed over every thread of the given processes.
+sched_of() {
+    local pid
+    for pid in "$@"; do cat /proc/"$pid"/task/*/schedstat 2>/dev/null || true; done |
+        awk '{ r += $1; s += $3 } END { printf "%.0f %.0f\n", r, s }'
+}
+
+# measure_rest SETUP RUN: 1 s of wrk -c10 (every connection to the workers opened), a 2 s
+# pause (rip rests 0.1 s after its last request), then each side's CPU time and wake-ups over
+# $REST_SECS s with no traffic; appended to rest.tsv.
+measure_rest() {
+    local name=$1 run=$2 front workers f0 f1 w0 w1
+    wrk -t1 -c10 -d1s "${SCHEME[$name]:-http}://127.0.0.1:${PORT[$name]}/" >/dev/null 2>&1 || true
+    sleep 2
+    front=$(front_pids "$name")
+    workers=$(worker_pids "$name")
+    # shellcheck disable=SC2086
+    f0=$(sched_of $front) w0=$(sched_of $workers)
+    sleep "$REST_SECS"
+    # shellcheck disable=SC2086
+    f1=$(sched_of $front) w1=$(sched_of $workers)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$run" "$f0" "$f1" "$w0" "$w1" | tr ' ' '\t' >>"$TMP/rest.tsv"
+}
+
 measure_startup() {
     local run=$1 port dir=$TMP/startup-$1
     port=$(free_port)
@@ -898,6 +924,29 @@ report() {
             echo
             echo "RSS is VmRSS summed over the front-end's processes, read before the clients connect and ${IDLE_SETTLE} s after the last of them got its answer (\`benches/support/idle_clients.py\`); KiB per connection = the difference ÷ $IDLE_CONNS. Medians of $RUNS runs."
         fi
+        if [[ -s $TMP/rest.tsv ]]; then
+            echo
+            echo "## At rest: $REST_SECS s without traffic, from 2 s after 1 s of wrk -c10"
+            echo
+            echo "| setup | front-end wake-ups/s | front-end CPU µs/s | workers' wake-ups/s | workers' CPU µs/s | all, % of a core (min–max) |"
+            echo "|---|--:|--:|--:|--:|--:|"
+            local s
+            for s in $SETUPS; do
+                grep -q "^$s	" "$TMP/rest.tsv" || continue
+                local rows
+                rows=$(grep "^$s	" "$TMP/rest.tsv")
+                # Columns: setup run front(ns slices) front-after workers workers-after.
+                col() { awk -F'\t' -v t="$REST_SECS" "{ print $1 }" <<<"$rows"; }
+                printf '| %s | %.1f | %.0f | %.1f | %.0f | %.3f (%.3f–%.3f) |\n' "$(setup_title "$s")" \
+                    "$(col '($6 - $4) / t' | median)" "$(col '($5 - $3) / t / 1000' | median)" \
+                    "$(col '($10 - $8) / t' | median)" "$(col '($9 - $7) / t / 1000' | median)" \
+                    "$(col '($5 - $3 + $9 - $7) / t / 1e7' | median)" \
+                    "$(col '($5 - $3 + $9 - $7) / t / 1e7' | sort -g | head -1)" \
+                    "$(col '($5 - $3 + $9 - $7) / t / 1e7' | sort -g | tail -1)"
+            done
+            echo
+            echo "From /proc/<pid>/task/*/schedstat of every thread of the front-end's processes and of the workers (run time, and times scheduled in: each is a wake-up). Medians of $RUNS runs."
+        fi
         if [[ -s $TMP/startup.tsv ]]; then
             echo
             echo "## Startup: \`rip serve --workers $STARTUP_WORKERS\`, medians of $RUNS starts"
@@ -930,7 +979,7 @@ report() {
         echo "Raw runs (setup, case, run, requests, duration µs, bytes, p50/p99/p99.9/max µs, errors connect/read/write/status+timeout, server ticks of 1/$CLK_TCK s, wrk CPU ms, front-end RSS kB, worker RSS MB, recycled, machine busy ticks, server context switches):"
         echo
         echo '```'
-        cat "$RESULTS"
+        cat "$RESULTS" 2>/dev/null || echo "(no load cases in this run)"
         echo '```'
     } >"$REPORT"
 }
@@ -964,6 +1013,15 @@ main() {
         done
     fi
     local run
+    if ((REST_SECS > 0)); then
+        for ((run = 1; run <= RUNS; run++)); do
+            for s in $SETUPS; do
+                [[ $s == *-recycle ]] && continue
+                log "rest run $run/$RUNS: $s, $REST_SECS s"
+                measure_rest "$s" "$run"
+            done
+        done
+    fi
     for c in $CASES; do
         for ((run = 1; run <= RUNS; run++)); do
             for s in $SETUPS; do

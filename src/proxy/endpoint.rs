@@ -176,6 +176,16 @@ impl Endpoint {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Whether the heartbeat watcher judges this worker's silence now: while it has requests in
+    /// flight (a worker with none rests its beat, `worker::pulse`), while it is stalled
+    /// (until it beats again or hangs), and always with `--upstream handoff`, whose clients
+    /// the front-end does not see.
+    pub fn is_watched(&self) -> bool {
+        self.upstream == Upstream::Handoff
+            || self.in_flight.load(Ordering::SeqCst) > 0
+            || self.stalled.load(Ordering::Relaxed)
+    }
+
     /// Upgraded connections open through this worker.
     pub fn tunnels(&self) -> usize {
         self.tunnels.load(Ordering::Relaxed)
@@ -275,11 +285,14 @@ impl Endpoint {
         max_in_flight: usize,
         max_requests: u64,
     ) -> Result<(Lease, Counted), Option<Counted>> {
-        let taken = self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+        // SeqCst: the heartbeat watcher's rest checks every count after saying it rests.
+        let taken = self.in_flight.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |n| {
             (max_in_flight == 0 || n < max_in_flight).then_some(n + 1)
         });
-        if taken.is_err() {
-            return Err(None);
+        match taken {
+            Err(_) => return Err(None),
+            Ok(0) => self.capacity.first_in_flight(),
+            Ok(_) => {}
         }
         let lease = Lease(self.clone());
         let budget = self.budget(max_requests);
@@ -377,7 +390,9 @@ impl Endpoint {
 
     /// Registers a request in flight until the returned lease is dropped.
     pub fn lease(self: &Arc<Self>) -> Lease {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.capacity.first_in_flight();
+        }
         Lease(self.clone())
     }
 

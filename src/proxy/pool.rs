@@ -3,12 +3,12 @@
 //! sent to a worker that is about to be stopped.
 
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -39,6 +39,10 @@ pub struct Capacity {
     waiting: AtomicUsize,
     /// Tunnels open through every worker, those that left the rotation included.
     pub(super) tunnels: AtomicUsize,
+    /// The heartbeat watcher sleeps while no worker has anything to judge (`watch.rs`); the
+    /// first request in flight on a worker wakes it.
+    watcher_resting: AtomicBool,
+    watcher: Notify,
 }
 
 impl Capacity {
@@ -50,6 +54,32 @@ impl Capacity {
         if self.waiting.load(Ordering::Relaxed) > 0 {
             self.touch();
         }
+    }
+
+    /// A worker had nothing in flight and now has a request (after its in-flight count was
+    /// raised, SeqCst): wakes the heartbeat watcher if it rests. One load on that path.
+    pub(super) fn first_in_flight(&self) {
+        if self.watcher_resting.load(Ordering::SeqCst) {
+            self.watcher.notify_one();
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn watcher_rests(&self) -> bool {
+        self.watcher_resting.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps until [`first_in_flight`](Self::first_in_flight), unless `idle` (checked
+    /// after this is seen resting, SeqCst) says a request is in flight already.
+    pub(super) async fn rest_watcher(&self, idle: impl Fn() -> bool) {
+        let woken = self.watcher.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        self.watcher_resting.store(true, Ordering::SeqCst);
+        if idle() {
+            woken.await;
+        }
+        self.watcher_resting.store(false, Ordering::SeqCst);
     }
 }
 
@@ -70,6 +100,8 @@ impl Pool {
                 version: watch::Sender::new(0),
                 waiting: AtomicUsize::new(0),
                 tunnels: AtomicUsize::new(0),
+                watcher_resting: AtomicBool::new(false),
+                watcher: Notify::new(),
             }),
             next: AtomicUsize::new(0),
             strategy,

@@ -4,6 +4,7 @@
 //! start that the parent is still the one that spawned it.
 
 mod drain;
+pub(crate) mod pulse;
 mod service;
 
 pub use crate::handoff::worker::ClientLimits;
@@ -33,6 +34,7 @@ use crate::cli::WorkerArgs;
 use crate::frontend::connections::Connections;
 use crate::heartbeat::Heartbeat;
 use crate::AppFactory;
+use pulse::{Pulse, Pulsed};
 
 /// What a worker's app may know about the worker serving it. Cheap to clone: axum clones an
 /// app's state for every request, so what the clones share is behind one reference count.
@@ -54,8 +56,8 @@ struct Shared {
     served: AtomicU64,
     draining: CancellationToken,
     tracker: TaskTracker,
-    /// Shared with the front-end, when the worker was started by `rip serve`.
-    heartbeat: Option<Arc<Heartbeat>>,
+    /// The heartbeat shared with the front-end, when the worker was started by `rip serve`.
+    pulse: Option<Arc<Pulse>>,
 }
 
 /// Keeps the worker from exiting while it lives (up to `--graceful-timeout` after the worker
@@ -65,20 +67,20 @@ pub struct Tracked(#[allow(dead_code)] TaskTrackerToken);
 
 impl WorkerContext {
     pub fn new(id: usize, generation: u64, root: Option<PathBuf>) -> WorkerContext {
-        WorkerContext::with_heartbeat(id, generation, root, None)
+        WorkerContext::with_pulse(id, generation, root, None)
     }
 
-    fn with_heartbeat(
+    fn with_pulse(
         id: usize,
         generation: u64,
         root: Option<PathBuf>,
-        heartbeat: Option<Arc<Heartbeat>>,
+        pulse: Option<Arc<Pulse>>,
     ) -> WorkerContext {
         let shared = Shared {
             served: AtomicU64::new(0),
             draining: CancellationToken::new(),
             tracker: TaskTracker::new(),
-            heartbeat,
+            pulse,
         };
         WorkerContext { id, generation, root, cache_control: None, shared: Arc::new(shared) }
     }
@@ -128,8 +130,9 @@ pub(crate) fn run(args: WorkerArgs, app: AppFactory) -> Result<()> {
     // Sockets this process creates are for its own user only.
     umask(Mode::from_bits_truncate(0o077));
     let runtime = crate::runtime(args.threads).context("starting the worker runtime")?;
-    let heartbeat = args.heartbeat_fd.map(open_heartbeat).transpose()?.map(Arc::new);
-    let mut ctx = WorkerContext::with_heartbeat(args.id, args.generation, args.root.clone(), heartbeat);
+    let heartbeat = args.heartbeat_fd.map(open_heartbeat).transpose()?;
+    let pulse = heartbeat.map(|heartbeat| Pulse::new(Arc::new(heartbeat), args.handoff));
+    let mut ctx = WorkerContext::with_pulse(args.id, args.generation, args.root.clone(), pulse);
     ctx.cache_control = args.cache_control.clone();
     let router = match app {
         AppFactory::Sync(app) => {
@@ -176,8 +179,8 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true);
     builder.http2().max_concurrent_streams(MAX_STREAMS).adaptive_window(true);
-    let conn =
-        builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service.clone())).into_owned();
+    let service = TowerToHyperService::new(Pulsed::new(service.clone(), service.pulse()));
+    let conn = builder.serve_connection_with_upgrades(io, service).into_owned();
     connections.spawn(conn, ());
 }
 
@@ -221,22 +224,9 @@ fn open_heartbeat(fd: i32) -> Result<Heartbeat> {
     Heartbeat::open(fd).context("mapping the heartbeat page")
 }
 
-/// Beats from the worker's own runtime, so the beats stop exactly when the event loop that
-/// runs the app stops turning.
-fn beat(heartbeat: Arc<Heartbeat>) {
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(crate::heartbeat::BEAT_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            every.tick().await;
-            heartbeat.beat();
-        }
-    });
-}
-
 async fn serve(args: WorkerArgs, ctx: WorkerContext, router: axum::Router) -> Result<()> {
-    if let Some(heartbeat) = &ctx.shared.heartbeat {
-        beat(heartbeat.clone());
+    if let Some(pulse) = &ctx.shared.pulse {
+        tokio::spawn(pulse.clone().run());
     }
     let service = WorkerService::new(router, &ctx);
     let stop = CancellationToken::new();

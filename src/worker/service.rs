@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use std::net::SocketAddr;
 
-use crate::heartbeat::Heartbeat;
+use super::pulse::Pulse;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
@@ -32,6 +32,11 @@ impl WorkerService {
     pub fn new(router: Router, ctx: &crate::WorkerContext) -> WorkerService {
         WorkerService { app: CatchPanicLayer::new().layer(router), shared: ctx.shared.clone() }
     }
+
+    /// The worker's heartbeat, which this service's requests keep awake.
+    pub(super) fn pulse(&self) -> Option<Arc<Pulse>> {
+        self.shared.pulse.clone()
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -42,7 +47,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         request: u64,
-        heartbeat: Arc<Heartbeat>,
+        pulse: Arc<Pulse>,
     }
 }
 
@@ -51,9 +56,9 @@ impl<F: Future> Future for Named<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        this.heartbeat.set_current(*this.request);
+        this.pulse.heartbeat().set_current(*this.request);
         let polled = this.inner.poll(cx);
-        this.heartbeat.set_current(0);
+        this.pulse.heartbeat().set_current(0);
         polled
     }
 }
@@ -88,10 +93,8 @@ where
             }
         };
         let request = request.and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        match (request, &self.shared.heartbeat) {
-            (Some(request), Some(heartbeat)) => {
-                Box::pin(Named { inner: answer, request, heartbeat: heartbeat.clone() })
-            }
+        match (request, &self.shared.pulse) {
+            (Some(request), Some(pulse)) => Box::pin(Named { inner: answer, request, pulse: pulse.clone() }),
             _ => Box::pin(answer),
         }
     }

@@ -23,6 +23,7 @@ mod parking;
 mod pool;
 mod refusals;
 mod reload;
+mod resting;
 mod serve;
 mod shards;
 mod slow_clients;

@@ -15,7 +15,7 @@ use crate::harness::{log_field, runtime, summary, wait_until, Client, Load, Rip,
 /// front-end trims its heap once a second. Before rest, each woke over a hundred times.
 const RESTING_WAKEUPS: u64 = 25;
 
-/// Times each of `pids` has been scheduled in so far, all its threads together.
+/// Times the process `pid` has been scheduled in so far, all its threads together.
 fn wakeups(pid: i32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
     tasks

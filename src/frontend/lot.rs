@@ -17,7 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::io;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -73,9 +73,7 @@ impl Held {
     /// first, written at once and not waited on (an idle socket's send buffer has room for it).
     fn close(self) {
         if let Some(mut session) = self.session {
-            let (_, session) = session.get_mut();
-            session.send_close_notify();
-            let _ = session.write_tls(&mut &self.stream);
+            let _ = (&self.stream).write(&session.close_notify());
         }
     }
 }

@@ -22,6 +22,7 @@ pub mod listener;
 /// The plain listener that sends clients to https.
 pub mod redirect;
 /// HTTPS on the listener: certificates, SNI, reloads.
+pub mod session;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -333,10 +334,10 @@ impl Opener {
         let header_timeout = limits.header_timeout;
         let (holder, slot) = self.holder(peer, slot);
         if let Some(tls) = tls {
-            let acceptor = tls.acceptor().clone();
+            let config = tls.config().clone();
             let opened = async move {
                 // The handshake must finish within the header timeout, or it holds a slot.
-                let accepting = acceptor.accept(park::Socket::new(stream));
+                let accepting = session::Session::accept(config, stream);
                 let stream = match tokio::time::timeout(header_timeout, accepting).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
@@ -345,11 +346,8 @@ impl Opener {
                     }
                     Err(_) => return None,
                 };
-                let opening = if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                    Opening::Http2
-                } else {
-                    Opening::Http1
-                };
+                let opening =
+                    if stream.alpn_protocol() == Some(b"h2") { Opening::Http2 } else { Opening::Http1 };
                 Some(serve_as(opening, stream, service, &builder, &h2, header_timeout, holder))
             };
             connections.spawn_after(opened, slot);
@@ -384,7 +382,7 @@ impl Opener {
                 self.connections.spawn(served, slot);
             }
             Some(mut session) => {
-                session.get_mut().0.plug(stream);
+                session.plug(stream);
                 let served = serve_as(Opening::Http1, *session, service, builder, h2, idle, holder);
                 self.connections.spawn(served, slot);
             }

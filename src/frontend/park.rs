@@ -16,8 +16,8 @@
 //! it with `Connection: close` and the connection ends as a closed keep-alive one does.
 //! A parked connection keeps hyper's idle limit (`--header-timeout` from its last activity)
 //! and is closed at once on a stop. It then leaves its task for its shard's lot (`lot.rs`),
-//! which holds it as a table entry — a TLS one with its session, the socket taken out of the
-//! session — and gives it a new task when its client sends. Without a lot, or when its
+//! which holds it as a table entry — a TLS one with its session, its buffers freed and the
+//! socket taken out — and gives it a new task when its client sends. Without a lot, or when its
 //! session already holds what its client sent next, it waits here, in its task.
 
 use std::future::Future;
@@ -59,80 +59,14 @@ impl Detach for tokio::net::TcpStream {
     }
 }
 
-/// A TLS client connection: the session over a socket that can be taken out while it is
-/// parked. tokio-rustls cannot put a stream back together from its socket and its session,
-/// so the session stays whole and the socket is what leaves it.
-pub type Session = tokio_rustls::server::TlsStream<Socket>;
+pub use super::session::Session;
 
 impl Detach for Session {
     fn detach(mut self) -> Result<Option<Detached>, Self> {
-        let (_, session) = self.get_mut();
-        // Plaintext the session decrypted and nobody read, a close_notify it took in, or bytes
-        // it still has to send would never show as the socket's readiness: waited for in the task.
-        match session.process_new_packets() {
-            Ok(state)
-                if state.plaintext_bytes_to_read() == 0
-                    && !state.peer_has_closed()
-                    && !session.wants_write() => {}
-            Ok(_) => return Err(self),
-            Err(_) => return Ok(None),
-        }
-        let Some(socket) = self.get_mut().0.unplug() else { return Ok(None) };
+        // What the session holds undecoded or unread, or still has to send, would never show
+        // as the socket's readiness: waited for in the task.
+        let Some(socket) = self.unplug() else { return Err(self) };
         Ok(socket.into_std().ok().map(|socket| (socket, Some(Box::new(self)))))
-    }
-}
-
-/// The TCP socket under a client's TLS session; empty while the connection is parked.
-pub struct Socket(Option<tokio::net::TcpStream>);
-
-impl Socket {
-    pub fn new(stream: tokio::net::TcpStream) -> Socket {
-        Socket(Some(stream))
-    }
-
-    /// Puts a (woken) connection's socket back under its session.
-    pub fn plug(&mut self, stream: tokio::net::TcpStream) {
-        self.0 = Some(stream);
-    }
-
-    fn unplug(&mut self) -> Option<tokio::net::TcpStream> {
-        self.0.take()
-    }
-
-    fn live(&mut self) -> io::Result<Pin<&mut tokio::net::TcpStream>> {
-        self.0.as_mut().map(Pin::new).ok_or_else(|| io::ErrorKind::NotConnected.into())
-    }
-}
-
-impl AsyncRead for Socket {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().live()?.poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Socket {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.get_mut().live()?.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.get_mut().live()?.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().live()?.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().live()?.poll_shutdown(cx)
     }
 }
 

@@ -17,7 +17,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use tokio_rustls::TlsAcceptor;
 
 /// The certificate and key files of one pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,10 +25,10 @@ pub struct Pair {
     pub key: PathBuf,
 }
 
-/// The listener's TLS: the acceptor, and the certificates it presents, replaceable.
+/// The listener's TLS: its configuration, and the certificates it presents, replaceable.
 #[derive(Clone)]
 pub struct Tls {
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     certificates: Arc<Certificates>,
 }
 
@@ -51,7 +50,7 @@ impl Tls {
             .with_cert_resolver(certificates.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config.ticketer = rustls::crypto::ring::Ticketer::new().context("setting up TLS session tickets")?;
-        Ok(Tls { acceptor: TlsAcceptor::from(Arc::new(config)), certificates })
+        Ok(Tls { config: Arc::new(config), certificates })
     }
 
     /// Reads every pair again and presents them from the next handshake on; on an error the
@@ -62,8 +61,8 @@ impl Tls {
         Ok(())
     }
 
-    pub fn acceptor(&self) -> &TlsAcceptor {
-        &self.acceptor
+    pub fn config(&self) -> &Arc<rustls::ServerConfig> {
+        &self.config
     }
 }
 

@@ -3,7 +3,10 @@
 //! SIGHUP new certificates are read while an open keep-alive connection keeps working and a
 //! new one sees the new certificate; a bad pair is refused at start and on reload (the old one
 //! keeps serving); a client that never finishes its handshake is closed; idle connections are
-//! parked and served again on the same session, and closed with a close_notify.
+//! parked and served again on the same session, and closed with a close_notify; large bodies
+//! stream both ways over TLS 1.2 and 1.3, HTTP/1.1 and HTTP/2, many at once; a TLS 1.3 client's
+//! key updates and a TLS 1.2 session park and wake like the rest, and a client's close_notify
+//! is answered with rip's.
 //!
 //! Certificates are made for each test with the `openssl` command (Debian: apt install
 //! openssl); a test fails, saying so, when it is missing.
@@ -317,6 +320,15 @@ struct TlsClient(rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStre
 
 impl TlsClient {
     fn connect(rip: &Rip, certs: &Certs) -> TlsClient {
+        TlsClient::connect_over(rip, certs, rustls::DEFAULT_VERSIONS)
+    }
+
+    /// A client that offers only `versions`.
+    fn connect_over(
+        rip: &Rip,
+        certs: &Certs,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> TlsClient {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls::pki_types::CertificateDer::pem_file_iter(certs.path("ca.pem")).unwrap() {
@@ -324,7 +336,7 @@ impl TlsClient {
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -419,4 +431,106 @@ fn idle_https_connections_are_parked_served_again_and_closed_with_a_close_notify
     assert!(waiting.closed_cleanly(), "closed on the stop without a close_notify");
     assert!(rip.wait_exit(Duration::from_secs(10)).success());
     assert!(stopped.elapsed() < Duration::from_secs(5), "the stop took {:?}", stopped.elapsed());
+}
+
+/// A 1 MiB upload echoed back through the front-end's TLS session, eight at once over both
+/// TLS versions and both HTTP versions: every byte comes back, in order, on every one. Records
+/// split and join at every boundary a read or a write makes, and each direction waits on the
+/// other's window while both are in flight.
+#[test]
+fn large_bodies_stream_both_ways_over_tls_1_2_and_1_3_on_http1_and_http2_at_once() {
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let rip = serve_tls(&[pair], &["--access-log", "off"]);
+    let port = rip.addr().port();
+    let mut state: u32 = 0x2545_f491;
+    let body: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 24) as u8
+        })
+        .collect();
+    let upload = certs.path("upload.bin");
+    std::fs::write(&upload, &body).unwrap();
+    let variants = [
+        ["--tlsv1.2", "--tls-max", "1.2", "--http1.1"],
+        ["--tlsv1.2", "--tls-max", "1.2", "--http2"],
+        ["--tlsv1.3", "--tls-max", "1.3", "--http1.1"],
+        ["--tlsv1.3", "--tls-max", "1.3", "--http2"],
+    ];
+    let curls: Vec<_> = (0..8)
+        .map(|i| {
+            let out = certs.path(&format!("echoed-{i}.bin"));
+            let child = Command::new("curl")
+                .args(["-sS", "--max-time", "30", "--cacert"])
+                .arg(certs.path("ca.pem"))
+                .args(variants[i % variants.len()])
+                .args([
+                    "--resolve",
+                    &format!("localhost:{port}:127.0.0.1"),
+                    "-w",
+                    "%{http_code} %{http_version}",
+                ])
+                .arg("--data-binary")
+                .arg(format!("@{}", upload.display()))
+                .arg("-o")
+                .arg(&out)
+                .arg(format!("https://localhost:{port}/echo"))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("running curl");
+            (i, out, child)
+        })
+        .collect();
+    for (i, out, child) in curls {
+        let done = child.wait_with_output().unwrap();
+        let shown = String::from_utf8_lossy(&done.stdout);
+        assert!(
+            done.status.success(),
+            "curl {:?}: {}",
+            variants[i % 4],
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let expected_version = if variants[i % 4][3] == "--http2" { "2" } else { "1.1" };
+        assert_eq!(shown, format!("200 {expected_version}"), "{:?}", variants[i % 4]);
+        let echoed = std::fs::read(&out).unwrap();
+        assert_eq!(echoed.len(), body.len(), "{:?}: echoed length", variants[i % 4]);
+        assert!(echoed == body, "{:?}: the echo differs from the upload", variants[i % 4]);
+    }
+}
+
+/// A TLS 1.3 client that updates its keys, asking rip to update its own, keeps being served,
+/// before and after its connection is parked and woken; a TLS 1.2 session parks and wakes the
+/// same way; a client's close_notify is answered with rip's before the connection closes.
+#[test]
+fn key_updates_and_tls_1_2_sessions_are_served_across_parking_and_a_close_notify_is_answered() {
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let rip = serve_tls(&[pair], &["--admin", "127.0.0.1:0", "--access-log", "off"]);
+    let admin = rip
+        .wait_for_log(|l| l.contains(" admin listener started "), WAIT)
+        .and_then(|l| log_addr(&l))
+        .expect("the admin address is logged");
+    let mut modern = TlsClient::connect_over(&rip, &certs, &[&rustls::version::TLS13]);
+    let mut older = TlsClient::connect_over(&rip, &certs, &[&rustls::version::TLS12]);
+    for round in 0..3 {
+        assert_eq!(modern.get("/").0, 200, "round {round}");
+        modern.0.conn.refresh_traffic_keys().expect("a key update");
+        assert_eq!(modern.get("/whoami").0, 200, "round {round}, after a key update");
+        assert_eq!(older.get("/").0, 200, "round {round}, TLS 1.2");
+    }
+    assert_eq!(modern.0.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(older.0.conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    assert!(wait_until(Duration::from_secs(10), || parked(admin) >= 2), "{} parked", parked(admin));
+    modern.0.conn.refresh_traffic_keys().expect("a key update");
+    assert_eq!(modern.get("/").0, 200, "woken by a key update and a request");
+    assert_eq!(older.get("/").0, 200, "a TLS 1.2 session woken");
+
+    for mut client in [modern, older] {
+        client.0.conn.send_close_notify();
+        client.0.flush().unwrap();
+        assert!(client.closed_cleanly(), "a client's close_notify was not answered with one");
+    }
+    assert!(wait_until(Duration::from_secs(5), || parked(admin) == 0), "a closed client stayed parked");
 }

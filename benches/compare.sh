@@ -25,6 +25,7 @@
 #                the better of nginx and HAProxy
 # TLS setups (benches/tls.sh runs these), a self-signed P-256 certificate made by openssl:
 #   rip-tls      `rip serve --workers $WORKERS --tls-cert … --tls-key …`
+#   rip-base-tls the same from the binary at $BASE_RIP, to measure a change to TLS side by side
 #   nginx-tls    nginx (worker_processes auto) with TLS (HTTP/1.1 and HTTP/2) in front of
 #                $WORKERS `rip worker` processes
 # TLS cases: tls_c100 (wrk, keep-alive HTTP/1.1 over TLS), tls_h2_c100 (h2load, HTTP/2 over
@@ -421,6 +422,11 @@ start_setup() {
             tls_cert
             SCHEME[rip-tls]=https
             start_rip rip-tls --tls-cert "$TMP/tls/cert.pem" --tls-key "$TMP/tls/key.pem" ;;
+        rip-base-tls)
+            [[ -x ${BASE_RIP:-} ]] || die "rip-base-tls needs BASE_RIP=<path of a rip binary>"
+            tls_cert
+            SCHEME[rip-base-tls]=https
+            BIN=$BASE_RIP start_rip rip-base-tls --tls-cert "$TMP/tls/cert.pem" --tls-key "$TMP/tls/key.pem" ;;
         nginx-tls)
             tls_cert
             SCHEME[nginx-tls]=https
@@ -814,6 +820,7 @@ setup_title() {
         rip-static) echo "rip serve --workers $WORKERS --root DIR" ;;
         nginx-static) echo "nginx wp=auto ($(nproc)) serving DIR, sendfile on" ;;
         rip-tls) echo "rip serve --workers $WORKERS with TLS (rustls, ring)" ;;
+        rip-base-tls) echo "rip serve --workers $WORKERS with TLS, base build ($BASE_RIP)" ;;
         nginx-tls) echo "nginx wp=auto ($(nproc)) with TLS → $WORKERS rip workers" ;;
         rip-node) echo "rip serve --workers $WORKERS -- node examples/node/server.js" ;;
         nginx-node) echo "nginx wp=auto ($(nproc)) → $WORKERS node examples/node/server.js" ;;

@@ -101,6 +101,8 @@ impl Session {
             write_closed: false,
         };
         poll_fn(|cx| session.poll_handshake(cx)).await?;
+        // The handshake's flight is out; a response is encrypted into a buffer of its size.
+        session.outgoing = Vec::new();
         Ok(session)
     }
 
@@ -193,7 +195,8 @@ impl Session {
                     }
                 }
                 ConnectionState::EncodeTlsData(mut encode) => {
-                    let mut want = READ_SIZE;
+                    // Into what room there is; rustls says how much it needs when that is short.
+                    let mut want = 0;
                     loop {
                         room(outgoing, *queued, want);
                         match encode.encode(&mut outgoing[*queued..]) {
@@ -333,8 +336,10 @@ impl Session {
 
 /// Makes `buf` hold at least `want` bytes past `at`, keeping what it has; its length is its
 /// capacity, so it is zeroed once as it grows and not at each write.
+/// Exactly, not doubling: what a connection holds past its handshake is what it pins.
 fn room(buf: &mut Vec<u8>, at: usize, want: usize) {
     if buf.len() < at + want {
+        buf.reserve_exact(at + want - buf.len());
         buf.resize(at + want, 0);
     }
 }

@@ -324,6 +324,7 @@ impl Session {
         if self.write_closed {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
         }
+        reclaim_sent(&mut self.outgoing, &mut self.sent, &mut self.queued);
         let mut written = 0;
         self.advance(Then::Write(data, &mut written))?;
         // Out now if the socket takes it; if not, its waker is registered and a flush waits.
@@ -341,6 +342,17 @@ fn room(buf: &mut Vec<u8>, at: usize, want: usize) {
     if buf.len() < at + want {
         buf.reserve_exact(at + want - buf.len());
         buf.resize(at + want, 0);
+    }
+}
+
+/// Drops what was sent from the front of `buf` once it is at least as much as what is still
+/// to send. Without it a socket that takes most of each write but never all of it would
+/// grow the buffer by every write; with it the buffer stays within twice what is pending
+/// (under `MAX_OUTGOING`) and a write, and no byte is moved more than once per byte sent.
+fn reclaim_sent(buf: &mut [u8], sent: &mut usize, queued: &mut usize) {
+    if *sent > 0 && *sent >= *queued - *sent {
+        buf.copy_within(*sent..*queued, 0);
+        (*sent, *queued) = (0, *queued - *sent);
     }
 }
 
@@ -443,5 +455,29 @@ impl AsyncWrite for Session {
         }
         ready!(this.poll_send(cx))?;
         Pin::new(live(&mut this.socket)?).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outgoing_stays_bounded_when_the_socket_never_quite_empties_it() {
+        let (mut buf, mut sent, mut queued) = (Vec::new(), 0, 0);
+        for round in 0..1000u32 {
+            reclaim_sent(&mut buf, &mut sent, &mut queued);
+            let data = [round as u8; WRITE_CHUNK];
+            room(&mut buf, queued, data.len());
+            buf[queued..queued + data.len()].copy_from_slice(&data);
+            queued += data.len();
+            // The socket takes all but the last KiB: what is pending stays small, never none.
+            sent = queued - 1024;
+            assert!(
+                buf[sent..queued].iter().all(|&b| b == round as u8),
+                "round {round}: pending bytes moved wrong"
+            );
+            assert!(buf.len() <= 2 * MAX_OUTGOING + WRITE_CHUNK, "round {round}: {} bytes", buf.len());
+        }
     }
 }

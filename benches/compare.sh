@@ -18,6 +18,8 @@
 #   rip-base     `rip serve --workers $WORKERS` from the binary at $BASE_RIP (another build, e.g.
 #                the commit before a change), to measure a change side by side in one run:
 #                BASE_RIP=/path/to/old/rip SETUPS="rip-base rip nginx-auto" benches/compare.sh
+#   rip-base-recycle  the same with `--max-requests $MAX_REQUESTS` (get_c100 only), to measure a
+#                change to recycling side by side with the rip-recycle setup
 #   rip-log-stderr  `rip serve --workers $WORKERS` with its default access log, to stderr (a
 #                file here); every other rip setup runs with `--access-log off`
 #   haproxy      HAProxy (nbthread = cores, balance leastconn, http-reuse always, keep-alive)
@@ -405,6 +407,9 @@ start_setup() {
         rip-base)
             [[ -x ${BASE_RIP:-} ]] || die "rip-base needs BASE_RIP=<path of a rip binary>"
             BIN=$BASE_RIP start_rip rip-base ;;
+        rip-base-recycle)
+            [[ -x ${BASE_RIP:-} ]] || die "rip-base-recycle needs BASE_RIP=<path of a rip binary>"
+            BIN=$BASE_RIP start_rip rip-base-recycle --max-requests "$MAX_REQUESTS" ;;
         rip-handoff) start_rip rip-handoff --upstream handoff ;;
         rip-shards1) start_rip rip-shards1 --shards 1 ;;
         rip-shards2) start_rip rip-shards2 --shards 2 ;;
@@ -809,6 +814,7 @@ setup_title() {
         rip-shards1) echo "rip serve --workers $WORKERS --shards 1" ;;
         rip-shards2) echo "rip serve --workers $WORKERS --shards 2" ;;
         rip-base) echo "rip serve --workers $WORKERS, base build ($BASE_RIP)" ;;
+        rip-base-recycle) echo "rip serve --workers $WORKERS --max-requests $MAX_REQUESTS, base build ($BASE_RIP)" ;;
         rip-log-stderr) echo "rip serve --workers $WORKERS --access-log - (stderr to a file)" ;;
         rip-handoff) echo "rip serve --workers $WORKERS --upstream handoff" ;;
         rip-recycle) echo "rip serve --workers $WORKERS --max-requests $MAX_REQUESTS" ;;
@@ -895,7 +901,7 @@ report() {
             echo "| setup | req/s | p50 | p99 | p99 ×without | p99.9 | errors | workers recycled per run | server CPU µs/req |"
             echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
             local s
-            for s in rip rip-recycle rip-handoff rip-handoff-recycle; do
+            for s in rip-base rip-base-recycle rip rip-recycle rip-handoff rip-handoff-recycle; do
                 awk -F'\t' -v case=get_c100 -v s="$s" -v title="$(setup_title "$s")" '
                     $2 == case { v[$1] = $0 }
                     END {

@@ -329,17 +329,28 @@ impl TlsClient {
         certs: &Certs,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> TlsClient {
+        TlsClient::connect_offering(rip, certs, versions, Vec::new())
+    }
+
+    /// A client that offers only `versions`, and `alpn` by ALPN.
+    fn connect_offering(
+        rip: &Rip,
+        certs: &Certs,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        alpn: Vec<Vec<u8>>,
+    ) -> TlsClient {
         use rustls::pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls::pki_types::CertificateDer::pem_file_iter(certs.path("ca.pem")).unwrap() {
             roots.add(cert.unwrap()).unwrap();
         }
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        config.alpn_protocols = alpn;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let session = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
         let socket = std::net::TcpStream::connect(rip.addr()).unwrap();
@@ -533,4 +544,43 @@ fn key_updates_and_tls_1_2_sessions_are_served_across_parking_and_a_close_notify
         assert!(client.closed_cleanly(), "a client's close_notify was not answered with one");
     }
     assert!(wait_until(Duration::from_secs(5), || parked(admin) == 0), "a closed client stayed parked");
+}
+
+/// A session reads a small first part of a client's first flight, so that what a handshake
+/// leaves on the heap is small; a hello many times that size (a long ALPN list, as browsers'
+/// post-quantum key shares make them too) grows the buffer read by read and is answered,
+/// over TLS 1.2 and 1.3, by several clients at once.
+#[test]
+fn a_client_hello_larger_than_the_first_read_is_answered_over_tls_1_2_and_1_3() {
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let rip = serve_tls(&[pair], &["--access-log", "off"]);
+    // 24 names of 250 bytes: a hello of about 6 KiB, then the one rip speaks.
+    let mut alpn: Vec<Vec<u8>> =
+        (0..24).map(|i| format!("x-{i:02}-{}", "p".repeat(245)).into_bytes()).collect();
+    alpn.push(b"http/1.1".to_vec());
+    let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..6)
+            .map(|i| {
+                let (rip, certs, alpn) = (&rip, &certs, alpn.clone());
+                let version: &'static rustls::SupportedProtocolVersion = versions[i % 2];
+                scope.spawn(move || {
+                    let mut client = TlsClient::connect_offering(rip, certs, &[version], alpn);
+                    let (status, _) = client.get("/");
+                    assert_eq!(status, 200, "{:?}", version.version);
+                    assert_eq!(client.0.conn.protocol_version(), Some(version.version));
+                    assert_eq!(
+                        client.0.conn.alpn_protocol(),
+                        Some(&b"http/1.1"[..]),
+                        "{:?}",
+                        version.version
+                    );
+                })
+            })
+            .collect();
+        for client in clients {
+            client.join().expect("a client with a large hello");
+        }
+    });
 }

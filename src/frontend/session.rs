@@ -13,7 +13,9 @@
 //! handshake is done and nothing more can be decoded, encoding what rustls has to send into
 //! `outgoing` on the way. A read then decrypts into the caller's buffer first and keeps only
 //! what does not fit; a write encrypts into `outgoing`, which is written out as the socket
-//! takes it and bounded, so a client that does not read holds back its writer.
+//! takes it and bounded, so a client that does not read holds back its writer. Reads go into
+//! a buffer the thread lends its sessions in turn, kept by a session only while it holds part
+//! of a record.
 
 use std::future::poll_fn;
 use std::io;
@@ -27,10 +29,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 /// What a read asks of the socket at first; grown when a record does not fit. Small, because
-/// a handshake's buffers lie on the heap among the blocks rustls keeps for the session, and
-/// the pages they share stay once they are freed: against 4 KiB, 1 KiB took an idle HTTPS
-/// connection from 10.1 to 8.7 KiB of RSS (`benches/idle_heap.sh`), and 512 bytes, two reads
-/// for a common hello, gained nothing more. A larger hello costs a read or two more.
+/// a session left with part of a record keeps the buffer it read into, and such buffers lie on
+/// the heap among the blocks rustls keeps for sessions, pinning the pages they share once
+/// freed: against 4 KiB, 1 KiB took an idle HTTPS connection from 10.1 to 8.7 KiB of RSS
+/// (`benches/idle_heap.sh`, when each session had a buffer of its own), and 512 bytes, two
+/// reads for a common hello, gained nothing more.
 const READ_SIZE: usize = 1024;
 /// The most received bytes held undecoded: one handshake message of rustls's limit (64 KiB)
 /// with the records it may span.
@@ -44,11 +47,21 @@ const MAX_OUTGOING: usize = 2 * WRITE_CHUNK;
 /// What a record adds to its plaintext at most, over every cipher suite rustls offers.
 const RECORD_OVERHEAD: usize = 64;
 
+thread_local! {
+    /// The buffer sessions on this thread read records into, lent to each for one read and
+    /// its decoding, so that a connection between reads, and a handshake waiting for its
+    /// client, hold none: a buffer of each connection's would lie on the heap among the
+    /// blocks rustls keeps for its session and pin the pages they share once freed. A session
+    /// left with part of a record keeps the buffer it read into (the next is made anew).
+    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// A TLS session over a client's socket; the socket can be taken out while it is parked.
 pub struct Session {
     socket: Option<TcpStream>,
     conn: UnbufferedServerConnection,
-    /// Received bytes; `incoming[start..filled]` is not yet decoded.
+    /// Received bytes; `incoming[start..filled]` is not yet decoded. The thread's
+    /// `READ_BUFFER`, taken for a read and given back once all of it is decoded.
     incoming: Vec<u8>,
     start: usize,
     filled: usize,
@@ -169,7 +182,13 @@ impl Session {
 
     /// Runs rustls over what was received until it needs more bytes, doing `then` once the
     /// session can carry application data.
-    fn advance(&mut self, mut then: Then<'_, '_>) -> io::Result<Step> {
+    fn advance(&mut self, then: Then<'_, '_>) -> io::Result<Step> {
+        let step = self.advance_records(then);
+        self.lend_back();
+        step
+    }
+
+    fn advance_records(&mut self, mut then: Then<'_, '_>) -> io::Result<Step> {
         loop {
             let Session { conn, incoming, start, filled, outgoing, queued, plaintext, taken, .. } = self;
             let status = conn.process_tls_records(&mut incoming[*start..*filled]);
@@ -292,6 +311,9 @@ impl Session {
             self.incoming.copy_within(self.start..self.filled, 0);
             (self.start, self.filled) = (0, self.filled - self.start);
         }
+        if self.incoming.is_empty() {
+            self.incoming = READ_BUFFER.take();
+        }
         if self.filled == self.incoming.len() {
             if self.filled >= MAX_INCOMING {
                 return Poll::Ready(Err(invalid("TLS message too large")));
@@ -301,10 +323,23 @@ impl Session {
         }
         let socket = live(&mut self.socket)?;
         let mut buf = ReadBuf::new(&mut self.incoming[self.filled..]);
-        ready!(Pin::new(socket).poll_read(cx, &mut buf))?;
+        let polled = Pin::new(socket).poll_read(cx, &mut buf);
         let n = buf.filled().len();
         self.filled += n;
+        if n == 0 {
+            self.lend_back();
+        }
+        ready!(polled)?;
         Poll::Ready(Ok(n))
+    }
+
+    /// Gives the read buffer back to the thread once every byte in it is decoded: a session
+    /// holds one only while it waits for the rest of a record.
+    fn lend_back(&mut self) {
+        if self.start == self.filled && !self.incoming.is_empty() {
+            (self.start, self.filled) = (0, 0);
+            READ_BUFFER.set(std::mem::take(&mut self.incoming));
+        }
     }
 
     /// Writes `outgoing` out, all of it.

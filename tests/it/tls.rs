@@ -584,3 +584,46 @@ fn a_client_hello_larger_than_the_first_read_is_answered_over_tls_1_2_and_1_3() 
         }
     });
 }
+
+/// Sessions on one thread read into one buffer, lent for a read and its decoding; a session
+/// left with part of a record keeps what it read while the others read theirs. A request's
+/// record sent in parts (inside its header, then inside its payload), with other clients
+/// shaking hands and being served on the same shard between the parts, is answered whole.
+#[test]
+fn a_record_split_across_reads_is_kept_while_other_sessions_on_the_shard_read() {
+    let certs = Certs::new();
+    let pair = certs.leaf("a", "localhost");
+    let rip = serve_tls(&[pair], &["--shards", "1", "--access-log", "off"]);
+    let mut split = TlsClient::connect_over(&rip, &certs, &[&rustls::version::TLS13]);
+    assert_eq!(split.get("/").0, 200);
+    for round in 0..2 {
+        split.0.conn.writer().write_all(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut record = Vec::new();
+        while split.0.conn.wants_write() {
+            split.0.conn.write_tls(&mut record).unwrap();
+        }
+        let cuts = [0, 3, record.len() / 2, record.len()];
+        for part in cuts.windows(2) {
+            split.0.sock.write_all(&record[part[0]..part[1]]).unwrap();
+            split.0.sock.flush().unwrap();
+            if part[1] == record.len() {
+                break;
+            }
+            std::thread::scope(|scope| {
+                let others: Vec<_> = (0..3)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let mut other = TlsClient::connect(&rip, &certs);
+                            (0..3).map(|_| other.get("/").0).collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                for other in others {
+                    assert_eq!(other.join().unwrap(), [200, 200, 200], "round {round}");
+                }
+            });
+        }
+        let (status, body) = read_answer_from(&mut split.0);
+        assert_eq!(status, 200, "round {round}: {body}");
+    }
+}

@@ -307,6 +307,8 @@ impl Session {
 
     /// Reads what the socket has into `incoming`; `Ok(0)` at its end.
     fn poll_receive(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        // Before the buffer is taken: a session with no socket must not keep the thread's.
+        let socket = live(&mut self.socket)?;
         if self.start > 0 {
             self.incoming.copy_within(self.start..self.filled, 0);
             (self.start, self.filled) = (0, self.filled - self.start);
@@ -321,7 +323,6 @@ impl Session {
             let grown = (self.incoming.len() * 2).clamp(READ_SIZE, MAX_INCOMING);
             self.incoming.resize(grown, 0);
         }
-        let socket = live(&mut self.socket)?;
         let mut buf = ReadBuf::new(&mut self.incoming[self.filled..]);
         let polled = Pin::new(socket).poll_read(cx, &mut buf);
         let n = buf.filled().len();
